@@ -14,6 +14,8 @@ so that every `ValueError` names the parameter and the problem, e.g.
 from __future__ import annotations
 
 import itertools
+import json
+import keyword
 import math
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -24,9 +26,17 @@ __all__ = ["Domain", "Real", "Int", "Categorical", "Bool", "Space", "is_json_sca
 
 SPACE_JSON_VERSION = 1
 
+#: The largest magnitude an `Int` bound may have. Integer values travel through the unit
+#: interval as float64 (for model-based searchers), through JSON and through SQLite; within
+#: this limit every one of them survives all three exactly.
+INT_LIMIT = 10**15
+
 
 def is_json_scalar(value: Any) -> bool:
-    """True for values that survive a JSON round trip unchanged: str, bool, int, finite float, None."""
+    """True for values that survive a JSON round trip unchanged.
+
+    Those are str, bool, int, finite float and None.
+    """
     if value is None or isinstance(value, (str, bool, int)):
         return True
     return isinstance(value, float) and math.isfinite(value)
@@ -35,6 +45,22 @@ def is_json_scalar(value: Any) -> bool:
 def _native(value: Any) -> Any:
     """Turn numpy scalars into the Python scalars they stand for."""
     return value.item() if isinstance(value, np.generic) else value
+
+
+def _as_float(value: int | float) -> float | None:
+    """`value` as a float, or None when it is an int too large for one."""
+    try:
+        return float(value)
+    except OverflowError:
+        return None
+
+
+def _canonical(data: Any) -> str:
+    """A canonical JSON text of `data`: equal texts mean equal values of equal JSON types.
+
+    Used for equality and hashing, so that `1`, `1.0` and `True` stay distinct choices.
+    """
+    return json.dumps(data, sort_keys=True, default=repr)
 
 
 class Domain:
@@ -85,10 +111,11 @@ class Domain:
         raise NotImplementedError
 
     def __eq__(self, other: object) -> bool:
-        return type(self) is type(other) and self.to_json() == other.to_json()
+        return type(self) is type(other) and _canonical(self.to_json()) == _canonical(
+            other.to_json())
 
     def __hash__(self) -> int:
-        return hash(repr(self))
+        return hash((type(self).__name__, _canonical(self.to_json())))
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in self.to_json().items() if k != "type")
@@ -104,10 +131,15 @@ class _Numeric(Domain):
         self._default = _native(default)
         self.log = log
 
-    def _bound_problems(self, number_types: tuple[type, ...]) -> list[str]:
+    def _bound_problems(self, number_types: tuple[type, ...], what: str,
+                        limit: int | None = None) -> list[str]:
         for label, v in (("lower", self.lower), ("upper", self.upper)):
             if isinstance(v, bool) or not isinstance(v, number_types):
-                return [f"{label} must be a number, got {v!r}"]
+                return [f"{label} must be {what}, got {v!r}"]
+            if limit is not None and abs(v) > limit:
+                return [f"{label} ({v!r}) must lie within -{limit:.0e} .. {limit:.0e}"]
+            if _as_float(v) is None:
+                return [f"{label} is too large for a float64"]
             if not math.isfinite(v):
                 return [f"{label} must be finite, got {v!r}"]
         if not self.lower < self.upper:
@@ -119,7 +151,7 @@ class _Numeric(Domain):
         d = self._default
         if d is not None:
             if isinstance(d, bool) or not isinstance(d, number_types):
-                return [f"default must be a number, got {d!r}"]
+                return [f"default must be {what}, got {d!r}"]
             if not self.lower <= d <= self.upper:
                 return [f"default ({d!r}) is outside [{self.lower!r}, {self.upper!r}]"]
         return []
@@ -139,11 +171,23 @@ class Real(_Numeric):
     kind = "real"
 
     def problems(self) -> list[str]:
-        return self._bound_problems((int, float))
+        problems = self._bound_problems((int, float), "a number")
+        if not problems and not math.isfinite(float(self.upper) - float(self.lower)):
+            problems = [f"the range [{self.lower!r}, {self.upper!r}] is too wide for float64"]
+        return problems
 
     @property
     def cardinality(self) -> int | None:
         return None
+
+    def to_json(self) -> dict[str, Any]:
+        """Bounds and default as floats, so that `Real(0, 1) == Real(0.0, 1.0)`."""
+        out = super().to_json()
+        for key in ("lower", "upper", "default"):
+            v = out.get(key)
+            if isinstance(v, int) and not isinstance(v, bool) and _as_float(v) is not None:
+                out[key] = float(v)
+        return out
 
     @property
     def default(self) -> float:
@@ -171,14 +215,18 @@ class Real(_Numeric):
         return min(float(self.upper), max(float(self.lower), x))
 
     def grid(self, points: int | None = None) -> list[float]:
-        """`points` values evenly spaced (on the log scale when `log`), both bounds included."""
+        """`points` values evenly spaced (on the log scale when `log`), both bounds included.
+
+        Fewer when the range holds fewer than `points` distinct floats; never a repeat.
+        """
         if points is None:
             raise ValueError(f"{self!r} is continuous: its grid needs a number of points")
         if points < 1:
             raise ValueError(f"grid points must be >= 1, got {points}")
         if points == 1:
             return [self.default]
-        return [self.from_unit(i / (points - 1)) for i in range(points)]
+        # dict.fromkeys: a range narrower than `points` floats must not repeat a value.
+        return list(dict.fromkeys(self.from_unit(i / (points - 1)) for i in range(points)))
 
     def contains(self, value: Any) -> bool:
         value = _native(value)
@@ -188,12 +236,17 @@ class Real(_Numeric):
 
 
 class Int(_Numeric):
-    """An integer in [lower, upper] (both included), uniform or (with `log=True`) log-uniform."""
+    """An integer in [lower, upper] (both included), uniform or (with `log=True`) log-uniform.
+
+    Bounds lie within +-`INT_LIMIT`. On the linear scale `from_unit(to_unit(v)) == v` for
+    every v; on the log scale it holds while float64 tells log(v) from log(v + 1), that is
+    for v up to about 1e12.
+    """
 
     kind = "int"
 
     def problems(self) -> list[str]:
-        return self._bound_problems((int,))
+        return self._bound_problems((int,), "an integer", limit=INT_LIMIT)
 
     @property
     def cardinality(self) -> int:
@@ -217,21 +270,29 @@ class Int(_Numeric):
         return self.from_unit(float(rng.random()))
 
     def to_unit(self, value: Any) -> float:
+        v = min(self.upper, max(self.lower, int(value)))
+        if not self.log:
+            # Exact integer arithmetic: the centre of v's slot, (k + 1/2) / n, correctly
+            # rounded, whatever the magnitude of the bounds.
+            return (2 * (v - self.lower) + 1) / (2 * self.cardinality)
         lo, hi = self._warp()
-        v = int(value)
         # The centre of v's interval, so that from_unit(to_unit(v)) == v.
-        centre = (math.log(v) + math.log(v + 1)) / 2 if self.log else v + 0.5
+        centre = (math.log(v) + math.log(v + 1)) / 2
         return min(1.0, max(0.0, (centre - lo) / (hi - lo)))
 
     def from_unit(self, u: float) -> int:
+        u = min(1.0, max(0.0, float(u)))
+        if not self.log:
+            num, den = u.as_integer_ratio()
+            return self.lower + min(self.cardinality - 1, num * self.cardinality // den)
         lo, hi = self._warp()
-        x = lo + min(1.0, max(0.0, float(u))) * (hi - lo)
-        v = math.floor(math.exp(x) if self.log else x)
+        v = math.floor(math.exp(lo + u * (hi - lo)))
         return int(min(self.upper, max(self.lower, v)))
 
     def grid(self, points: int | None = None) -> list[int]:
-        """Every integer when there are at most `points` (or `points` is None), else `points`
-        distinct values spread evenly over the range (on the log scale when `log`)."""
+        """Every integer when there are at most `points` (or `points` is None), else at most
+        `points` distinct values spread evenly over the range (on the log scale when `log`;
+        fewer where several of them fall on one integer), in increasing order."""
         if points is None or self.cardinality <= points:
             return list(range(self.lower, self.upper + 1))
         if points < 1:
@@ -297,7 +358,8 @@ class Categorical(Domain):
 
     def from_unit(self, u: float) -> Any:
         n = len(self.choices)
-        return self.choices[min(n - 1, max(0, math.floor(float(u) * n)))]
+        u = min(1.0, max(0.0, float(u)))
+        return self.choices[min(n - 1, math.floor(u * n))]
 
     def grid(self, points: int | None = None) -> list[Any]:
         return list(self.choices)
@@ -374,8 +436,9 @@ class Space(Mapping):
     def __init__(self, params: Mapping[str, Domain] | None = None):
         self._params: dict[str, Domain] = {}
         for name, dom in (params or {}).items():
-            if not isinstance(name, str) or not name.isidentifier():
-                raise ValueError(f"parameter {name!r}: names must be Python identifiers")
+            if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
+                raise ValueError(f"parameter {name!r}: names must be Python identifiers "
+                                 "(and not keywords)")
             if not isinstance(dom, Domain):
                 raise ValueError(f"parameter {name!r}: expected a tuned.space domain, "
                                  f"got {dom!r}")
@@ -390,11 +453,16 @@ class Space(Mapping):
     def __len__(self) -> int:
         return len(self._params)
 
+    def _canonical(self) -> str:
+        # A list of pairs: the order of the parameters is part of the space.
+        return _canonical([[name, dom.to_json()] for name, dom in self._params.items()])
+
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Space) and self.to_json() == other.to_json()
+        """Equal spaces have the same parameters, in the same order, with equal domains."""
+        return isinstance(other, Space) and self._canonical() == other._canonical()
 
     def __hash__(self) -> int:
-        return hash(tuple(self._params))
+        return hash(self._canonical())
 
     def __repr__(self) -> str:
         return f"Space({self._params!r})"
@@ -427,23 +495,27 @@ class Space(Mapping):
         if point.shape[0] != len(self._params):
             raise ValueError(f"expected a point with {len(self._params)} coordinates, "
                              f"got {point.shape[0]}")
-        return {name: dom.from_unit(u) for (name, dom), u in zip(self._params.items(), point)}
+        pairs = zip(self._params.items(), point, strict=True)
+        return {name: dom.from_unit(u) for (name, dom), u in pairs}
 
     def grid(self, points: int | None = None) -> Iterator[dict[str, Any]]:
         """Every configuration of the grid, the last parameter varying fastest.
 
         Finite domains contribute all their values (an `Int` with more than `points` values
-        contributes `points` of them); a `Real` needs `points`, else ValueError naming it.
+        contributes at most `points` of them); a `Real` needs `points`, else ValueError naming
+        it. Errors are raised by this call, not when the iterator is first advanced; the
+        configurations themselves are made lazily.
         """
+        if points is not None and (isinstance(points, bool)
+                                   or not isinstance(points, (int, np.integer)) or points < 1):
+            raise ValueError(f"grid points must be an integer >= 1, got {points!r}")
         axes = []
         for name, dom in self._params.items():
             if dom.cardinality is None and points is None:
                 raise ValueError(f"parameter {name!r}: {dom!r} is continuous; "
                                  "give grid points to discretise it")
             axes.append(dom.grid(points))
-        names = list(self._params)
-        for values in itertools.product(*axes):
-            yield dict(zip(names, values))
+        return _configs(list(self._params), axes)
 
     def validate(self, config: Mapping[str, Any]) -> dict[str, Any]:
         """Return `config` with numpy scalars made native; ValueError naming a bad parameter."""
@@ -467,3 +539,9 @@ class Space(Mapping):
         if not isinstance(data, Mapping):
             raise ValueError(f"a space must be a table of parameters, got {data!r}")
         return cls({name: domain_from_json(name, d) for name, d in data.items()})
+
+
+def _configs(names: list[str], axes: list[list[Any]]) -> Iterator[dict[str, Any]]:
+    """The configurations of the product of `axes`, the last axis varying fastest."""
+    for values in itertools.product(*axes):
+        yield dict(zip(names, values, strict=True))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from tuned.searchers.base import Searcher, SearcherStateError
@@ -10,15 +11,13 @@ from tuned.space import Space
 __all__ = ["Searcher", "SearcherStateError", "make_searcher", "SEARCHERS"]
 
 
-def _registry() -> dict[str, type[Searcher]]:
-    from tuned.searchers.grid import GridSearcher
-    from tuned.searchers.random import RandomSearcher
-    from tuned.searchers.rl import RLSearcher
-
-    return {"random": RandomSearcher, "grid": GridSearcher, "rl": RLSearcher}
-
-
-SEARCHERS = ("random", "grid", "rl")
+# name -> (module, class); imported on first use.
+_REGISTRY = {
+    "random": ("tuned.searchers.random", "RandomSearcher"),
+    "grid": ("tuned.searchers.grid", "GridSearcher"),
+    "rl": ("tuned.searchers.rl", "RLSearcher"),
+}
+SEARCHERS = tuple(_REGISTRY)
 
 
 def make_searcher(name: str, space: Space, seed: int | None = None,
@@ -28,10 +27,10 @@ def make_searcher(name: str, space: Space, seed: int | None = None,
     Raises ValueError naming the searcher when the name is unknown, and naming the option when
     an option is unknown or invalid.
     """
-    registry = _registry()
-    if name not in registry:
-        raise ValueError(f"unknown searcher {name!r}; choose one of {sorted(registry)}")
-    cls = registry[name]
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown searcher {name!r}; choose one of {sorted(_REGISTRY)}")
+    module, attr = _REGISTRY[name]
+    cls = getattr(importlib.import_module(module), attr)
     try:
         return cls(space, seed=seed, **options)
     except TypeError as exc:

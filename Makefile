@@ -1,0 +1,29 @@
+# The two commands of the README: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,plot]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+demo: $(STAMP)
+	$(PY) examples/search_algorithms.py --out demo-output
+
+test: $(STAMP)
+	$(PY) -m ruff check tuned tests examples benchmarks
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(PY) -m ruff check tuned tests examples benchmarks
+
+bench: $(STAMP)
+	$(PY) benchmarks/tutorial.py
+
+clean:
+	rm -rf $(VENV) demo-output tuned-runs .pytest_cache .hypothesis

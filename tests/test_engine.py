@@ -1,0 +1,243 @@
+"""The engine end to end through the in-process API: real child processes, real SQLite."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sqlite3
+import time
+
+import numpy as np
+import pytest
+
+import tuned as ag
+from tuned.decisions import Decision
+from tuned.schedulers.hyperband import HyperbandStopping
+
+
+def _sched(cls, fn, tmp_path, **kw):
+    kw.setdefault("resource", {"num_cpus": 1, "num_gpus": 0})
+    kw.setdefault("checkpoint", str(tmp_path / "t.db"))
+    kw.setdefault("seed", 1)
+    return cls(fn, **kw)
+
+
+@ag.args(lr=ag.space.Real(1e-3, 1e-2, log=True), wd=ag.space.Real(1e-3, 1e-2), epochs=10)
+def tutorial_fn(args, reporter):
+    for e in range(args.epochs):
+        acc = 1 - np.power(1.8, -np.random.uniform(e, 2 * e))
+        reporter(epoch=e + 1, accuracy=acc, lr=args.lr, wd=args.wd)
+
+
+def test_fifo_runs_every_trial_to_its_end(tmp_path):
+    s = _sched(ag.scheduler.FIFOScheduler, tutorial_fn, tmp_path, num_trials=6,
+               time_attr="epoch")
+    s.run()
+    s.join_jobs()
+    history = s.training_history
+    assert list(history) == list(range(6))
+    assert all([r["epoch"] for r in h] == list(range(1, 11)) for h in history.values())
+    assert {t.state for t in s.trials()} == {"COMPLETED"}
+    best = s.get_best_config()
+    assert set(best) == {"lr", "wd"}
+    finals = [h[-1]["accuracy"] for h in history.values()]
+    assert s.get_best_reward() == max(finals)
+    # Forked trials draw different random numbers (each trial is seeded on its own).
+    assert len({h[3]["accuracy"] for h in history.values()}) == 6
+
+
+def test_mode_min_picks_the_lowest_reward(tmp_path):
+    @ag.args(x=ag.space.Int(0, 20))
+    def fn(args, reporter):
+        reporter(loss=(args.x - 7) ** 2)
+
+    s = _sched(ag.scheduler.FIFOScheduler, fn, tmp_path, num_trials=15, reward_attr="loss",
+               mode="min", time_attr=None)
+    s.run()
+    losses = [h[0]["loss"] for h in s.training_history.values()]
+    assert s.get_best_reward() == min(losses)
+    assert (s.get_best_config()["x"] - 7) ** 2 == min(losses)
+
+
+def test_hyperband_stops_most_trials_early_and_replays(tmp_path):
+    s = _sched(ag.scheduler.HyperbandScheduler, tutorial_fn, tmp_path, num_trials=40,
+               grace_period=1, reduction_factor=3, type="stopping")
+    s.run()
+    epochs = [len(h) for h in s.training_history.values()]
+    assert len(epochs) == 40
+    assert sum(e in (1, 3) for e in epochs) >= 20
+    assert 1 <= epochs.count(10) <= 10
+    assert set(epochs) <= {1, 3, 9, 10}
+    states = {t.number: t.state for t in s.trials()}
+    for t in s.trials():
+        assert t.state == ("COMPLETED" if len(s.training_history[t.number]) == 10
+                           else "STOPPED")
+    assert len(states) == 40
+    # Replaying the stored rungs in a fresh scheduler reproduces every stored decision.
+    rungs = s.store.rungs(s.experiment.id)
+    assert len({(r.bracket, r.level, r.trial_id) for r in rungs}) == len(rungs)
+    replay = HyperbandStopping(max_t=10, grace_period=1, reduction_factor=3)
+    by_trial = {t.id: t for t in s.trials()}
+    for entry in rungs:
+        reports = s.store.reports(entry.trial_id)
+        report = next(r for r in reports if r.time_value >= entry.level)
+        out = replay.on_report(entry.trial_id, by_trial[entry.trial_id].bracket,
+                               report.time_value, report.reward)
+        assert out.rungs[0] == entry
+        assert report.decision == out.decision.value
+    # At most ceil(n / rf) of each rung went on.
+    for level in (1, 3, 9):
+        at = [r for r in rungs if r.level == level]
+        went_on = sum(r.decision is Decision.CONTINUE for r in at)
+        assert went_on <= math.ceil(len(at) / 3)
+
+
+def _states_and_errors(s):
+    return {t.number: (t.state, t.error) for t in s.trials()}
+
+
+def test_bad_reports_fail_their_trial_and_the_run_goes_on(tmp_path):
+    @ag.args(kind=ag.space.Categorical("ok", "list", "missing", "nan", "none"))
+    def fn(args, reporter):
+        if args.kind == "list":
+            reporter(accuracy=0.5, extra=[1, 2])
+        elif args.kind == "missing":
+            reporter(acc=0.5)
+        elif args.kind == "nan":
+            reporter(accuracy=float("nan"))
+        elif args.kind == "none":
+            reporter(accuracy=None)
+        reporter(accuracy=0.7)
+
+    s = _sched(ag.scheduler.FIFOScheduler, fn, tmp_path, num_trials=5, searcher="grid",
+               time_attr=None)
+    s.run()
+    by_kind = {t.config["kind"]: (t.state, t.error or "") for t in s.trials()}
+    assert by_kind["ok"] == ("COMPLETED", "")
+    assert by_kind["list"][0] == "FAILED" and "'extra'" in by_kind["list"][1]
+    assert by_kind["missing"][0] == "FAILED" and "'accuracy'" in by_kind["missing"][1]
+    assert by_kind["nan"][0] == "FAILED" and "nan" in by_kind["nan"][1]
+    assert by_kind["none"][0] == "FAILED" and "'accuracy'" in by_kind["none"][1]
+    assert s.get_best_reward() == 0.7
+
+
+def test_crashes_and_exits_fail_with_their_reason(tmp_path):
+    @ag.args(kind=ag.space.Categorical("raise", "segv", "exit3", "silent", "kill9", "ok"))
+    def fn(args, reporter):
+        print("hello from", args.kind, flush=True)
+        if args.kind == "raise":
+            raise ValueError("bad learning rate")
+        if args.kind == "segv":
+            os.kill(os.getpid(), signal.SIGSEGV)
+        if args.kind == "exit3":
+            os._exit(3)
+        if args.kind == "kill9":
+            reporter(accuracy=0.1)
+            os.kill(os.getpid(), signal.SIGKILL)
+        if args.kind == "silent":
+            return
+        reporter(accuracy=1.0)
+
+    s = _sched(ag.scheduler.FIFOScheduler, fn, tmp_path, num_trials=6, searcher="grid",
+               time_attr=None)
+    s.run()
+    by_kind = {t.config["kind"]: (t.state, t.error or "", t.number) for t in s.trials()}
+    assert by_kind["raise"][:2] == ("FAILED", "ValueError: bad learning rate")
+    assert by_kind["segv"][:2] == ("FAILED", "killed by signal SIGSEGV")
+    assert by_kind["exit3"][:2] == ("FAILED", "exited with code 3 (see its log)")
+    assert by_kind["silent"][:2] == ("FAILED", "ended without a single report")
+    assert by_kind["kill9"][:2] == ("FAILED", "killed by signal SIGKILL")
+    assert by_kind["ok"][:2] == ("COMPLETED", "")
+    log = (tmp_path / "logs" / s.experiment.name / f"trial-{by_kind['raise'][2]}.log")
+    text = log.read_text()
+    assert "hello from raise" in text and "Traceback" in text and "bad learning rate" in text
+
+
+def test_failed_trials_are_retried_while_max_retries_allows(tmp_path):
+    marker = tmp_path / "marker"
+
+    @ag.args(x=ag.space.Int(0, 3))
+    def fn(args, reporter):
+        if not marker.exists():
+            marker.write_text("failed once")
+            raise RuntimeError("transient")
+        reporter(accuracy=1.0)
+
+    s = _sched(ag.scheduler.FIFOScheduler, fn, tmp_path, num_trials=1, max_retries=1,
+               time_attr=None)
+    s.run()
+    (trial,) = s.trials()
+    assert (trial.state, trial.attempt) == ("COMPLETED", 2)
+
+
+def test_trials_run_in_their_own_process_groups_in_parallel(tmp_path):
+    seen = tmp_path / "seen"
+    seen.mkdir()
+
+    @ag.args(x=ag.space.Int(0, 100))
+    def fn(args, reporter):
+        (seen / str(os.getpid())).touch()
+        deadline = time.monotonic() + 3
+        while len(os.listdir(seen)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        reporter(accuracy=1.0, pgid=os.getpgid(0), pid=os.getpid(), sid=os.getsid(0),
+                 together=len(os.listdir(seen)))
+
+    s = _sched(ag.scheduler.FIFOScheduler, fn, tmp_path, num_trials=2, time_attr=None,
+               max_concurrent=2)
+    if s.slots < 2:
+        pytest.skip("needs 2 CPUs")  # pragma: no cover
+    s.run()
+    for (report,) in s.training_history.values():
+        assert report["pgid"] == report["pid"] == report["sid"] != os.getpid()
+        assert report["together"] == 2
+
+
+def test_time_out_stops_new_trials(tmp_path):
+    @ag.args(x=ag.space.Real(0, 1))
+    def fn(args, reporter):
+        time.sleep(0.2)
+        reporter(accuracy=args.x)
+
+    s = _sched(ag.scheduler.FIFOScheduler, fn, tmp_path, num_trials=None, time_out=1.0,
+               time_attr=None, max_concurrent=1)
+    start = time.monotonic()
+    s.run()
+    assert time.monotonic() - start < 3
+    assert 2 <= len(s.trials()) <= 6
+
+
+def test_bad_arguments_are_named(tmp_path):
+    with pytest.raises(ValueError, match="searcher: must be one of"):
+        _sched(ag.scheduler.FIFOScheduler, tutorial_fn, tmp_path, num_trials=1,
+               searcher="nope").run()
+    with pytest.raises(ValueError, match="num_trials"):
+        _sched(ag.scheduler.FIFOScheduler, tutorial_fn, tmp_path)
+    with pytest.raises(ValueError, match="resource"):
+        _sched(ag.scheduler.FIFOScheduler, tutorial_fn, tmp_path, num_trials=1,
+               resource={"num_cpu": 1})
+    with pytest.raises(ValueError, match="parameter 'lr'"):
+        ag.args(lr=ag.space.Real(1, 0.1))
+    with pytest.raises(ValueError, match="max_t"):
+        @ag.args(x=ag.space.Real(0, 1))
+        def no_epochs(args, reporter):
+            pass
+
+        _sched(ag.scheduler.HyperbandScheduler, no_epochs, tmp_path, num_trials=1)
+
+
+def test_results_are_stored_in_sqlite(tmp_path):
+    s = _sched(ag.scheduler.FIFOScheduler, tutorial_fn, tmp_path, num_trials=2)
+    s.run()
+    with sqlite3.connect(tmp_path / "t.db") as c:
+        assert c.execute("SELECT COUNT(*) FROM reports").fetchone()[0] == 20
+        assert c.execute("SELECT COUNT(*) FROM trials WHERE state='COMPLETED'").fetchone()[0] == 2
+
+
+def test_training_curves_png(tmp_path):
+    s = _sched(ag.scheduler.FIFOScheduler, tutorial_fn, tmp_path, num_trials=2)
+    s.run()
+    out = tmp_path / "curves.png"
+    s.get_training_curves(filename=str(out), use_legend=True)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,362 @@
+"""The engine: runs one experiment with its searcher, its trial scheduler, the store and an
+executor. The in-process API and the daemon both drive experiments through it.
+
+Guarantees (see DESIGN.md, invariants):
+- a suggestion is stored with the searcher state that produced it before its trial starts;
+- a report is stored with its decision (and rung entries) before the trial hears the decision,
+  and a report resent with a sequence number already stored gets the stored decision back;
+- a trial ends in exactly one finished state, stored together with the searcher state that
+  learnt from it;
+- `recover()` leaves no trial RUNNING: a trial whose last stored decision ended it is
+  finished, any other goes back to PENDING (attempt counted) and runs again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+import zlib
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from tuned.args import Args
+from tuned.decisions import Decision, TrialState
+from tuned.executors.local import Exited, LocalExecutor, Message
+from tuned.schedulers.base import FIFOScheduler, Outcome, TrialScheduler
+from tuned.searchers import Searcher, make_searcher
+from tuned.spec import ExperimentSpec
+from tuned.store import Experiment, Store, Trial
+from tuned.worker import run_trial
+
+log = logging.getLogger("tuned.engine")
+
+
+def make_scheduler(spec: ExperimentSpec) -> TrialScheduler:
+    """The trial scheduler the spec names; ValueError naming a bad option."""
+    options = dict(spec.scheduler_options)
+    if spec.scheduler == "fifo":
+        return FIFOScheduler(**options)
+    from tuned.schedulers.hyperband import HyperbandStopping
+
+    options.setdefault("seed", spec.seed)
+    if options.get("max_t") is None:
+        raise ValueError("scheduler_options.max_t: Hyperband needs the maximum of time_attr "
+                         "(give max_t, or an 'epochs' or 'max_t' argument)")
+    return HyperbandStopping(**options)
+
+
+def trial_seed(experiment_seed: int, number: int) -> int:
+    """The seed of trial `number`'s random streams: the same on every attempt."""
+    return zlib.crc32(f"{experiment_seed}:{number}".encode())
+
+
+@dataclass
+class _Live:
+    """What the engine knows about one running trial."""
+
+    trial: Trial
+    last_seq: int
+    score: float | None = None
+    stop: Outcome | None = None
+    done: bool = False
+    error: str | None = None
+    failure: str | None = None
+
+
+class Engine:
+    """Runs one stored experiment to its end.
+
+    `fn(args, reporter)` is the training function; `slots` how many trials run at once.
+    `on_trial_end(trial_number, state)` is called after each trial's end is stored.
+    """
+
+    def __init__(self, store: Store, experiment: Experiment, spec: ExperimentSpec,
+                 fn: Callable[[Args, Any], Any], log_dir: str, slots: int,
+                 executor: LocalExecutor | None = None,
+                 on_trial_end: Callable[[int, str], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.store = store
+        self.experiment = experiment
+        self.spec = spec
+        self.fn = fn
+        self.log_dir = log_dir
+        self.slots = max(1, slots)
+        self.executor = executor or LocalExecutor()
+        self.on_trial_end = on_trial_end
+        self.clock = clock
+        self.searcher: Searcher = make_searcher(spec.searcher, spec.space, seed=spec.seed,
+                                                **spec.searcher_options)
+        if experiment.searcher_state is not None:
+            self.searcher.load_state_dict(experiment.searcher_state)
+        self.scheduler = make_scheduler(spec)
+        self.scheduler.load_rungs(store.rungs(experiment.id))
+        self.live: dict[int, _Live] = {}
+        self.queue: deque[Trial] = deque()
+        self.created = len(store.trials(experiment.id))
+        self.exhausted = False
+        self.deadline: float | None = None
+        self._searcher_dirty = False
+        self._outbox: list[tuple[int, dict[str, Any]]] = []
+        os.makedirs(log_dir, exist_ok=True)
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Recover, then launch and follow trials until the experiment is done."""
+        self.recover()
+        if self.spec.time_out is not None:
+            self.deadline = self.clock() + self.spec.time_out
+        try:
+            self._step([])
+            while self.live:
+                self._step(self.executor.poll(self._poll_timeout()))
+        except BaseException:
+            self._abandon()
+            raise
+        self.store.set_experiment_state(self.experiment.id, "COMPLETED")
+
+    def _step(self, events: list[Message | Exited]) -> None:
+        """Handle a batch of events and launch what the freed slots allow, in one transaction
+        (group commit); the trials hear their decisions only once it is committed, durably.
+        A batch without reports tells nobody anything, so it commits without waiting for the
+        disk; the next durable commit carries it to the disk too."""
+        self._outbox = []
+        acknowledging = any(isinstance(e, Message) and e.body and "seq" in e.body
+                            for e in events)
+        with self.store.transaction(durable=acknowledging):
+            for event in events:
+                self._handle(event)
+            self._launch_ready()
+            self._save_searcher()
+        for trial_id, body in self._outbox:
+            self.executor.send(trial_id, body)
+
+    def _save_searcher(self) -> None:
+        """Store the searcher's state if it changed, inside the caller's transaction, so that
+        it lands with the suggestions and trial ends that changed it."""
+        if self._searcher_dirty:
+            self.store.save_searcher_state(self.experiment.id, self.searcher.state_dict())
+            self._searcher_dirty = False
+
+    def _answer(self, trial_id: int, body: dict[str, Any]) -> None:
+        self._outbox.append((trial_id, body))
+
+    def _poll_timeout(self) -> float | None:
+        if self.deadline is None or not self._may_create():
+            return None
+        return max(0.0, self.deadline - self.clock())
+
+    def _may_create(self) -> bool:
+        if self.exhausted:
+            return False
+        if self.spec.num_trials is not None and self.created >= self.spec.num_trials:
+            return False
+        return self.deadline is None or self.clock() < self.deadline
+
+    def _launch_ready(self) -> None:
+        while len(self.live) < self.slots:
+            if self.queue:
+                self._launch(self.queue.popleft())
+            elif self._may_create():
+                trial = self._create()
+                if trial is None:
+                    return
+                self._launch(trial)
+            else:
+                return
+
+    def _create(self) -> Trial | None:
+        number = self.created
+        config = self.searcher.suggest(number)
+        if config is None:
+            self.exhausted = True
+            return None
+        bracket = self.scheduler.assign_bracket(number)
+        trial_id = self.store.add_trial(self.experiment.id, number, config, bracket)
+        self._searcher_dirty = True
+        self.created += 1
+        return self.store.trial(trial_id)
+
+    def _launch(self, trial: Trial) -> None:
+        args = Args({**self.spec.constants, **trial.config})
+        seed = trial_seed(self.spec.seed, trial.number)
+        fn = self.fn
+
+        def target(channel: Any) -> int:
+            return run_trial(fn, args, seed, channel)
+
+        log_path = os.path.join(self.log_dir, f"trial-{trial.number}.log")
+        pid = self.executor.launch(trial.id, target, log_path)
+        if not self.store.claim_trial(trial.id, pid):
+            self.executor.kill(trial.id)
+            raise RuntimeError(f"trial {trial.number} was claimed by someone else")
+        self.live[trial.id] = _Live(trial, last_seq=trial.last_seq)
+
+    # -- events --------------------------------------------------------------------------
+
+    def _handle(self, event: Message | Exited) -> None:
+        live = self.live.get(event.trial_id)
+        if live is None:
+            return
+        if isinstance(event, Exited):
+            self._finish(live, event.code)
+        elif event.body is None:
+            self._fail(live, f"bad message on the report channel: {event.error}")
+        elif "seq" in event.body:
+            self._report(live, event.body)
+        elif event.body.get("op") == "error":
+            live.error = str(event.body.get("message", "unknown error"))[:2000]
+        elif event.body.get("op") == "done":
+            live.done = True
+        else:
+            self._fail(live, f"unknown message on the report channel: {str(event.body)[:200]}")
+
+    def _fail(self, live: _Live, reason: str) -> None:
+        """Fail a misbehaving trial: remember why and kill its process group."""
+        if live.failure is None:
+            live.failure = reason
+        self.executor.kill(live.trial.id)
+
+    def _report(self, live: _Live, body: dict[str, Any]) -> None:
+        trial = live.trial
+        seq = body.get("seq")
+        metrics = body.get("metrics")
+        if live.failure is not None:
+            return
+        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
+            return self._fail(live, f"report without a valid sequence number: {seq!r}")
+        if seq <= live.last_seq:
+            stored = self.store.stored_decision(trial.id, seq)
+            if stored is not None:
+                self._answer(trial.id, {"seq": seq, "decision": stored})
+                return None
+        if seq != live.last_seq + 1:
+            return self._fail(live, f"report {seq} out of order (expected {live.last_seq + 1})")
+        problem = check_metrics(metrics, self.spec.reward_attr, self.spec.time_attr)
+        if problem:
+            self._answer(trial.id, {"seq": seq, "error": problem})
+            return self._fail(live, problem)
+        reward = float(metrics[self.spec.reward_attr])
+        score = self.spec.sign(reward)
+        time_value = _time_value(metrics, self.spec.time_attr, seq)
+        outcome = self.scheduler.on_report(trial.id, trial.bracket, time_value, score)
+        decision = self.store.record_report(
+            trial.id, seq, time_value, reward, score,
+            json.dumps(metrics, separators=(",", ":")), outcome.decision, outcome.rungs,
+            self.experiment.id)
+        live.last_seq = seq
+        live.score = score
+        if decision != Decision.CONTINUE.value:
+            live.stop = outcome
+        self._answer(trial.id, {"seq": seq, "decision": decision})
+        return None
+
+    def _finish(self, live: _Live, code: int) -> None:
+        trial = live.trial
+        del self.live[trial.id]
+        state, error = self._verdict(live, code)
+        if state is TrialState.FAILED and trial.attempt <= self.spec.max_retries:
+            log.warning("trial %d failed (%s); retrying", trial.number, error)
+            if self.store.requeue_trial(trial.id):
+                self.queue.append(self.store.trial(trial.id))
+                return
+        self._end(trial, state, error, live.score)
+
+    def _end(self, trial: Trial, state: TrialState, error: str | None,
+             score: float | None) -> None:
+        observed = None if state is TrialState.FAILED else score
+        self.searcher.observe(trial.number, trial.config, observed, final=True)
+        self.scheduler.on_trial_end(trial.id)
+        self.store.finish_trial(trial.id, state, error)
+        self._searcher_dirty = True
+        if self.on_trial_end is not None:
+            self.on_trial_end(trial.number, state.value)
+
+    @staticmethod
+    def _verdict(live: _Live, code: int) -> tuple[TrialState, str | None]:
+        if live.failure is not None:
+            return TrialState.FAILED, live.failure
+        if live.error is not None:
+            return TrialState.FAILED, live.error
+        if code < 0:
+            name = signal.Signals(-code).name if -code in signal.valid_signals() else -code
+            return TrialState.FAILED, f"killed by signal {name}"
+        if code != 0:
+            return TrialState.FAILED, f"exited with code {code} (see its log)"
+        if live.stop is not None:
+            return (TrialState.COMPLETED if live.stop.completed else TrialState.STOPPED), None
+        if live.last_seq == 0:
+            return TrialState.FAILED, "ended without a single report"
+        if not live.done:
+            return TrialState.FAILED, "exited before its function returned"
+        return TrialState.COMPLETED, None
+
+    # -- recovery and interruption -------------------------------------------------------
+
+    def recover(self) -> None:
+        """Leave no trial RUNNING: end those whose stored decision ended them, queue the rest."""
+        with self.store.transaction():
+            self._recover()
+            self._save_searcher()
+
+    def _recover(self) -> None:
+        for trial in self.store.trials(self.experiment.id, ("RUNNING", "PENDING")):
+            if trial.state == "PENDING":
+                self.queue.append(trial)
+                continue
+            stored = self.store.stored_decision(trial.id, trial.last_seq)
+            if stored is not None and stored != Decision.CONTINUE.value:
+                completed = self._budget_used(trial.last_time)
+                state = TrialState.COMPLETED if completed else TrialState.STOPPED
+                self._end(trial, state, None, trial.score)
+            elif self.store.requeue_trial(trial.id):
+                log.info("trial %d was interrupted; it runs again", trial.number)
+                self.queue.append(self.store.trial(trial.id))
+
+    def _budget_used(self, time_value: float | None) -> bool:
+        max_t = getattr(self.scheduler, "max_t", None)
+        return max_t is not None and time_value is not None and time_value >= max_t
+
+    def _abandon(self) -> None:
+        """On an interruption (Ctrl-C, an error in the engine): stop every trial and put it
+        back to PENDING, so that a resumed run runs it again."""
+        self.executor.shutdown(grace=1.0)
+        for trial_id in list(self.live):
+            self.store.requeue_trial(trial_id)
+        self.live.clear()
+
+
+def _time_value(metrics: dict[str, Any], time_attr: str | None, seq: int) -> float:
+    if time_attr is not None and time_attr in metrics:
+        return float(metrics[time_attr])
+    return float(seq)
+
+
+def check_metrics(metrics: Any, reward_attr: str, time_attr: str | None) -> str | None:
+    """None when a report is valid, else a sentence saying what is wrong with it."""
+    if not isinstance(metrics, dict) or not metrics:
+        return f"a report must have metrics, got {metrics!r}"
+    for name, value in metrics.items():
+        if not isinstance(value, (bool, int, float, str)):
+            return f"metric {name!r}: {value!r} is not a JSON number, string or bool"
+        if isinstance(value, float) and not math.isfinite(value) and name != reward_attr:
+            return f"metric {name!r}: {value!r} is not a finite number"
+    if reward_attr not in metrics:
+        return (f"the report has no reward metric {reward_attr!r} "
+                f"(it has {sorted(metrics)}); set reward_attr to the metric to optimise")
+    reward = metrics[reward_attr]
+    if isinstance(reward, bool) or not isinstance(reward, (int, float)):
+        return f"reward {reward_attr!r}: {reward!r} is not a number"
+    if not math.isfinite(reward):
+        return f"reward {reward_attr!r} is {reward!r}"
+    if time_attr is not None and time_attr in metrics:
+        t = metrics[time_attr]
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+            return f"time metric {time_attr!r}: {t!r} is not a finite number"
+    return None

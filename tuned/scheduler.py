@@ -1,0 +1,259 @@
+"""The in-process API of AutoGluon's scheduler system, on tuned's engine and store.
+
+    scheduler = tuned.scheduler.FIFOScheduler(train_fn, resource={'num_cpus': 2, 'num_gpus': 0},
+                                              num_trials=20, reward_attr='accuracy',
+                                              time_attr='epoch')
+    scheduler.run()
+    scheduler.join_jobs()
+    scheduler.get_best_config(), scheduler.get_best_reward()
+
+Every experiment is stored in the SQLite file `checkpoint`; `resume=True` with the same file
+continues the last experiment of the same name where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+from tuned.args import Args
+from tuned.engine import Engine
+from tuned.spec import ExperimentSpec
+from tuned.store import NotFound, Store
+
+__all__ = ["FIFOScheduler", "HyperbandScheduler", "RLScheduler", "DEFAULT_CHECKPOINT"]
+
+log = logging.getLogger("tuned.scheduler")
+
+DEFAULT_CHECKPOINT = os.path.join("tuned-runs", "tuned.db")
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+class FIFOScheduler:
+    """Runs `num_trials` trials (or as many as fit in `time_out` seconds), as many at once as
+    `resource` allows on this machine, each to its end.
+
+    Raises ValueError naming the argument at fault (a bad search space, an unknown searcher,
+    a resource this machine cannot give).
+    """
+
+    _scheduler = "fifo"
+
+    def __init__(self, train_fn: Callable, resource: dict[str, Any] | None = None,
+                 num_trials: int | None = None, time_out: float | None = None,
+                 reward_attr: str = "accuracy", time_attr: str | None = "epoch",
+                 searcher: str = "random", search_options: dict[str, Any] | None = None,
+                 checkpoint: str | None = DEFAULT_CHECKPOINT, resume: bool = False,
+                 mode: str = "max", seed: int | None = None, name: str | None = None,
+                 max_concurrent: int | None = None, max_retries: int = 0,
+                 **scheduler_options: Any):
+        if not callable(train_fn):
+            raise ValueError(f"train_fn: expected a function, got {train_fn!r}")
+        self.train_fn = train_fn
+        resource = dict(resource or {})
+        unknown = set(resource) - {"num_cpus", "num_gpus"}
+        if unknown:
+            raise ValueError(f"resource: unknown key(s) {sorted(unknown)}; "
+                             "use num_cpus and num_gpus")
+        space = getattr(train_fn, "space", None)
+        if space is None:
+            raise ValueError("train_fn: decorate it with @tuned.args(...) to give its "
+                             "search space")
+        seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
+        spec_data = {
+            "name": name or getattr(train_fn, "__name__", "experiment"),
+            "space": space,
+            "constants": dict(getattr(train_fn, "constants", {})),
+            "searcher": searcher,
+            "searcher_options": dict(search_options or {}),
+            "scheduler": self._scheduler,
+            "scheduler_options": self._scheduler_options(train_fn, scheduler_options),
+            "num_trials": num_trials,
+            "time_out": time_out,
+            "reward_attr": reward_attr,
+            "time_attr": time_attr,
+            "mode": mode,
+            "seed": seed,
+            "num_cpus": resource.get("num_cpus", 1),
+            "num_gpus": resource.get("num_gpus", 0),
+            "max_concurrent": max_concurrent,
+            "max_retries": max_retries,
+        }
+        self.spec = ExperimentSpec.from_dict(spec_data)
+        self._check_resources()
+        self.checkpoint = checkpoint or DEFAULT_CHECKPOINT
+        self.store = Store(self.checkpoint)
+        self.experiment = self._open_experiment(resume)
+        self.spec = ExperimentSpec.from_dict(self.experiment.spec)
+        self.log_dir = os.path.join(os.path.dirname(os.path.abspath(self.checkpoint)), "logs",
+                                    self.experiment.name)
+        self._engine: Engine | None = None
+
+    # -- construction helpers ------------------------------------------------------------
+
+    def _scheduler_options(self, train_fn: Callable, options: dict[str, Any]) -> dict[str, Any]:
+        if options:
+            raise TypeError(f"{type(self).__name__} got unexpected argument(s) "
+                            f"{sorted(options)}")
+        return {}
+
+    def _check_resources(self) -> None:
+        cpus = available_cpus()
+        if self.spec.num_cpus > cpus:
+            raise ValueError(f"resource: num_cpus={self.spec.num_cpus} per trial, but this "
+                             f"machine has {cpus} CPU(s)")
+        if self.spec.num_gpus > 0:
+            from tuned.gpus import discover_gpus
+
+            found = len(discover_gpus())
+            if self.spec.num_gpus > found:
+                raise ValueError(f"resource: num_gpus={self.spec.num_gpus} per trial, but "
+                                 f"{found} GPU(s) were found on this machine")
+
+    def _open_experiment(self, resume: bool):
+        spec = self.spec.to_dict()
+        if resume:
+            try:
+                experiment = self.store.experiment(self._latest_name(spec["name"]))
+            except NotFound:
+                log.info("nothing to resume in %s; starting %s", self.checkpoint, spec["name"])
+            else:
+                self._check_same_space(experiment.spec)
+                budget = {"num_trials": spec["num_trials"], "time_out": spec["time_out"]}
+                return self.store.update_spec(experiment.id, {**experiment.spec, **budget})
+        spec["name"] = self.store.unique_name(spec["name"])
+        return self.store.create_experiment(spec["name"], spec)
+
+    def _latest_name(self, base: str) -> str:
+        names = [e.name for e in self.store.experiments()
+                 if e.name == base or e.name.startswith(base + "-")]
+        if not names:
+            raise NotFound(base)
+        return names[-1]
+
+    def _check_same_space(self, stored: dict[str, Any]) -> None:
+        if stored["space"] != self.spec.space.to_json():
+            raise ValueError(f"resume: experiment {stored['name']!r} in {self.checkpoint} "
+                             "has another search space; use resume=False or another "
+                             "checkpoint file")
+
+    # -- running -------------------------------------------------------------------------
+
+    @property
+    def slots(self) -> int:
+        """How many trials run at once."""
+        by_cpu = max(1, int(available_cpus() // self.spec.num_cpus))
+        if self.spec.max_concurrent is not None:
+            return min(by_cpu, self.spec.max_concurrent)
+        return by_cpu
+
+    def run(self) -> None:
+        """Run the experiment until every trial has ended (or `time_out` stopped new ones)."""
+        from tuned.progress import progress_bar
+
+        done = sum(n for s, n in self.store.count_trials(self.experiment.id).items()
+                   if s in ("COMPLETED", "STOPPED", "FAILED"))
+        with progress_bar(self.spec.num_trials, done) as bar:
+            self._engine = Engine(self.store, self.experiment, self.spec, self.train_fn,
+                                  self.log_dir, self.slots,
+                                  on_trial_end=lambda number, state: bar.update(1))
+            self._engine.run()
+
+    def join_jobs(self, timeout: float | None = None) -> None:
+        """Wait for the trials started by `run()`; `run()` returns only when all have ended,
+        so this returns at once. Kept for the API of the original system."""
+
+    # -- results -------------------------------------------------------------------------
+
+    def get_best_config(self) -> dict[str, Any]:
+        """The configuration of the best trial so far, with the user's values
+        (e.g. ``{'x': 22, 'y': 69}``); {} when no trial has reported yet."""
+        best = self.store.best_trial(self.experiment.id)
+        return dict(best.config) if best else {}
+
+    def get_best_reward(self) -> float | None:
+        """The best trial's reward (its last report), or None when no trial has reported."""
+        best = self.store.best_trial(self.experiment.id)
+        return best.last_reward if best else None
+
+    def get_best_trial(self) -> int | None:
+        """The number of the best trial so far."""
+        best = self.store.best_trial(self.experiment.id)
+        return best.number if best else None
+
+    @property
+    def training_history(self) -> dict[int, list[dict[str, Any]]]:
+        """Trial number -> the list of its reports (metric dicts), in order."""
+        return self.store.history(self.experiment.id)
+
+    def get_training_curves(self, filename: str | None = None, plot: bool = False,
+                            use_legend: bool = True) -> None:
+        """Draw each trial's reward against `time_attr`; save a PNG to `filename` when given,
+        show it when `plot`."""
+        from tuned.curves import draw_training_curves
+
+        draw_training_curves(self.training_history, self.spec.reward_attr,
+                             self.spec.time_attr, filename=filename, plot=plot,
+                             use_legend=use_legend)
+
+    def trials(self):
+        """The experiment's trials as stored (state, config, reward, error, ...)."""
+        return self.store.trials(self.experiment.id)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(experiment={self.experiment.name!r}, "
+                f"checkpoint={self.checkpoint!r})")
+
+
+def _infer_max_t(train_fn: Callable, max_t: int | None) -> int:
+    if max_t is not None:
+        return max_t
+    defaults = getattr(train_fn, "args", Args())
+    for key in ("epochs", "max_t"):
+        if key in defaults and isinstance(defaults[key], int):
+            return defaults[key]
+    raise ValueError("max_t: HyperbandScheduler needs the largest value of time_attr; give "
+                     "max_t, or an 'epochs' or 'max_t' argument in @tuned.args")
+
+
+class HyperbandScheduler(FIFOScheduler):
+    """Asynchronous successive halving: at each rung (`grace_period` * `reduction_factor`**k
+    epochs) a trial goes on only if it is among the best 1/`reduction_factor` of the trials
+    that reached that rung. `max_t` is inferred from `train_fn.args.epochs` or `.max_t`."""
+
+    _scheduler = "hyperband_stopping"
+
+    def _scheduler_options(self, train_fn: Callable, options: dict[str, Any]) -> dict[str, Any]:
+        kind = options.pop("type", "stopping")
+        if kind != "stopping":
+            raise ValueError(f"type: {kind!r} is not available yet; use type='stopping'")
+        known = {"max_t", "grace_period", "reduction_factor", "brackets"}
+        unknown = set(options) - known
+        if unknown:
+            raise TypeError(f"HyperbandScheduler got unexpected argument(s) {sorted(unknown)}")
+        out = {k: v for k, v in options.items() if v is not None}
+        out["max_t"] = _infer_max_t(train_fn, options.get("max_t"))
+        return out
+
+
+class RLScheduler(FIFOScheduler):
+    """FIFO scheduling with the reinforcement-learning controller as searcher, updated with
+    REINFORCE after every `controller_batch_size` finished trials."""
+
+    def __init__(self, train_fn: Callable, controller_batch_size: int = 1,
+                 controller_lr: float = 1e-3, ema_baseline_decay: float = 0.95,
+                 **kwargs: Any):
+        options = dict(kwargs.pop("search_options", None) or {})
+        options.update(controller_batch_size=controller_batch_size,
+                       controller_lr=controller_lr, ema_baseline_decay=ema_baseline_decay)
+        kwargs.pop("searcher", None)
+        super().__init__(train_fn, searcher="rl", search_options=options, **kwargs)

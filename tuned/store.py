@@ -1,0 +1,540 @@
+"""The store: SQLite, the state of record for experiments, trials, reports, rungs and searchers.
+
+Contract
+--------
+- One SQLite file in WAL mode with ``synchronous=FULL``: when a method returns, what it wrote
+  is durable. Both pragmas are read back after being set; `StoreError` when they differ.
+- The schema version is ``PRAGMA user_version``. Opening a file of an older version runs each
+  migration step in its own transaction together with the version bump, so a step killed
+  halfway leaves the old version or the new one, never a mix. A newer version than this code
+  knows raises `SchemaTooNew`; a file that is not a database (or is damaged) raises
+  `StoreCorrupt`, and the file is never written to.
+- A suggestion is stored in the same transaction as the searcher state that produced it
+  (`add_trial`); a report is stored with its decision and its rung entries in one
+  transaction (`record_report`), and reports are unique per ``(trial_id, seq)``: storing a
+  sequence number that is already there stores nothing and returns the stored decision.
+- Finished trials (COMPLETED, STOPPED, FAILED) are immutable: `finish_trial` and
+  `claim_trial` are compare-and-set operations that return False when the trial is not in
+  the state they expect.
+- A database locked by another process is waited for up to ``timeout`` seconds, then
+  `StoreLocked`.
+
+Scores are rewards made "higher is better" (negated when the experiment's mode is 'min').
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import sqlite_utils
+
+from tuned.decisions import FINISHED_STATES, Decision, TrialState
+from tuned.schedulers.base import RungEntry
+
+SCHEMA_VERSION = 1
+
+
+class StoreError(RuntimeError):
+    """The store cannot be used as it is."""
+
+
+class StoreCorrupt(StoreError):
+    """The file is not a tuned database, or it is damaged."""
+
+
+class StoreLocked(StoreError):
+    """Another process held the database longer than the timeout."""
+
+
+class SchemaTooNew(StoreError):
+    """The database was written by a newer tuned."""
+
+
+class NameTaken(StoreError):
+    """An experiment of that name exists already."""
+
+
+class NotFound(StoreError, KeyError):
+    """No experiment or trial of that name or id."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "not found"
+
+
+@dataclass(frozen=True)
+class Experiment:
+    id: int
+    name: str
+    spec: dict[str, Any]
+    state: str
+    searcher_state: dict[str, Any] | None
+    created: float
+    updated: float
+
+
+@dataclass(frozen=True)
+class Trial:
+    id: int
+    experiment_id: int
+    number: int
+    config: dict[str, Any]
+    state: str
+    bracket: int
+    attempt: int
+    pid: int | None
+    last_seq: int
+    last_time: float | None
+    last_reward: float | None
+    score: float | None
+    error: str | None
+    created: float
+    started: float | None
+    ended: float | None
+
+
+@dataclass(frozen=True)
+class Report:
+    trial_id: int
+    seq: int
+    time_value: float | None
+    reward: float | None
+    metrics: dict[str, Any]
+    decision: str
+    created: float
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), allow_nan=False)
+
+
+def _v1(db: sqlite_utils.Database) -> None:
+    """The first schema: experiments, trials, reports, rungs."""
+    db.execute("""
+        CREATE TABLE experiments (
+            id INTEGER PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            spec TEXT NOT NULL,
+            state TEXT NOT NULL,
+            created REAL NOT NULL,
+            updated REAL NOT NULL
+        )""")
+    db.execute("""
+        CREATE TABLE searcher_state (
+            experiment_id INTEGER NOT NULL REFERENCES experiments(id),
+            part TEXT NOT NULL,
+            value TEXT NOT NULL,
+            PRIMARY KEY (experiment_id, part)
+        ) WITHOUT ROWID""")
+    db.execute("""
+        CREATE TABLE trials (
+            id INTEGER PRIMARY KEY,
+            experiment_id INTEGER NOT NULL REFERENCES experiments(id),
+            number INTEGER NOT NULL,
+            config TEXT NOT NULL,
+            state TEXT NOT NULL,
+            bracket INTEGER NOT NULL DEFAULT 0,
+            attempt INTEGER NOT NULL DEFAULT 1,
+            pid INTEGER,
+            last_seq INTEGER NOT NULL DEFAULT 0,
+            last_time REAL,
+            last_reward REAL,
+            score REAL,
+            error TEXT,
+            created REAL NOT NULL,
+            started REAL,
+            ended REAL,
+            UNIQUE (experiment_id, number)
+        )""")
+    db.execute("CREATE INDEX trials_by_state ON trials (experiment_id, state)")
+    db.execute("CREATE INDEX trials_by_score ON trials (experiment_id, score)")
+    db.execute("""
+        CREATE TABLE reports (
+            trial_id INTEGER NOT NULL REFERENCES trials(id),
+            seq INTEGER NOT NULL,
+            time_value REAL,
+            reward REAL,
+            metrics TEXT NOT NULL,
+            decision TEXT NOT NULL,
+            created REAL NOT NULL,
+            PRIMARY KEY (trial_id, seq)
+        ) WITHOUT ROWID""")
+    db.execute("""
+        CREATE TABLE rungs (
+            id INTEGER PRIMARY KEY,
+            experiment_id INTEGER NOT NULL REFERENCES experiments(id),
+            bracket INTEGER NOT NULL,
+            level REAL NOT NULL,
+            trial_id INTEGER NOT NULL REFERENCES trials(id),
+            score REAL NOT NULL,
+            decision TEXT NOT NULL,
+            UNIQUE (experiment_id, bracket, level, trial_id)
+        )""")
+
+
+# Step n turns a database of version n - 1 into version n. Append; never edit a shipped step.
+MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _v1}
+
+
+class Store:
+    """A tuned database. See the module docstring for the contract."""
+
+    def __init__(self, path: str | os.PathLike, timeout: float = 10.0,
+                 clock: Callable[[], float] = time.time):
+        self.path = os.fspath(path)
+        self.clock = clock
+        self._depth = 0
+        self._sync_level = 2
+        self._written_parts: dict[int, dict[str, str]] = {}
+        self._after_commit: list[Callable[[], None]] = []
+        parent = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(parent, exist_ok=True)
+        try:
+            self.conn = sqlite3.connect(self.path, timeout=timeout, isolation_level=None,
+                                        check_same_thread=False)
+            self.db = sqlite_utils.Database(self.conn)
+            self._configure()
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            self._close_quietly()
+            raise self._translate(exc) from exc
+
+    # -- opening -------------------------------------------------------------------------
+
+    def _translate(self, exc: sqlite3.DatabaseError) -> StoreError:
+        text = str(exc)
+        if "locked" in text or "busy" in text:
+            return StoreLocked(f"{self.path}: the database is locked by another process ({text})")
+        return StoreCorrupt(f"{self.path}: not a usable tuned database ({text}); "
+                            "it was left untouched")
+
+    def _configure(self) -> None:
+        self.conn.execute("PRAGMA foreign_keys = ON")
+        mode = self.conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        self.conn.execute("PRAGMA synchronous = FULL")
+        sync = self.conn.execute("PRAGMA synchronous").fetchone()[0]
+        if str(mode).lower() != "wal" or sync != 2:
+            raise StoreError(f"{self.path}: needs journal_mode=wal and synchronous=FULL, "
+                             f"got journal_mode={mode} synchronous={sync}")
+
+    def _migrate(self) -> None:
+        version = self.schema_version()
+        if version > SCHEMA_VERSION:
+            raise SchemaTooNew(f"{self.path}: schema version {version} is newer than this "
+                               f"tuned understands ({SCHEMA_VERSION}); upgrade tuned")
+        for step in range(version + 1, SCHEMA_VERSION + 1):
+            with self.transaction():
+                MIGRATIONS[step](self.db)
+                self.conn.execute(f"PRAGMA user_version = {step}")
+
+    def schema_version(self) -> int:
+        return self.conn.execute("PRAGMA user_version").fetchone()[0]
+
+    def close(self) -> None:
+        self._close_quietly()
+
+    def _close_quietly(self) -> None:
+        conn = getattr(self, "conn", None)
+        if conn is not None:
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
+
+    @contextmanager
+    def transaction(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """One write transaction: everything in it is committed or nothing is.
+
+        Transactions nest: an inner one joins the outer one, so a caller can group several
+        store operations (e.g. all the events of one engine step) into one commit.
+
+        `durable` (of the outermost transaction) chooses ``synchronous=FULL``: the commit
+        reaches the disk before it returns. ``durable=False`` commits with ``NORMAL``: atomic
+        and safe against the death of this process, and made durable by the next durable
+        commit; for writes nobody has been told about yet.
+        """
+        if self._depth:
+            self._depth += 1
+            try:
+                yield self.conn
+            finally:
+                self._depth -= 1
+            return
+        level = 2 if durable else 1
+        try:
+            if level != self._sync_level:
+                self.conn.execute(f"PRAGMA synchronous = {level}")
+                self._sync_level = level
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise self._translate(exc) from exc
+        self._depth = 1
+        try:
+            yield self.conn
+        except BaseException:
+            self._depth = 0
+            self._after_commit.clear()
+            self.conn.execute("ROLLBACK")
+            raise
+        self._depth = 0
+        try:
+            self.conn.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            self._after_commit.clear()
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise self._translate(exc) from exc
+        callbacks, self._after_commit = self._after_commit, []
+        for callback in callbacks:
+            callback()
+
+    # -- experiments ---------------------------------------------------------------------
+
+    def create_experiment(self, name: str, spec: dict[str, Any],
+                          state: str = "RUNNING") -> Experiment:
+        """Create an experiment; NameTaken when the name is used."""
+        now = self.clock()
+        try:
+            with self.transaction() as c:
+                cur = c.execute(
+                    "INSERT INTO experiments (name, spec, state, created, updated) "
+                    "VALUES (?, ?, ?, ?, ?)", (name, _dumps(spec), state, now, now))
+        except sqlite3.IntegrityError:
+            raise NameTaken(f"an experiment named {name!r} exists already") from None
+        return self.experiment(cur.lastrowid)
+
+    def unique_name(self, base: str) -> str:
+        """`base`, or `base-2`, `base-3`, ... : the first name no experiment has."""
+        taken = {r[0] for r in self.conn.execute(
+            "SELECT name FROM experiments WHERE name = ? OR name LIKE ?", (base, base + "-%"))}
+        if base not in taken:
+            return base
+        n = 2
+        while f"{base}-{n}" in taken:
+            n += 1
+        return f"{base}-{n}"
+
+    def experiment(self, key: int | str) -> Experiment:
+        """The experiment with this id (int) or name (str); NotFound otherwise."""
+        column = "id" if isinstance(key, int) else "name"
+        row = self.conn.execute(
+            f"SELECT id, name, spec, state, created, updated "
+            f"FROM experiments WHERE {column} = ?", (key,)).fetchone()
+        if row is None:
+            raise NotFound(f"no experiment {key!r}")
+        return Experiment(row[0], row[1], json.loads(row[2]), row[3],
+                          self.searcher_state(row[0]), row[4], row[5])
+
+    def searcher_state(self, experiment_id: int) -> dict[str, Any] | None:
+        """The experiment's stored searcher state, or None before its first suggestion."""
+        rows = self.conn.execute(
+            "SELECT part, value FROM searcher_state WHERE experiment_id = ?", (experiment_id,))
+        state = {part: json.loads(value) for part, value in rows}
+        return state or None
+
+    def save_searcher_state(self, experiment_id: int, state: dict[str, Any]) -> None:
+        """Store a searcher's state dict, writing only the top-level parts that changed since
+        this store last wrote them (a large model is written when it learns, not per trial)."""
+        written = self._written_parts.setdefault(experiment_id, {})
+        changed = []
+        for part, value in state.items():
+            text = _dumps(value)
+            if written.get(part) != text:
+                changed.append((experiment_id, part, text))
+        if not changed:
+            return
+        with self.transaction() as c:
+            c.executemany("INSERT INTO searcher_state (experiment_id, part, value) "
+                          "VALUES (?, ?, ?) ON CONFLICT (experiment_id, part) "
+                          "DO UPDATE SET value = excluded.value", changed)
+            stale = set(written) - set(state)
+            c.executemany("DELETE FROM searcher_state WHERE experiment_id = ? AND part = ?",
+                          [(experiment_id, p) for p in stale])
+            # Remember what was written only once the outermost transaction commits.
+            self._after_commit.append(lambda: _remember(written, changed, stale))
+
+    def experiments(self) -> list[Experiment]:
+        ids = [r[0] for r in self.conn.execute("SELECT id FROM experiments ORDER BY id")]
+        return [self.experiment(i) for i in ids]
+
+    def update_spec(self, experiment_id: int, spec: dict[str, Any]) -> Experiment:
+        """Replace the experiment's stored spec (e.g. a larger budget on resume)."""
+        with self.transaction() as c:
+            c.execute("UPDATE experiments SET spec = ?, updated = ? WHERE id = ?",
+                      (_dumps(spec), self.clock(), experiment_id))
+        return self.experiment(experiment_id)
+
+    def set_experiment_state(self, experiment_id: int, state: str) -> None:
+        with self.transaction() as c:
+            c.execute("UPDATE experiments SET state = ?, updated = ? WHERE id = ?",
+                      (state, self.clock(), experiment_id))
+
+    # -- trials --------------------------------------------------------------------------
+
+    def add_trial(self, experiment_id: int, number: int, config: dict[str, Any],
+                  bracket: int, searcher_state: dict[str, Any] | None = None) -> int:
+        """Store a new PENDING trial and (when given) the searcher state that suggested it,
+        atomically. Callers grouping several steps in one transaction may save the state once
+        at its end instead (`save_searcher_state`)."""
+        now = self.clock()
+        with self.transaction() as c:
+            cur = c.execute(
+                "INSERT INTO trials (experiment_id, number, config, state, bracket, created) "
+                "VALUES (?, ?, ?, 'PENDING', ?, ?)",
+                (experiment_id, number, _dumps(config), bracket, now))
+            if searcher_state is not None:
+                self.save_searcher_state(experiment_id, searcher_state)
+        return cur.lastrowid
+
+    def claim_trial(self, trial_id: int, pid: int) -> bool:
+        """PENDING -> RUNNING with the process that runs it; False if it was not PENDING."""
+        with self.transaction() as c:
+            cur = c.execute(
+                "UPDATE trials SET state = 'RUNNING', pid = ?, started = ? "
+                "WHERE id = ? AND state = 'PENDING'", (pid, self.clock(), trial_id))
+        return cur.rowcount == 1
+
+    def requeue_trial(self, trial_id: int) -> bool:
+        """RUNNING -> PENDING for another attempt (counted); False if it was not RUNNING."""
+        with self.transaction() as c:
+            cur = c.execute(
+                "UPDATE trials SET state = 'PENDING', pid = NULL, attempt = attempt + 1 "
+                "WHERE id = ? AND state = 'RUNNING'", (trial_id,))
+        return cur.rowcount == 1
+
+    def finish_trial(self, trial_id: int, state: TrialState, error: str | None = None,
+                     experiment_id: int | None = None,
+                     searcher_state: dict[str, Any] | None = None) -> bool:
+        """End an unfinished trial in a finished `state`, with the searcher state that learnt
+        from it, atomically. False (and nothing written) if the trial had finished already."""
+        if not state.finished:
+            raise ValueError(f"{state} is not a finished state")
+        now = self.clock()
+        with self.transaction() as c:
+            cur = c.execute(
+                f"UPDATE trials SET state = ?, error = ?, ended = ?, pid = NULL "
+                f"WHERE id = ? AND state NOT IN {FINISHED_STATES}",
+                (state.value, error, now, trial_id))
+            if cur.rowcount == 1 and searcher_state is not None:
+                self.save_searcher_state(experiment_id, searcher_state)
+        return cur.rowcount == 1
+
+    def trial(self, trial_id: int) -> Trial:
+        row = self.conn.execute(f"SELECT {_TRIAL_COLUMNS} FROM trials WHERE id = ?",
+                                (trial_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no trial {trial_id}")
+        return _trial(row)
+
+    def trials(self, experiment_id: int, states: tuple[str, ...] | None = None) -> list[Trial]:
+        """The experiment's trials by number, optionally only those in `states`."""
+        sql = f"SELECT {_TRIAL_COLUMNS} FROM trials WHERE experiment_id = ?"
+        params: list[Any] = [experiment_id]
+        if states:
+            sql += f" AND state IN ({','.join('?' * len(states))})"
+            params += list(states)
+        return [_trial(r) for r in self.conn.execute(sql + " ORDER BY number", params)]
+
+    def count_trials(self, experiment_id: int) -> dict[str, int]:
+        """Trials by state, e.g. {'COMPLETED': 12, 'RUNNING': 2}."""
+        rows = self.conn.execute(
+            "SELECT state, COUNT(*) FROM trials WHERE experiment_id = ? GROUP BY state",
+            (experiment_id,))
+        return dict(rows.fetchall())
+
+    def best_trial(self, experiment_id: int) -> Trial | None:
+        """The trial with the highest score (its last report's reward, signed by mode);
+        ties go to the earliest trial. None when no trial has reported."""
+        row = self.conn.execute(
+            f"SELECT {_TRIAL_COLUMNS} FROM trials WHERE experiment_id = ? AND score IS NOT NULL "
+            f"ORDER BY score DESC, number ASC LIMIT 1", (experiment_id,)).fetchone()
+        return _trial(row) if row else None
+
+    # -- reports -------------------------------------------------------------------------
+
+    def stored_decision(self, trial_id: int, seq: int) -> str | None:
+        row = self.conn.execute("SELECT decision FROM reports WHERE trial_id = ? AND seq = ?",
+                                (trial_id, seq)).fetchone()
+        return row[0] if row else None
+
+    def record_report(self, trial_id: int, seq: int, time_value: float | None,
+                      reward: float | None, score: float | None, metrics_json: str,
+                      decision: Decision, rungs: tuple[RungEntry, ...] = (),
+                      experiment_id: int | None = None) -> str:
+        """Store a report with its decision and rung entries in one transaction.
+
+        Returns the decision now stored for `(trial_id, seq)`: the given one, or the one stored
+        before when this sequence number was seen already (nothing is written then).
+        """
+        now = self.clock()
+        with self.transaction() as c:
+            try:
+                c.execute("INSERT INTO reports (trial_id, seq, time_value, reward, metrics, "
+                          "decision, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                          (trial_id, seq, time_value, reward, metrics_json, decision.value, now))
+            except sqlite3.IntegrityError:
+                row = c.execute("SELECT decision FROM reports WHERE trial_id = ? AND seq = ?",
+                                (trial_id, seq)).fetchone()
+                if row is None:
+                    raise
+                return row[0]
+            c.execute("UPDATE trials SET last_seq = ?, last_time = ?, last_reward = ?, "
+                      "score = ? WHERE id = ? AND last_seq < ?",
+                      (seq, time_value, reward, score, trial_id, seq))
+            if rungs:
+                c.executemany(
+                    "INSERT INTO rungs (experiment_id, bracket, level, trial_id, score, decision)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    [(experiment_id, r.bracket, r.level, r.trial_id, r.score, r.decision.value)
+                     for r in rungs])
+        return decision.value
+
+    def reports(self, trial_id: int) -> list[Report]:
+        rows = self.conn.execute(
+            "SELECT trial_id, seq, time_value, reward, metrics, decision, created "
+            "FROM reports WHERE trial_id = ? ORDER BY seq", (trial_id,))
+        return [Report(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], r[6]) for r in rows]
+
+    def history(self, experiment_id: int) -> dict[int, list[dict[str, Any]]]:
+        """Trial number -> its reported metrics, in order, for every trial of the experiment
+        (trials without reports map to an empty list)."""
+        out: dict[int, list[dict[str, Any]]] = {
+            r[0]: [] for r in self.conn.execute(
+                "SELECT number FROM trials WHERE experiment_id = ? ORDER BY number",
+                (experiment_id,))}
+        rows = self.conn.execute(
+            "SELECT t.number, r.metrics FROM reports r JOIN trials t ON t.id = r.trial_id "
+            "WHERE t.experiment_id = ? ORDER BY t.number, r.seq", (experiment_id,))
+        for number, metrics in rows:
+            out[number].append(json.loads(metrics))
+        return out
+
+    def rungs(self, experiment_id: int) -> list[RungEntry]:
+        """The experiment's rung entries in the order they were stored."""
+        rows = self.conn.execute(
+            "SELECT bracket, level, trial_id, score, decision FROM rungs "
+            "WHERE experiment_id = ? ORDER BY id", (experiment_id,))
+        return [RungEntry(b, lv, t, s, Decision(d)) for b, lv, t, s, d in rows]
+
+
+def _remember(written: dict[str, str], changed: list[tuple[int, str, str]],
+              stale: set[str]) -> None:
+    written.update({part: text for _, part, text in changed})
+    for part in stale:
+        written.pop(part, None)
+
+
+_TRIAL_COLUMNS = ("id, experiment_id, number, config, state, bracket, attempt, pid, last_seq, "
+                  "last_time, last_reward, score, error, created, started, ended")
+
+
+def _trial(row: tuple) -> Trial:
+    values = list(row)
+    values[3] = json.loads(values[3])
+    return Trial(*values)

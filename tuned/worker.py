@@ -1,0 +1,50 @@
+"""What a trial process runs: the user's function with its arguments and a reporter.
+
+The exit code and the last message on the channel tell the engine how the trial ended:
+0 after ``{"op": "done"}`` (the function returned) or after a stop decision; 1 after
+``{"op": "error", "message": ...}`` (the function raised; the traceback is in the trial's
+log); 75 when the engine went away.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from tuned.args import Args
+from tuned.reporter import ChannelClosed, Reporter, TrialStopped
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_ENGINE_GONE = 75
+
+
+def seed_trial(seed: int) -> None:
+    """Give the trial its own reproducible random streams (a forked child would otherwise
+    share its parent's, and every trial would draw the same numbers)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+
+
+def run_trial(fn: Callable[[Args, Reporter], Any], args: Args, seed: int,
+              channel: socket.socket) -> int:
+    """Run `fn(args, reporter)` in this process; return the exit code described above."""
+    seed_trial(seed)
+    reporter = Reporter(channel)
+    try:
+        fn(args, reporter)
+    except TrialStopped:
+        return EXIT_OK
+    except ChannelClosed:
+        return EXIT_ENGINE_GONE
+    except BaseException as exc:
+        traceback.print_exc()
+        reporter.send_event(op="error", message=f"{type(exc).__name__}: {exc}")
+        return EXIT_ERROR
+    reporter.send_event(op="done")
+    return EXIT_OK
