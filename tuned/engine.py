@@ -32,7 +32,7 @@ from tuned.schedulers.base import FIFOScheduler, Outcome, TrialScheduler
 from tuned.searchers import Searcher, make_searcher
 from tuned.spec import ExperimentSpec
 from tuned.store import Experiment, Store, Trial
-from tuned.worker import run_trial
+from tuned.worker import make_runner
 
 log = logging.getLogger("tuned.engine")
 
@@ -87,7 +87,8 @@ class Engine:
         self.fn = fn
         self.log_dir = log_dir
         self.slots = max(1, slots)
-        self.executor = executor or LocalExecutor()
+        self.executor = executor or LocalExecutor(make_runner(fn, spec.constants),
+                                                  spares=self.slots)
         self.on_trial_end = on_trial_end
         self.clock = clock
         self.searcher: Searcher = make_searcher(spec.searcher, spec.space, seed=spec.seed,
@@ -115,11 +116,25 @@ class Engine:
         try:
             self._step([])
             while self.live:
-                self._step(self.executor.poll(self._poll_timeout()))
+                self._step(self._next_events())
         except BaseException:
             self._abandon()
             raise
+        finally:
+            self.executor.close_spares()
         self.store.set_experiment_state(self.experiment.id, "COMPLETED")
+
+    def _next_events(self) -> list[Message | Exited]:
+        """The next batch of events; while none is waiting, fork a spare trial process for
+        the next launch, so that launching costs no fork."""
+        if not (self.queue or self._may_create()) or self.executor.spare_count >= self.slots:
+            return self.executor.poll(self._poll_timeout())
+        events = self.executor.poll(0)
+        if events and self.executor.spare_count == 0:
+            self.executor.prefork()
+        while not events and self.executor.prefork():
+            events = self.executor.poll(0)
+        return events or self.executor.poll(self._poll_timeout())
 
     def _step(self, events: list[Message | Exited]) -> None:
         """Handle a batch of events and launch what the freed slots allow, in one transaction
@@ -135,7 +150,8 @@ class Engine:
             self._launch_ready()
             self._save_searcher()
         for trial_id, body in self._outbox:
-            self.executor.send(trial_id, body)
+            if not self.executor.send(trial_id, body) and trial_id in self.live:
+                self._fail(self.live[trial_id], "stopped reading its report channel")
 
     def _save_searcher(self) -> None:
         """Store the searcher's state if it changed, inside the caller's transaction, so that
@@ -184,15 +200,9 @@ class Engine:
         return self.store.trial(trial_id)
 
     def _launch(self, trial: Trial) -> None:
-        args = Args({**self.spec.constants, **trial.config})
-        seed = trial_seed(self.spec.seed, trial.number)
-        fn = self.fn
-
-        def target(channel: Any) -> int:
-            return run_trial(fn, args, seed, channel)
-
+        payload = {"config": trial.config, "seed": trial_seed(self.spec.seed, trial.number)}
         log_path = os.path.join(self.log_dir, f"trial-{trial.number}.log")
-        pid = self.executor.launch(trial.id, target, log_path)
+        pid = self.executor.launch(trial.id, payload, log_path)
         if not self.store.claim_trial(trial.id, pid):
             self.executor.kill(trial.id)
             raise RuntimeError(f"trial {trial.number} was claimed by someone else")

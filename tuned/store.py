@@ -24,6 +24,7 @@ Scores are rewards made "higher is better" (negated when the experiment's mode i
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sqlite3
@@ -191,7 +192,8 @@ class Store:
         self.clock = clock
         self._depth = 0
         self._sync_level = 2
-        self._written_parts: dict[int, dict[str, str]] = {}
+        # Per experiment, a copy of each searcher-state part as last written.
+        self._written_parts: dict[int, dict[str, Any]] = {}
         self._after_commit: list[Callable[[], None]] = []
         parent = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(parent, exist_ok=True)
@@ -344,16 +346,17 @@ class Store:
         written = self._written_parts.setdefault(experiment_id, {})
         changed = []
         for part, value in state.items():
-            text = _dumps(value)
-            if written.get(part) != text:
-                changed.append((experiment_id, part, text))
-        if not changed:
+            if part in written and written[part] == value:
+                continue
+            changed.append((experiment_id, part, _dumps(value), copy.deepcopy(value)))
+        stale = set(written) - set(state)
+        if not changed and not stale:
             return
         with self.transaction() as c:
             c.executemany("INSERT INTO searcher_state (experiment_id, part, value) "
                           "VALUES (?, ?, ?) ON CONFLICT (experiment_id, part) "
-                          "DO UPDATE SET value = excluded.value", changed)
-            stale = set(written) - set(state)
+                          "DO UPDATE SET value = excluded.value",
+                          [row[:3] for row in changed])
             c.executemany("DELETE FROM searcher_state WHERE experiment_id = ? AND part = ?",
                           [(experiment_id, p) for p in stale])
             # Remember what was written only once the outermost transaction commits.
@@ -523,9 +526,9 @@ class Store:
         return [RungEntry(b, lv, t, s, Decision(d)) for b, lv, t, s, d in rows]
 
 
-def _remember(written: dict[str, str], changed: list[tuple[int, str, str]],
+def _remember(written: dict[str, Any], changed: list[tuple[int, str, str, Any]],
               stale: set[str]) -> None:
-    written.update({part: text for _, part, text in changed})
+    written.update({part: value for _, part, _, value in changed})
     for part in stale:
         written.pop(part, None)
 

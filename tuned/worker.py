@@ -48,3 +48,15 @@ def run_trial(fn: Callable[[Args, Reporter], Any], args: Args, seed: int,
         return EXIT_ERROR
     reporter.send_event(op="done")
     return EXIT_OK
+
+
+def make_runner(fn: Callable[[Args, Reporter], Any],
+                constants: dict[str, Any]) -> Callable[[dict[str, Any], socket.socket], int]:
+    """The executor's runner for `fn`: a payload ``{"config": ..., "seed": ...}`` becomes
+    ``fn(Args(constants + config), reporter)``."""
+
+    def runner(payload: dict[str, Any], channel: socket.socket) -> int:
+        args = Args({**constants, **payload["config"]})
+        return run_trial(fn, args, payload["seed"], channel)
+
+    return runner

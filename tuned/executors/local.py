@@ -60,31 +60,63 @@ class _Child:
 
 
 class LocalExecutor:
-    """Runs trial targets in forked children and turns their messages and exits into events.
+    """Runs trials in forked children and turns their messages and exits into events.
+
+    `runner(payload, channel)` is what every trial process runs (the engine's training
+    function, fixed for the executor's life); `launch` hands a trial its JSON `payload`.
+    To keep launches cheap, the executor keeps `spares` children forked ahead of time
+    (`prefork`, called when the engine is idle): each spare has already become a session
+    leader and waits on its channel; `launch` only sends it the payload and its log path.
+    Without a spare, `launch` forks one on the spot.
 
     `kill_with_parent`: children get SIGKILL when the engine's process dies (the in-process
     API, where nobody could ever collect their results); the daemon turns it off so that its
     trials outlive a restart and are adopted.
     """
 
-    def __init__(self, kill_with_parent: bool = True,
+    def __init__(self, runner: Callable[[dict[str, Any], socket.socket], int],
+                 kill_with_parent: bool = True, spares: int = 1,
                  clock: Callable[[], float] = time.monotonic):
+        self.runner = runner
         self.kill_with_parent = kill_with_parent
+        self.spares = spares
         self.clock = clock
         self._sel = selectors.DefaultSelector()
         self._children: dict[int, _Child] = {}
+        self._spare: list[_Child] = []
         self._libc = ctypes.CDLL(None, use_errno=True) if kill_with_parent else None
 
     # -- launching -----------------------------------------------------------------------
 
-    def launch(self, trial_id: int, target: Callable[[socket.socket], int],
-               log_path: str) -> int:
-        """Fork a child that runs `target(channel)` and exits with its return value.
+    def launch(self, trial_id: int, payload: dict[str, Any], log_path: str) -> int:
+        """Start trial `trial_id`: a spare (or a fresh fork) runs `runner(payload, channel)`
+        with stdout and stderr appended to `log_path`, and exits with its return value.
 
-        Returns the child's pid. The child's stdout and stderr append to `log_path`.
+        Returns the trial's pid.
         """
+        child = self._spare.pop() if self._spare else self._fork()
+        child.trial_id = trial_id
+        self._children[trial_id] = child
+        self._sel.register(child.sock, selectors.EVENT_READ, ("msg", child))
+        if child.pidfd is not None:
+            self._sel.register(child.pidfd, selectors.EVENT_READ, ("exit", child))
+        if not self.send(trial_id, {"payload": payload, "log": log_path}):
+            self.kill(trial_id)
+        return child.pid
+
+    @property
+    def spare_count(self) -> int:
+        return len(self._spare)
+
+    def prefork(self) -> bool:
+        """Fork one spare if fewer than `spares` wait; True if it forked."""
+        if len(self._spare) >= self.spares:
+            return False
+        self._spare.append(self._fork())
+        return True
+
+    def _fork(self) -> _Child:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
         sys.stdout.flush()
         sys.stderr.flush()
         parent_pid = os.getpid()
@@ -93,8 +125,11 @@ class LocalExecutor:
             code = 70
             try:
                 parent_end.close()
-                self._become_trial(log_fd, parent_pid)
-                code = target(child_end)
+                self._become_spare(parent_pid)
+                order = _read_order(child_end)
+                if order is not None:
+                    _redirect_output(order["log"])
+                    code = self.runner(order["payload"], child_end)
             except BaseException:
                 import traceback
 
@@ -105,37 +140,23 @@ class LocalExecutor:
                     sys.stderr.flush()
                 finally:
                     os._exit(code if isinstance(code, int) else 1)
-        os.close(log_fd)
         child_end.close()
+        # Never blocks: an answer that does not fit in the socket buffer means the trial
+        # stopped reading, and `send` says so rather than stall the engine.
         parent_end.setblocking(False)
-        pidfd = self._pidfd(pid)
-        child = _Child(trial_id, pid, parent_end, pidfd)
-        self._children[trial_id] = child
-        self._sel.register(parent_end, selectors.EVENT_READ, ("msg", child))
-        if pidfd is not None:
-            self._sel.register(pidfd, selectors.EVENT_READ, ("exit", child))
-        return pid
+        return _Child(-1, pid, parent_end, self._pidfd(pid))
 
-    def _become_trial(self, log_fd: int, parent_pid: int) -> None:
-        """In the child: own session, logs, no descriptors of other trials."""
+    def _become_spare(self, parent_pid: int) -> None:
+        """In the child: own session, no descriptors of other trials, default signals."""
         os.setsid()
-        for other in self._children.values():
+        for other in [*self._children.values(), *self._spare]:
             other.sock.close()
             if other.pidfd is not None:
                 os.close(other.pidfd)
         self._sel = None
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(devnull, 0)
-        os.close(devnull)
-        os.dup2(log_fd, 1)
-        os.dup2(log_fd, 2)
-        os.close(log_fd)
-        # The parent's sys.stdout may not be fd 1 (pytest, Jupyter): write to the log anyway.
-        sys.stdout = sys.__stdout__ = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
-        sys.stderr = sys.__stderr__ = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
-        faulthandler.enable(file=sys.stderr)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
+        _prepare_output()
         if self._libc is not None:
             self._libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
             if os.getppid() != parent_pid:
@@ -161,20 +182,20 @@ class LocalExecutor:
         return self._children[trial_id].pid
 
     def send(self, trial_id: int, body: dict[str, Any]) -> bool:
-        """Send one JSON line to the trial; False when its channel is gone."""
+        """Send one JSON line to the trial without blocking. False only when its channel is
+        full (the trial stopped reading its answers); a trial already gone is not an error
+        here, its exit tells the rest."""
         child = self._children.get(trial_id)
         if child is None or not child.sock_open:
-            return False
+            return True
         data = (json.dumps(body, separators=(",", ":")) + "\n").encode()
         try:
-            child.sock.setblocking(True)
-            child.sock.settimeout(5.0)
-            child.sock.sendall(data)
-        except OSError:
+            sent = child.sock.send(data)
+        except BlockingIOError:
             return False
-        finally:
-            child.sock.setblocking(False)
-        return True
+        except OSError:
+            return True
+        return sent == len(data)
 
     def stop(self, trial_id: int, grace: float = 5.0) -> None:
         """SIGTERM to the trial's process group now, SIGKILL to it after `grace` seconds."""
@@ -191,6 +212,15 @@ class LocalExecutor:
         if child is not None:
             self._signal_group(child, signal.SIGKILL)
 
+    def close_spares(self) -> None:
+        """End the spares: closing its channel tells a spare to exit; reap it."""
+        while self._spare:
+            child = self._spare.pop()
+            child.sock.close()
+            if child.pidfd is not None:
+                os.close(child.pidfd)
+            os.waitpid(child.pid, 0)
+
     @staticmethod
     def _signal_group(child: _Child, sig: int) -> None:
         try:
@@ -199,7 +229,8 @@ class LocalExecutor:
             pass
 
     def shutdown(self, grace: float = 2.0) -> list[Exited]:
-        """Stop every trial (TERM, then KILL after `grace`) and reap them all."""
+        """Stop every trial (TERM, then KILL after `grace`) and reap them all, spares too."""
+        self.close_spares()
         for trial_id in list(self._children):
             self.stop(trial_id, grace)
         exits: list[Exited] = []
@@ -303,3 +334,34 @@ def _parse(trial_id: int, line: bytes) -> Message:
     if not isinstance(body, dict):
         return Message(trial_id, None, f"not a JSON object: {line[:80]!r}")
     return Message(trial_id, body)
+
+
+def _read_order(sock: socket.socket) -> dict[str, Any] | None:
+    """In a spare: block until the engine sends the trial's order line; None if it left."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            return None
+        data += chunk
+    return json.loads(data)
+
+
+def _prepare_output() -> None:
+    """In a spare: stdin from /dev/null; sys.stdout, sys.stderr and faulthandler bound to
+    fds 1 and 2, which `_redirect_output` points at the trial's log later. (The parent's
+    sys.stdout may not be fd 1 at all: pytest, Jupyter.)"""
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    sys.stdout = sys.__stdout__ = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+    sys.stderr = sys.__stderr__ = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    faulthandler.enable(file=sys.stderr)
+
+
+def _redirect_output(log_path: str) -> None:
+    """In a trial: stdout and stderr appended to the trial's log."""
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)

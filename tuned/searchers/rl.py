@@ -25,7 +25,8 @@ recomputed under the current weights. The baseline is AutoGluon's: the first sco
 batch, then ``baseline = decay * baseline + (1 - decay) * score`` for every score of a batch,
 after the batch's advantages are taken. Scores are not normalised: Adam's per-coordinate
 normalisation already makes a step's size (about `controller_lr` per weight) independent of the
-reward scale, so `controller_lr` means what it meant to AutoGluon's controller.
+reward scale. (AutoGluon's trainer ran Adam at ``controller_lr * controller_batch_size`` on the
+summed loss; here the step size is `controller_lr` itself, whatever the batch size.)
 
 Failed trials (score None) and non-finite scores are dropped from learning, as are results for
 trials this searcher did not suggest (or already learned from).
@@ -259,6 +260,8 @@ class RLSearcher(Searcher):
         self.adam_m = {k: np.zeros_like(p) for k, p in self.params.items()}
         self.adam_v = {k: np.zeros_like(p) for k, p in self.params.items()}
         self.adam_step = 0
+        # Encoded weights and moments, reused until the next learning step changes them.
+        self._encoded: tuple[int, dict[str, Any]] | None = None
         self.baseline: float | None = None
         self.pending: dict[int, list[int]] = {}
         self.batch: list[tuple[list[int], float]] = []
@@ -329,11 +332,15 @@ class RLSearcher(Searcher):
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable state; loading it into a searcher built alike restores it exactly."""
         state = super().state_dict()
+        if self._encoded is None or self._encoded[0] != self.adam_step:
+            self._encoded = (self.adam_step, {
+                "params": _encode_all(self.params),
+                "adam_m": _encode_all(self.adam_m),
+                "adam_v": _encode_all(self.adam_v),
+            })
         state.update({
             "options": self._options(),
-            "params": _encode_all(self.params),
-            "adam_m": _encode_all(self.adam_m),
-            "adam_v": _encode_all(self.adam_v),
+            **self._encoded[1],
             "adam_step": self.adam_step,
             "baseline": self.baseline,
             "pending": [[tid, acts] for tid, acts in self.pending.items()],
@@ -352,10 +359,15 @@ class RLSearcher(Searcher):
         params = _decode_all(state.get("params"), self.params, "weights")
         adam_m = _decode_all(state.get("adam_m"), self.params, "Adam moments")
         adam_v = _decode_all(state.get("adam_v"), self.params, "Adam moments")
+        try:
+            adam_step = int(state["adam_step"])
+            baseline = None if state["baseline"] is None else float(state["baseline"])
+            pending = {int(tid): [int(a) for a in acts] for tid, acts in state["pending"]}
+            batch = [([int(a) for a in acts], float(score)) for acts, score in state["batch"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SearcherStateError(f"rl state is corrupt: {exc!r}") from None
         super().load_state_dict(state)
         self.params, self.adam_m, self.adam_v = params, adam_m, adam_v
-        self.adam_step = int(state["adam_step"])
-        baseline = state["baseline"]
-        self.baseline = None if baseline is None else float(baseline)
-        self.pending = {tid: list(acts) for tid, acts in state["pending"]}
-        self.batch = [(list(acts), float(score)) for acts, score in state["batch"]]
+        self.adam_step, self.baseline = adam_step, baseline
+        self._encoded = None
+        self.pending, self.batch = pending, batch
