@@ -7,6 +7,7 @@ import os
 import signal
 import sqlite3
 import time
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -241,3 +242,43 @@ def test_training_curves_png(tmp_path):
     out = tmp_path / "curves.png"
     s.get_training_curves(filename=str(out), use_legend=True)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gpus_are_handed_out_one_trial_at_a_time(tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNED_FAKE_GPUS", "GPU-a,GPU-b,GPU-c")
+
+    @ag.args(x=ag.space.Int(0, 100))
+    def fn(args, reporter):
+        time.sleep(0.05)
+        reporter(accuracy=1.0, cuda=os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+                 start=time.time(), end=time.time() + 0.05)
+        time.sleep(0.05)
+
+    s = _sched(ag.scheduler.FIFOScheduler, fn, tmp_path, num_trials=6, time_attr=None,
+               resource={"num_cpus": 1, "num_gpus": 2})
+    s.run()
+    reports = [h[0] for h in s.training_history.values()]
+    assert all(len(r["cuda"].split(",")) == 2 for r in reports)
+    assert all(set(r["cuda"].split(",")) <= {"GPU-a", "GPU-b", "GPU-c"} for r in reports)
+    # Only one trial can hold 2 of the 3 GPUs at a time: their intervals never overlap.
+    spans = sorted((r["start"], r["end"]) for r in reports)
+    assert all(a_end <= b_start for (_, a_end), (b_start, _) in pairwise(spans))
+
+
+def test_more_gpus_than_the_machine_has_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNED_FAKE_GPUS", "1")
+    with pytest.raises(ValueError, match="num_gpus=2 per trial, but 1 GPU"):
+        _sched(ag.scheduler.FIFOScheduler, tutorial_fn, tmp_path, num_trials=1,
+               resource={"num_cpus": 1, "num_gpus": 2})
+
+
+def test_constants_that_json_cannot_hold_reach_the_trials(tmp_path):
+    @ag.args(x=ag.space.Int(0, 3), data=np.arange(4), epochs=2)
+    def fn(args, reporter):
+        reporter(epoch=1, accuracy=float(args.data.sum()) + args.x + args.epochs)
+
+    s = _sched(ag.scheduler.FIFOScheduler, fn, tmp_path, num_trials=2)
+    s.run()
+    assert [h[0]["accuracy"] - 8 for h in s.training_history.values()] == [
+        t.config["x"] for t in s.trials()]
+    assert s.experiment.spec["constants"]["data"] == {"repr": "array([0, 1, 2, 3])"}

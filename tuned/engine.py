@@ -22,12 +22,13 @@ import time
 import zlib
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tuned.args import Args
 from tuned.decisions import Decision, TrialState
 from tuned.executors.local import Exited, LocalExecutor, Message
+from tuned.gpus import GPUPool, discover_gpus
 from tuned.schedulers.base import FIFOScheduler, Outcome, TrialScheduler
 from tuned.searchers import Searcher, make_searcher
 from tuned.spec import ExperimentSpec
@@ -67,6 +68,7 @@ class _Live:
     done: bool = False
     error: str | None = None
     failure: str | None = None
+    gpus: list[str] = field(default_factory=list)
 
 
 class Engine:
@@ -74,12 +76,15 @@ class Engine:
 
     `fn(args, reporter)` is the training function; `slots` how many trials run at once.
     `on_trial_end(trial_number, state)` is called after each trial's end is stored.
+    `constants` (default: the spec's) are the arguments every trial gets besides its config;
+    the in-process API passes the live objects, which JSON may not be able to hold.
     """
 
     def __init__(self, store: Store, experiment: Experiment, spec: ExperimentSpec,
                  fn: Callable[[Args, Any], Any], log_dir: str, slots: int,
                  executor: LocalExecutor | None = None,
                  on_trial_end: Callable[[int, str], None] | None = None,
+                 constants: dict[str, Any] | None = None,
                  clock: Callable[[], float] = time.monotonic):
         self.store = store
         self.experiment = experiment
@@ -87,7 +92,8 @@ class Engine:
         self.fn = fn
         self.log_dir = log_dir
         self.slots = max(1, slots)
-        self.executor = executor or LocalExecutor(make_runner(fn, spec.constants),
+        constants = spec.constants if constants is None else constants
+        self.executor = executor or LocalExecutor(make_runner(fn, constants),
                                                   spares=self.slots)
         self.on_trial_end = on_trial_end
         self.clock = clock
@@ -102,6 +108,7 @@ class Engine:
         self.created = len(store.trials(experiment.id))
         self.exhausted = False
         self.deadline: float | None = None
+        self.gpus = GPUPool(g.uuid for g in discover_gpus()) if spec.num_gpus else None
         self._searcher_dirty = False
         self._outbox: list[tuple[int, dict[str, Any]]] = []
         os.makedirs(log_dir, exist_ok=True)
@@ -176,7 +183,7 @@ class Engine:
         return self.deadline is None or self.clock() < self.deadline
 
     def _launch_ready(self) -> None:
-        while len(self.live) < self.slots:
+        while len(self.live) < self.slots and self._gpus_free():
             if self.queue:
                 self._launch(self.queue.popleft())
             elif self._may_create():
@@ -186,6 +193,9 @@ class Engine:
                 self._launch(trial)
             else:
                 return
+
+    def _gpus_free(self) -> bool:
+        return self.gpus is None or len(self.gpus.free) >= self.spec.num_gpus
 
     def _create(self) -> Trial | None:
         number = self.created
@@ -200,13 +210,17 @@ class Engine:
         return self.store.trial(trial_id)
 
     def _launch(self, trial: Trial) -> None:
-        payload = {"config": trial.config, "seed": trial_seed(self.spec.seed, trial.number)}
+        payload = {"config": trial.config, "seed": trial_seed(self.spec.seed, trial.number),
+                   "env": {}}
+        gpus = self.gpus.take(self.spec.num_gpus) if self.gpus is not None else []
+        if gpus:
+            payload["env"]["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
         log_path = os.path.join(self.log_dir, f"trial-{trial.number}.log")
         pid = self.executor.launch(trial.id, payload, log_path)
         if not self.store.claim_trial(trial.id, pid):
             self.executor.kill(trial.id)
             raise RuntimeError(f"trial {trial.number} was claimed by someone else")
-        self.live[trial.id] = _Live(trial, last_seq=trial.last_seq)
+        self.live[trial.id] = _Live(trial, last_seq=trial.last_seq, gpus=gpus)
 
     # -- events --------------------------------------------------------------------------
 
@@ -270,6 +284,8 @@ class Engine:
     def _finish(self, live: _Live, code: int) -> None:
         trial = live.trial
         del self.live[trial.id]
+        if self.gpus is not None:
+            self.gpus.give(live.gpus)
         state, error = self._verdict(live, code)
         if state is TrialState.FAILED and trial.attempt <= self.spec.max_retries:
             log.warning("trial %d failed (%s); retrying", trial.number, error)

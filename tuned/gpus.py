@@ -1,8 +1,14 @@
-"""GPUs found with NVML (pynvml). No NVML library or no GPU means CPU only, never an error."""
+"""GPUs found with NVML (pynvml). No NVML library or no GPU means CPU only, never an error.
+
+Tests and machines without GPUs can describe fake ones in ``TUNED_FAKE_GPUS``: a count
+(``"2"``) or comma-separated UUIDs (``"GPU-a,GPU-b"``); NVML is then not asked.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 log = logging.getLogger("tuned.gpus")
@@ -17,7 +23,11 @@ class GPU:
 
 
 def discover_gpus() -> list[GPU]:
-    """The GPUs NVML sees, or [] (with one log line saying why) when it sees none."""
+    """The GPUs NVML sees (or `TUNED_FAKE_GPUS` describes), or [] with one log line saying
+    why when there are none."""
+    fake = os.environ.get("TUNED_FAKE_GPUS")
+    if fake is not None:
+        return fake_gpus(fake)
     try:
         import pynvml
 
@@ -46,3 +56,40 @@ def discover_gpus() -> list[GPU]:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def fake_gpus(description: str) -> list[GPU]:
+    """GPUs from a `TUNED_FAKE_GPUS` value; ValueError saying what is wrong with it."""
+    description = description.strip()
+    if not description:
+        return []
+    if description.isdigit():
+        uuids = [f"GPU-fake-{i}" for i in range(int(description))]
+    else:
+        uuids = [u.strip() for u in description.split(",")]
+        if any(not u for u in uuids) or len(set(uuids)) != len(uuids):
+            raise ValueError(f"TUNED_FAKE_GPUS: expected a count or distinct comma-separated "
+                             f"UUIDs, got {description!r}")
+    return [GPU(i, u, "fake GPU", 16 << 30) for i, u in enumerate(uuids)]
+
+
+class GPUPool:
+    """Which GPUs are free. `take(k)` gives k UUIDs (lowest index first) or None when fewer
+    are free; `give` returns them. A GPU is never handed out twice at once."""
+
+    def __init__(self, uuids: Iterable[str]):
+        self.order = list(uuids)
+        self.free = list(self.order)
+
+    def take(self, k: int) -> list[str] | None:
+        if k > len(self.free):
+            return None
+        taken, self.free = self.free[:k], self.free[k:]
+        return taken
+
+    def give(self, uuids: Iterable[str]) -> None:
+        for uuid in uuids:
+            if uuid in self.free or uuid not in self.order:
+                raise ValueError(f"GPU {uuid} was not handed out")
+            self.free.append(uuid)
+        self.free.sort(key=self.order.index)

@@ -13,6 +13,7 @@ continues the last experiment of the same name where it stopped.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -72,7 +73,7 @@ class FIFOScheduler:
         spec_data = {
             "name": name or getattr(train_fn, "__name__", "experiment"),
             "space": space,
-            "constants": dict(getattr(train_fn, "constants", {})),
+            "constants": json_safe(getattr(train_fn, "constants", {})),
             "searcher": searcher,
             "searcher_options": dict(search_options or {}),
             "scheduler": self._scheduler,
@@ -123,7 +124,7 @@ class FIFOScheduler:
         spec = self.spec.to_dict()
         if resume:
             try:
-                experiment = self.store.experiment(self._latest_name(spec["name"]))
+                experiment = self.store.experiment(self._latest_name(spec))
             except NotFound:
                 log.info("nothing to resume in %s; starting %s", self.checkpoint, spec["name"])
             else:
@@ -133,9 +134,14 @@ class FIFOScheduler:
         spec["name"] = self.store.unique_name(spec["name"])
         return self.store.create_experiment(spec["name"], spec)
 
-    def _latest_name(self, base: str) -> str:
+    def _latest_name(self, spec: dict[str, Any]) -> str:
+        """The newest experiment of this name (or its -2, -3, ... variants) run by the same
+        scheduler and searcher."""
+        base = spec["name"]
         names = [e.name for e in self.store.experiments()
-                 if e.name == base or e.name.startswith(base + "-")]
+                 if (e.name == base or e.name.startswith(base + "-"))
+                 and e.spec.get("scheduler") == spec["scheduler"]
+                 and e.spec.get("searcher") == spec["searcher"]]
         if not names:
             raise NotFound(base)
         return names[-1]
@@ -165,6 +171,7 @@ class FIFOScheduler:
         with progress_bar(self.spec.num_trials, done) as bar:
             self._engine = Engine(self.store, self.experiment, self.spec, self.train_fn,
                                   self.log_dir, self.slots,
+                                  constants=getattr(self.train_fn, "constants", {}),
                                   on_trial_end=lambda number, state: bar.update(1))
             self._engine.run()
 
@@ -212,6 +219,19 @@ class FIFOScheduler:
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(experiment={self.experiment.name!r}, "
                 f"checkpoint={self.checkpoint!r})")
+
+
+def json_safe(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` with each value that JSON cannot hold replaced by its repr, for the record
+    (trials get the live objects: they are forked from this process)."""
+    out = {}
+    for key, value in values.items():
+        try:
+            json.dumps(value, allow_nan=False)
+            out[key] = value
+        except (TypeError, ValueError):
+            out[key] = {"repr": repr(value)[:200]}
+    return out
 
 
 def _infer_max_t(train_fn: Callable, max_t: int | None) -> int:

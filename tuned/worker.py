@@ -8,6 +8,7 @@ log); 75 when the engine went away.
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 import traceback
@@ -52,10 +53,11 @@ def run_trial(fn: Callable[[Args, Reporter], Any], args: Args, seed: int,
 
 def make_runner(fn: Callable[[Args, Reporter], Any],
                 constants: dict[str, Any]) -> Callable[[dict[str, Any], socket.socket], int]:
-    """The executor's runner for `fn`: a payload ``{"config": ..., "seed": ...}`` becomes
-    ``fn(Args(constants + config), reporter)``."""
+    """The executor's runner for `fn`: a payload ``{"config": ..., "seed": ..., "env": ...}``
+    becomes ``fn(Args(constants + config), reporter)`` with `env` added to os.environ."""
 
     def runner(payload: dict[str, Any], channel: socket.socket) -> int:
+        os.environ.update(payload.get("env", {}))
         args = Args({**constants, **payload["config"]})
         return run_trial(fn, args, payload["seed"], channel)
 
