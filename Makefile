@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(PY) examples/search_algorithms.py --out demo-output
+	@echo; echo "== the experiments in demo-output/tuned-runs/tuned.db"
+	$(VENV)/bin/tuned experiments --db demo-output/tuned-runs/tuned.db
 
 test: $(STAMP)
 	$(PY) -m ruff check tuned tests examples benchmarks
