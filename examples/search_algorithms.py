@@ -131,6 +131,7 @@ rl_scheduler.run()
 rl_scheduler.join_jobs()
 print('Best config: {}, best reward: {}'.format(rl_scheduler.get_best_config(), rl_scheduler.get_best_reward()))  # noqa: E501
 
+section("Compare")
 results_rl = [v[0]['accuracy'] for v in rl_scheduler.training_history.values()]
 results_random = [v[0]['accuracy'] for v in random_scheduler.training_history.values()]
 

@@ -28,7 +28,7 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Machine-read
 
 def _open(db: str) -> Store:
     try:
-        return Store(db)
+        return Store(db, preallocate=False)
     except StoreError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_ERROR)

@@ -40,6 +40,9 @@ from tuned.decisions import FINISHED_STATES, Decision, TrialState
 from tuned.schedulers.base import RungEntry
 
 SCHEMA_VERSION = 1
+# Bytes of WAL written once when a store is opened; about the WAL's size between automatic
+# checkpoints (1000 pages).
+WAL_PREALLOCATE = 4 << 20
 
 
 class StoreError(RuntimeError):
@@ -187,7 +190,7 @@ class Store:
     """A tuned database. See the module docstring for the contract."""
 
     def __init__(self, path: str | os.PathLike, timeout: float = 10.0,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, preallocate: bool = True):
         self.path = os.fspath(path)
         self.clock = clock
         self._depth = 0
@@ -203,6 +206,8 @@ class Store:
             self.db = sqlite_utils.Database(self.conn)
             self._configure()
             self._migrate()
+            if preallocate:
+                self._preallocate_wal()
         except sqlite3.DatabaseError as exc:
             self._close_quietly()
             raise self._translate(exc) from exc
@@ -234,6 +239,28 @@ class Store:
             with self.transaction():
                 MIGRATIONS[step](self.db)
                 self.conn.execute(f"PRAGMA user_version = {step}")
+
+    def _set_synchronous(self, level: int) -> None:
+        if level != self._sync_level:
+            self.conn.execute(f"PRAGMA synchronous = {level}")
+            self._sync_level = level
+
+    def _preallocate_wal(self) -> None:
+        """Grow the WAL file to its working size once, so that later commits overwrite it
+        instead of appending: on ext4 an fdatasync that changes the file's size also commits
+        the file system's journal (about 0.4 ms here against 0.26 ms without)."""
+        wal = self.path + "-wal"
+        if os.path.exists(wal) and os.path.getsize(wal) >= WAL_PREALLOCATE:
+            return
+        blob = b"\0" * 3000  # smaller than a page, so each row sits on a page of its own
+        with self.transaction(durable=False) as c:
+            c.execute("CREATE TABLE IF NOT EXISTS _wal_preallocation (b BLOB)")
+            c.executemany("INSERT INTO _wal_preallocation VALUES (?)",
+                          [(blob,)] * (WAL_PREALLOCATE // 4096))
+        with self.transaction(durable=False) as c:
+            c.execute("DROP TABLE _wal_preallocation")
+        self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        self._set_synchronous(2)
 
     def schema_version(self) -> int:
         return self.conn.execute("PRAGMA user_version").fetchone()[0]
@@ -268,11 +295,8 @@ class Store:
             finally:
                 self._depth -= 1
             return
-        level = 2 if durable else 1
         try:
-            if level != self._sync_level:
-                self.conn.execute(f"PRAGMA synchronous = {level}")
-                self._sync_level = level
+            self._set_synchronous(2 if durable else 1)
             self.conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
             raise self._translate(exc) from exc
