@@ -148,11 +148,13 @@ def test_locked_database_times_out_with_a_clear_error(tmp_path):
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        store = Store(path, timeout=0.3)
         start = time.monotonic()
-        with pytest.raises(StoreLocked, match="locked"):
-            store.create_experiment("e", {})
+        with pytest.raises(StoreLocked, match="locked by another process"):
+            Store(path, timeout=0.3).create_experiment("e", {})
         assert time.monotonic() - start < 5
+        store = Store(path, timeout=0.3, preallocate=False)
+        with pytest.raises(StoreLocked, match="locked by another process"):
+            store.create_experiment("e", {})
     finally:
         holder.kill()
         holder.wait()
