@@ -118,3 +118,21 @@ def test_one_slot_run_killed_three_times_equals_a_run_never_killed(tmp_path, kin
     out = _run_to_end(db, kind, trials, 1, True)
     assert _snapshot(db) == _snapshot(reference)
     assert out == _run_to_end(tmp_path / "again.db", kind, trials, 1, False)
+
+
+def test_ctrl_c_leaves_no_trial_running_and_resume_finishes_cleanly(tmp_path):
+    db = tmp_path / "int.db"
+    proc = _start(db, "hyperband", 60, 2, False, 0.02)
+    deadline = time.monotonic() + 60
+    while _finished(db) < 10:
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode != 0 and "KeyboardInterrupt" in err
+    with sqlite3.connect(db) as c:
+        assert c.execute("SELECT COUNT(*) FROM trials WHERE state = 'RUNNING'").fetchone()[0] == 0
+    _no_trial_processes_left(db)
+    _run_to_end(db, "hyperband", 60, 2, True)
+    states = {v[1] for v in _snapshot(db).values()}
+    assert states <= {"COMPLETED", "STOPPED"} and len(_snapshot(db)) == 60

@@ -29,6 +29,7 @@ from tuned.args import Args
 from tuned.decisions import Decision, TrialState
 from tuned.executors.local import Exited, LocalExecutor, Message
 from tuned.gpus import GPUPool, discover_gpus
+from tuned.interrupts import sigint_guard
 from tuned.schedulers.base import FIFOScheduler, Outcome, TrialScheduler
 from tuned.searchers import Searcher, make_searcher
 from tuned.spec import ExperimentSpec
@@ -121,9 +122,12 @@ class Engine:
         if self.spec.time_out is not None:
             self.deadline = self.clock() + self.spec.time_out
         try:
-            self._step([])
-            while self.live:
-                self._step(self._next_events())
+            with sigint_guard() as interrupt:
+                self._step([])
+                while self.live:
+                    events = self._next_events()
+                    interrupt.check()
+                    self._step(events)
         except BaseException:
             self._abandon()
             raise
@@ -258,6 +262,12 @@ class Engine:
         if seq <= live.last_seq:
             stored = self.store.stored_decision(trial.id, seq)
             if stored is not None:
+                # A rerun trial resending a stored report: the stored decision, once more.
+                if stored != Decision.CONTINUE.value:
+                    state = self._stopped_state(_time_value(metrics or {}, self.spec.time_attr,
+                                                            seq))
+                    live.stop = Outcome(Decision(stored),
+                                        completed=state is TrialState.COMPLETED)
                 self._answer(trial.id, {"seq": seq, "decision": stored})
                 return None
         if seq != live.last_seq + 1:
@@ -333,21 +343,22 @@ class Engine:
 
     def _recover(self) -> None:
         for trial in self.store.trials(self.experiment.id, ("RUNNING", "PENDING")):
-            if trial.state == "PENDING":
-                self.queue.append(trial)
-                continue
             stored = self.store.stored_decision(trial.id, trial.last_seq)
             if stored is not None and stored != Decision.CONTINUE.value:
-                completed = self._budget_used(trial.last_time)
-                state = TrialState.COMPLETED if completed else TrialState.STOPPED
-                self._end(trial, state, None, trial.score)
+                self._end(trial, self._stopped_state(trial.last_time), None, trial.score)
+            elif trial.state == "PENDING":
+                self.queue.append(trial)
             elif self.store.requeue_trial(trial.id):
                 log.info("trial %d was interrupted; it runs again", trial.number)
                 self.queue.append(self.store.trial(trial.id))
 
-    def _budget_used(self, time_value: float | None) -> bool:
+    def _stopped_state(self, time_value: float | None) -> TrialState:
+        """How a trial told to stop at `time_value` ended: COMPLETED if it had used its whole
+        budget (max_t), else STOPPED."""
         max_t = getattr(self.scheduler, "max_t", None)
-        return max_t is not None and time_value is not None and time_value >= max_t
+        if max_t is not None and time_value is not None and time_value >= max_t:
+            return TrialState.COMPLETED
+        return TrialState.STOPPED
 
     def _abandon(self) -> None:
         """On an interruption (Ctrl-C, an error in the engine): stop every trial and put it
