@@ -119,45 +119,29 @@ def _dumps(value: Any) -> str:
 
 
 def _v1(db: sqlite_utils.Database) -> None:
-    """The first schema: experiments, trials, reports, rungs."""
-    db.execute("""
-        CREATE TABLE experiments (
-            id INTEGER PRIMARY KEY,
-            name TEXT NOT NULL UNIQUE,
-            spec TEXT NOT NULL,
-            state TEXT NOT NULL,
-            created REAL NOT NULL,
-            updated REAL NOT NULL
-        )""")
-    db.execute("""
-        CREATE TABLE searcher_state (
-            experiment_id INTEGER NOT NULL REFERENCES experiments(id),
-            part TEXT NOT NULL,
-            value TEXT NOT NULL,
-            PRIMARY KEY (experiment_id, part)
-        ) WITHOUT ROWID""")
-    db.execute("""
-        CREATE TABLE trials (
-            id INTEGER PRIMARY KEY,
-            experiment_id INTEGER NOT NULL REFERENCES experiments(id),
-            number INTEGER NOT NULL,
-            config TEXT NOT NULL,
-            state TEXT NOT NULL,
-            bracket INTEGER NOT NULL DEFAULT 0,
-            attempt INTEGER NOT NULL DEFAULT 1,
-            pid INTEGER,
-            last_seq INTEGER NOT NULL DEFAULT 0,
-            last_time REAL,
-            last_reward REAL,
-            score REAL,
-            error TEXT,
-            created REAL NOT NULL,
-            started REAL,
-            ended REAL,
-            UNIQUE (experiment_id, number)
-        )""")
-    db.execute("CREATE INDEX trials_by_state ON trials (experiment_id, state)")
-    db.execute("CREATE INDEX trials_by_score ON trials (experiment_id, score)")
+    """The first schema: experiments, trials, reports, rungs, searcher state."""
+    db["experiments"].create(
+        {"id": int, "name": str, "spec": str, "state": str, "created": float,
+         "updated": float},
+        pk="id", not_null={"name", "spec", "state", "created", "updated"})
+    db["experiments"].create_index(["name"], unique=True)
+    db["searcher_state"].create(
+        {"experiment_id": int, "part": str, "value": str},
+        pk=("experiment_id", "part"), not_null={"value"},
+        foreign_keys=[("experiment_id", "experiments", "id")])
+    db["trials"].create(
+        {"id": int, "experiment_id": int, "number": int, "config": str, "state": str,
+         "bracket": int, "attempt": int, "pid": int, "last_seq": int, "last_time": float,
+         "last_reward": float, "score": float, "error": str, "created": float,
+         "started": float, "ended": float},
+        pk="id", not_null={"experiment_id", "number", "config", "state", "bracket",
+                           "attempt", "last_seq", "created"},
+        defaults={"bracket": 0, "attempt": 1, "last_seq": 0},
+        foreign_keys=[("experiment_id", "experiments", "id")])
+    db["trials"].create_index(["experiment_id", "number"], unique=True)
+    db["trials"].create_index(["experiment_id", "state"], index_name="trials_by_state")
+    db["trials"].create_index(["experiment_id", "score"], index_name="trials_by_score")
+    # sqlite-utils cannot say WITHOUT ROWID: reports are clustered by (trial_id, seq).
     db.execute("""
         CREATE TABLE reports (
             trial_id INTEGER NOT NULL REFERENCES trials(id),
@@ -169,17 +153,13 @@ def _v1(db: sqlite_utils.Database) -> None:
             created REAL NOT NULL,
             PRIMARY KEY (trial_id, seq)
         ) WITHOUT ROWID""")
-    db.execute("""
-        CREATE TABLE rungs (
-            id INTEGER PRIMARY KEY,
-            experiment_id INTEGER NOT NULL REFERENCES experiments(id),
-            bracket INTEGER NOT NULL,
-            level REAL NOT NULL,
-            trial_id INTEGER NOT NULL REFERENCES trials(id),
-            score REAL NOT NULL,
-            decision TEXT NOT NULL,
-            UNIQUE (experiment_id, bracket, level, trial_id)
-        )""")
+    db["rungs"].create(
+        {"id": int, "experiment_id": int, "bracket": int, "level": float, "trial_id": int,
+         "score": float, "decision": str},
+        pk="id", not_null={"experiment_id", "bracket", "level", "trial_id", "score",
+                           "decision"},
+        foreign_keys=[("experiment_id", "experiments", "id"), ("trial_id", "trials", "id")])
+    db["rungs"].create_index(["experiment_id", "bracket", "level", "trial_id"], unique=True)
 
 
 # Step n turns a database of version n - 1 into version n. Append; never edit a shipped step.
