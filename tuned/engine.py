@@ -22,14 +22,15 @@ import time
 import zlib
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from tuned.args import Args
 from tuned.decisions import Decision, TrialState
 from tuned.executors.local import Exited, LocalExecutor, Message
-from tuned.gpus import GPUPool, discover_gpus
+from tuned.gpus import discover_gpus
 from tuned.interrupts import sigint_guard
+from tuned.resources import Grant, ResourcePool
 from tuned.schedulers.base import FIFOScheduler, Outcome, TrialScheduler
 from tuned.searchers import Searcher, make_searcher
 from tuned.spec import ExperimentSpec
@@ -69,7 +70,7 @@ class _Live:
     done: bool = False
     error: str | None = None
     failure: str | None = None
-    gpus: list[str] = field(default_factory=list)
+    grant: Grant | None = None
 
 
 class Engine:
@@ -79,6 +80,12 @@ class Engine:
     `on_trial_end(trial_number, state)` is called after each trial's end is stored.
     `constants` (default: the spec's) are the arguments every trial gets besides its config;
     the in-process API passes the live objects, which JSON may not be able to hold.
+    `resources` is the pool of CPUs and GPUs the trials take from (shared by the experiments
+    of a daemon); by default, `slots` trials' worth of CPUs and the GPUs NVML finds.
+
+    `run()` drives the experiment to its end on its own. A daemon drives many instead:
+    `start()`, then `step(events)` with the events of this experiment's trials, until
+    `finished`; then `close()`.
     """
 
     def __init__(self, store: Store, experiment: Experiment, spec: ExperimentSpec,
@@ -86,6 +93,7 @@ class Engine:
                  executor: LocalExecutor | None = None,
                  on_trial_end: Callable[[int, str], None] | None = None,
                  constants: dict[str, Any] | None = None,
+                 resources: ResourcePool | None = None,
                  clock: Callable[[], float] = time.monotonic):
         self.store = store
         self.experiment = experiment
@@ -109,7 +117,11 @@ class Engine:
         self.created = len(store.trials(experiment.id))
         self.exhausted = False
         self.deadline: float | None = None
-        self.gpus = GPUPool(g.uuid for g in discover_gpus()) if spec.num_gpus else None
+        if resources is None:
+            gpus = [g.uuid for g in discover_gpus()] if spec.num_gpus else []
+            resources = ResourcePool(self.slots * spec.num_cpus, gpus)
+        self.resources = resources
+        self.paused = False
         self._searcher_dirty = False
         self._outbox: list[tuple[int, dict[str, Any]]] = []
         os.makedirs(log_dir, exist_ok=True)
@@ -118,27 +130,48 @@ class Engine:
 
     def run(self) -> None:
         """Recover, then launch and follow trials until the experiment is done."""
-        self.recover()
-        if self.spec.time_out is not None:
-            self.deadline = self.clock() + self.spec.time_out
+        self.start()
         try:
             with sigint_guard() as interrupt:
-                self._step([])
+                self.step([])
                 while self.live:
                     events = self._next_events()
                     interrupt.check()
-                    self._step(events)
+                    self.step(events)
         except BaseException:
-            self._abandon()
+            self.abandon()
             raise
         finally:
             self.executor.close_spares()
-        self.store.set_experiment_state(self.experiment.id, "COMPLETED")
+        self.close()
+
+    def start(self) -> None:
+        """Recover the stored trials and start the clock of `time_out`."""
+        self.recover()
+        if self.spec.time_out is not None:
+            self.deadline = self.clock() + self.spec.time_out
+
+    @property
+    def wants_launch(self) -> bool:
+        """Whether the experiment would start a trial if resources allowed."""
+        return (not self.paused and len(self.live) < self.slots
+                and bool(self.queue or self._may_create()))
+
+    @property
+    def finished(self) -> bool:
+        """Nothing runs and nothing more will start (a paused experiment is not finished)."""
+        return not self.live and not self.paused and not (self.queue or self._may_create())
+
+    def close(self) -> None:
+        """Mark a finished experiment COMPLETED and end its spare processes."""
+        self.executor.close_spares()
+        if self.finished:
+            self.store.set_experiment_state(self.experiment.id, "COMPLETED")
 
     def _next_events(self) -> list[Message | Exited]:
         """The next batch of events; while none is waiting, fork a spare trial process for
         the next launch, so that launching costs no fork."""
-        if not (self.queue or self._may_create()) or self.executor.spare_count >= self.slots:
+        if not self.wants_launch or self.executor.spare_count >= self.slots:
             return self.executor.poll(self._poll_timeout())
         events = self.executor.poll(0)
         if events and self.executor.spare_count == 0:
@@ -147,7 +180,7 @@ class Engine:
             events = self.executor.poll(0)
         return events or self.executor.poll(self._poll_timeout())
 
-    def _step(self, events: list[Message | Exited]) -> None:
+    def step(self, events: list[Message | Exited]) -> None:
         """Handle a batch of events and launch what the freed slots allow, in one transaction
         (group commit); the trials hear their decisions only once it is committed, durably.
         A batch without reports tells nobody anything, so it commits without waiting for the
@@ -187,19 +220,15 @@ class Engine:
         return self.deadline is None or self.clock() < self.deadline
 
     def _launch_ready(self) -> None:
-        while len(self.live) < self.slots and self._gpus_free():
+        while self.wants_launch and self.resources.can_take(self.spec.num_cpus,
+                                                            self.spec.num_gpus):
             if self.queue:
                 self._launch(self.queue.popleft())
-            elif self._may_create():
+            else:
                 trial = self._create()
                 if trial is None:
                     return
                 self._launch(trial)
-            else:
-                return
-
-    def _gpus_free(self) -> bool:
-        return self.gpus is None or len(self.gpus.free) >= self.spec.num_gpus
 
     def _create(self) -> Trial | None:
         number = self.created
@@ -214,17 +243,19 @@ class Engine:
         return self.store.trial(trial_id)
 
     def _launch(self, trial: Trial) -> None:
+        grant = self.resources.take(self.spec.num_cpus, self.spec.num_gpus)
+        assert grant is not None, "_launch_ready checked the resources"
         payload = {"config": trial.config, "seed": trial_seed(self.spec.seed, trial.number),
                    "env": {}}
-        gpus = self.gpus.take(self.spec.num_gpus) if self.gpus is not None else []
-        if gpus:
-            payload["env"]["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+        if grant.gpus:
+            payload["env"]["CUDA_VISIBLE_DEVICES"] = ",".join(grant.gpus)
         log_path = os.path.join(self.log_dir, f"trial-{trial.number}.log")
         pid = self.executor.launch(trial.id, payload, log_path)
         if not self.store.claim_trial(trial.id, pid):
             self.executor.kill(trial.id)
+            self.resources.give(grant)
             raise RuntimeError(f"trial {trial.number} was claimed by someone else")
-        self.live[trial.id] = _Live(trial, last_seq=trial.last_seq, gpus=gpus)
+        self.live[trial.id] = _Live(trial, last_seq=trial.last_seq, grant=grant)
 
     # -- events --------------------------------------------------------------------------
 
@@ -262,8 +293,13 @@ class Engine:
         if seq <= live.last_seq:
             stored = self.store.stored_decision(trial.id, seq)
             if stored is not None:
-                # A rerun trial resending a stored report: the stored decision, once more.
-                if stored != Decision.CONTINUE.value:
+                # A rerun trial resending a stored report: the stored decision, once more,
+                # except a pause that a resume has lifted since.
+                if stored == Decision.PAUSE.value and not self.paused:
+                    stored = Decision.CONTINUE.value
+                if stored == Decision.PAUSE.value:
+                    live.stop = Outcome(Decision.PAUSE)
+                elif stored != Decision.CONTINUE.value:
                     state = self._stopped_state(_time_value(metrics or {}, self.spec.time_attr,
                                                             seq))
                     live.stop = Outcome(Decision(stored),
@@ -280,6 +316,8 @@ class Engine:
         score = self.spec.sign(reward)
         time_value = _time_value(metrics, self.spec.time_attr, seq)
         outcome = self.scheduler.on_report(trial.id, trial.bracket, time_value, score)
+        if self.paused and outcome.decision is Decision.CONTINUE:
+            outcome = Outcome(Decision.PAUSE, "experiment paused", outcome.rungs)
         decision = self.store.record_report(
             trial.id, seq, time_value, reward, score,
             json.dumps(metrics, separators=(",", ":")), outcome.decision, outcome.rungs,
@@ -294,8 +332,11 @@ class Engine:
     def _finish(self, live: _Live, code: int) -> None:
         trial = live.trial
         del self.live[trial.id]
-        if self.gpus is not None:
-            self.gpus.give(live.gpus)
+        if live.grant is not None:
+            self.resources.give(live.grant)
+        if live.stop is not None and live.stop.decision is Decision.PAUSE and code == 0:
+            self.store.pause_trial(trial.id)
+            return
         state, error = self._verdict(live, code)
         if state is TrialState.FAILED and trial.attempt <= self.spec.max_retries:
             log.warning("trial %d failed (%s); retrying", trial.number, error)
@@ -342,10 +383,15 @@ class Engine:
             self._save_searcher()
 
     def _recover(self) -> None:
-        for trial in self.store.trials(self.experiment.id, ("RUNNING", "PENDING")):
+        for trial in self.store.trials(self.experiment.id, ("RUNNING", "PENDING", "PAUSED")):
             stored = self.store.stored_decision(trial.id, trial.last_seq)
-            if stored is not None and stored != Decision.CONTINUE.value:
+            if stored == Decision.STOP.value:
                 self._end(trial, self._stopped_state(trial.last_time), None, trial.score)
+            elif trial.state == "PAUSED" or stored == Decision.PAUSE.value:
+                if self.paused:
+                    self.store.pause_trial(trial.id)
+                elif self.store.unpause_trial(trial.id) or trial.state == "PENDING":
+                    self.queue.append(self.store.trial(trial.id))
             elif trial.state == "PENDING":
                 self.queue.append(trial)
             elif self.store.requeue_trial(trial.id):
@@ -360,13 +406,51 @@ class Engine:
             return TrialState.COMPLETED
         return TrialState.STOPPED
 
-    def _abandon(self) -> None:
+    def abandon(self) -> None:
         """On an interruption (Ctrl-C, an error in the engine): stop every trial and put it
         back to PENDING, so that a resumed run runs it again."""
         self.executor.shutdown(grace=1.0)
-        for trial_id in list(self.live):
+        for trial_id, live in self.live.items():
             self.store.requeue_trial(trial_id)
+            if live.grant is not None:
+                self.resources.give(live.grant)
         self.live.clear()
+
+    def pause(self) -> None:
+        """Start nothing more; running trials are told to pause at their next report."""
+        self.paused = True
+        self.store.set_experiment_state(self.experiment.id, "PAUSED")
+
+    def resume(self) -> None:
+        """Undo `pause`: paused trials are queued again, new ones may start."""
+        self.paused = False
+        with self.store.transaction():
+            for trial in self.store.trials(self.experiment.id, ("PAUSED",)):
+                if self.store.unpause_trial(trial.id):
+                    self.queue.append(self.store.trial(trial.id))
+            self.store.set_experiment_state(self.experiment.id, "RUNNING")
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Stop the experiment: nothing more starts, running trials get SIGTERM (then SIGKILL
+        after `grace`) and end FAILED ("stopped by the user"); queued ones are dropped."""
+        self.exhausted = True
+        self.queue.clear()
+        for trial_id, live in self.live.items():
+            live.failure = live.failure or "stopped by the user"
+            self.executor.stop(trial_id, grace)
+        with self.store.transaction():
+            for trial in self.store.trials(self.experiment.id, ("PENDING", "PAUSED")):
+                self.store.finish_trial(trial.id, TrialState.FAILED, "stopped by the user")
+            self.store.set_experiment_state(self.experiment.id, "STOPPED")
+
+    def kill_trial(self, number: int) -> bool:
+        """SIGKILL one running trial (by number); it ends FAILED. False if it is not running."""
+        for trial_id, live in self.live.items():
+            if live.trial.number == number:
+                live.failure = live.failure or "killed by the user"
+                self.executor.kill(trial_id)
+                return True
+        return False
 
 
 def _time_value(metrics: dict[str, Any], time_attr: str | None, seq: int) -> float:

@@ -415,6 +415,21 @@ class Store:
                 "WHERE id = ? AND state = 'RUNNING'", (trial_id,))
         return cur.rowcount == 1
 
+    def pause_trial(self, trial_id: int) -> bool:
+        """RUNNING or PENDING -> PAUSED (it waits for a resume or a promotion); False if it
+        was in neither state."""
+        with self.transaction() as c:
+            cur = c.execute("UPDATE trials SET state = 'PAUSED', pid = NULL "
+                            "WHERE id = ? AND state IN ('RUNNING', 'PENDING')", (trial_id,))
+        return cur.rowcount == 1
+
+    def unpause_trial(self, trial_id: int) -> bool:
+        """PAUSED or RUNNING -> PENDING without counting an attempt; False otherwise."""
+        with self.transaction() as c:
+            cur = c.execute("UPDATE trials SET state = 'PENDING', pid = NULL "
+                            "WHERE id = ? AND state IN ('PAUSED', 'RUNNING')", (trial_id,))
+        return cur.rowcount == 1
+
     def finish_trial(self, trial_id: int, state: TrialState, error: str | None = None,
                      experiment_id: int | None = None,
                      searcher_state: dict[str, Any] | None = None) -> bool:

@@ -76,12 +76,15 @@ class LocalExecutor:
 
     def __init__(self, runner: Callable[[dict[str, Any], socket.socket], int],
                  kill_with_parent: bool = True, spares: int = 1,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 selector: selectors.BaseSelector | None = None):
         self.runner = runner
         self.kill_with_parent = kill_with_parent
         self.spares = spares
         self.clock = clock
-        self._sel = selectors.DefaultSelector()
+        # A daemon shares one selector among its executors: each key's data starts with the
+        # executor that owns it (see `owns` and `handle`).
+        self._sel = selector or selectors.DefaultSelector()
         self._children: dict[int, _Child] = {}
         self._spare: list[_Child] = []
         self._libc = ctypes.CDLL(None, use_errno=True) if kill_with_parent else None
@@ -97,9 +100,9 @@ class LocalExecutor:
         child = self._spare.pop() if self._spare else self._fork()
         child.trial_id = trial_id
         self._children[trial_id] = child
-        self._sel.register(child.sock, selectors.EVENT_READ, ("msg", child))
+        self._sel.register(child.sock, selectors.EVENT_READ, (self, "msg", child))
         if child.pidfd is not None:
-            self._sel.register(child.pidfd, selectors.EVENT_READ, ("exit", child))
+            self._sel.register(child.pidfd, selectors.EVENT_READ, (self, "exit", child))
         if not self.send(trial_id, {"payload": payload, "log": log_path}):
             self.kill(trial_id)
         return child.pid
@@ -250,18 +253,37 @@ class LocalExecutor:
                 time.sleep(timeout)
             return events
         for key, _ in self._sel.select(timeout):
-            kind, child = key.data
-            if child.trial_id not in self._children:
-                continue
+            if self.owns(key):
+                events += self.handle(key)
+        return events + self.reap_unwatched()
+
+    def owns(self, key: selectors.SelectorKey) -> bool:
+        """Whether a ready key of the (shared) selector belongs to this executor."""
+        return isinstance(key.data, tuple) and key.data[0] is self
+
+    def handle(self, key: selectors.SelectorKey) -> list[Message | Exited]:
+        """The events behind one ready key of this executor."""
+        _, kind, child = key.data
+        events: list[Message | Exited] = []
+        if child.trial_id in self._children:
             if kind == "msg":
                 self._read(child, events)
             else:
                 self._reap(child, events, block=True)
-        if any(c.pidfd is None for c in self._children.values()):
-            for child in list(self._children.values()):
-                if child.pidfd is None:
-                    self._reap(child, events, block=False)
         return events
+
+    def reap_unwatched(self) -> list[Message | Exited]:
+        """Exits of children without a pidfd (kernels before 5.3), found by waitpid."""
+        events: list[Message | Exited] = []
+        for child in list(self._children.values()):
+            if child.pidfd is None:
+                self._reap(child, events, block=False)
+        return events
+
+    def next_deadline(self) -> float | None:
+        """Seconds until this executor needs attention without any fd becoming ready (a
+        SIGKILL escalation, or polling children without a pidfd); None when never."""
+        return self._escalate(None)
 
     def _escalate(self, timeout: float | None) -> float | None:
         """SIGKILL the groups whose grace has run out; shorten `timeout` to the next one."""
