@@ -4,11 +4,19 @@
 from a TOML/JSON file) and raises `SpecError` listing every problem, each naming its key.
 `to_dict` gives the JSON form stored with the experiment, so a resumed run (or a restarted
 daemon) rebuilds the same searcher and scheduler.
+
+A daemon's spec names its training code: either `entry` ("path/to/file.py:function",
+relative to `workdir`, or "package.module:function"), or `command` (an argument list of a
+program that reports through the channel named in its environment). The in-process API gives
+neither: it passes the function itself. Reading spec files and importing entries live in
+`tuned.specfile`; this module never imports user code.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -16,7 +24,15 @@ from tuned.space import Space
 
 SEARCHER_NAMES = ("random", "grid", "rl")
 SCHEDULER_NAMES = ("fifo", "hyperband_stopping")
+#: Other names a spec may use for a scheduler; `from_dict` replaces them with the canonical one.
+SCHEDULER_ALIASES = {"hyperband": "hyperband_stopping"}
 MODES = ("max", "min")
+START_METHODS = ("fork", "spawn")
+
+_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
+#: "path/to/file.py:function" (any path ending in .py) or "dotted.module:function".
+ENTRY_RE = re.compile(rf"^(?:(?P<path>.+\.py)|(?P<module>{_IDENT}(?:\.{_IDENT})*)):"
+                      rf"(?P<function>{_IDENT})$")
 
 
 class SpecError(ValueError):
@@ -46,6 +62,12 @@ class ExperimentSpec:
     num_gpus: int = 0
     max_concurrent: int | None = None
     max_retries: int = 0
+    entry: str | None = None
+    command: list[str] | None = None
+    workdir: str | None = None
+    start_method: str = "fork"
+    report_timeout: float | None = None
+    schedule: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -54,14 +76,21 @@ class ExperimentSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ExperimentSpec:
-        """Validate and build; SpecError listing every problem."""
+        """Validate and build; SpecError listing every problem.
+
+        A scheduler alias (e.g. "hyperband") is replaced by its canonical name, so `to_dict`
+        always gives the canonical one. `data` itself is not modified.
+        """
         problems: list[str] = []
         known = {f for f in cls.__dataclass_fields__}
-        for key in sorted(set(data) - known):
+        for key in sorted(set(data) - known, key=str):
             problems.append(f"{key}: unknown key")
         space = _space(data.get("space", {}), problems)
         values = {k: v for k, v in data.items() if k in known and k != "space"}
+        if isinstance(values.get("scheduler"), str):
+            values["scheduler"] = SCHEDULER_ALIASES.get(values["scheduler"], values["scheduler"])
         _check_values(values, problems)
+        _check_launch(values, problems)
         if problems:
             raise SpecError(problems)
         return cls(space=space, **values)
@@ -90,7 +119,7 @@ def _check_values(v: dict[str, Any], problems: list[str]) -> None:
     if not isinstance(name, str) or not name or "/" in name or len(name) > 200:
         problems.append(f"name: must be a non-empty string without '/', got {name!r}")
     _choice(v, "searcher", SEARCHER_NAMES, problems)
-    _choice(v, "scheduler", SCHEDULER_NAMES, problems)
+    _choice(v, "scheduler", SCHEDULER_NAMES + tuple(SCHEDULER_ALIASES), problems)
     _choice(v, "mode", MODES, problems)
     for key in ("searcher_options", "scheduler_options", "constants"):
         if key in v and not isinstance(v[key], dict):
@@ -118,6 +147,53 @@ def _check_values(v: dict[str, Any], problems: list[str]) -> None:
     gpus = v.get("num_gpus", 0)
     if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 0:
         problems.append(f"num_gpus: must be an integer >= 0, got {gpus!r}")
+
+
+def _check_launch(v: dict[str, Any], problems: list[str]) -> None:
+    """Check the daemon's keys: entry/command, workdir, start_method, report_timeout,
+    schedule. Appends one 'key: what is wrong' per problem."""
+    entry, command = v.get("entry"), v.get("command")
+    if entry is not None and command is not None:
+        problems.append("entry: give entry or command, not both")
+    if entry is not None and (not isinstance(entry, str) or not ENTRY_RE.match(entry)):
+        problems.append('entry: must look like "path/to/file.py:function" or '
+                        f'"package.module:function", got {entry!r}')
+    if command is not None and not _is_command(command):
+        problems.append(f"command: must be a non-empty list of strings (the program first), "
+                        f"got {command!r}")
+    workdir = v.get("workdir")
+    if workdir is not None and (not isinstance(workdir, str) or not os.path.isabs(workdir)):
+        problems.append(f"workdir: must be an absolute path, got {workdir!r}")
+    _choice(v, "start_method", START_METHODS, problems)
+    timeout = v.get("report_timeout")
+    if timeout is not None and (not _is_number(timeout) or timeout <= 0):
+        problems.append(f"report_timeout: must be a number of seconds > 0, got {timeout!r}")
+    if v.get("schedule") is not None:
+        problem = cron_problem(v["schedule"])
+        if problem:
+            problems.append(f"schedule: {problem}")
+
+
+def _is_command(command: Any) -> bool:
+    """True for a non-empty list of strings whose first item (the program) is not empty."""
+    return (isinstance(command, list) and bool(command)
+            and all(isinstance(a, str) for a in command) and bool(command[0]))
+
+
+def cron_problem(expr: Any) -> str | None:
+    """What is wrong with the cron string `expr` (as APScheduler says it), or None.
+
+    APScheduler is imported only here, so specs without a schedule never need it.
+    """
+    if not isinstance(expr, str):
+        return f"must be a cron string like '0 3 * * *', got {expr!r}"
+    from apscheduler.triggers.cron import CronTrigger
+
+    try:
+        CronTrigger.from_crontab(expr)
+    except (ValueError, TypeError) as exc:
+        return f"{expr!r} is not a valid cron string: {exc}"
+    return None
 
 
 def _choice(v: dict[str, Any], key: str, allowed: tuple[str, ...], problems: list[str]) -> None:

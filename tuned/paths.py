@@ -1,0 +1,31 @@
+"""Where the daemon keeps its state and its socket, for `tuned serve` and `tunectl` alike.
+
+State: ``TUNED_STATE_DIR``, else ``/var/lib/tuned`` as root, else
+``$XDG_STATE_HOME/tuned`` (``~/.local/state/tuned``). Socket: ``TUNED_SOCKET``, else
+``/run/tuned/control.sock`` as root, else ``$XDG_RUNTIME_DIR/tuned/control.sock``, else
+``/tmp/tuned-<uid>/control.sock``.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def default_state_dir() -> str:
+    if os.environ.get("TUNED_STATE_DIR"):
+        return os.environ["TUNED_STATE_DIR"]
+    if os.geteuid() == 0:
+        return "/var/lib/tuned"
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(base, "tuned")
+
+
+def default_socket() -> str:
+    if os.environ.get("TUNED_SOCKET"):
+        return os.environ["TUNED_SOCKET"]
+    if os.geteuid() == 0:
+        return "/run/tuned/control.sock"
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return os.path.join(runtime, "tuned", "control.sock")
+    return f"/tmp/tuned-{os.getuid()}/control.sock"
