@@ -57,6 +57,6 @@ def test_usage_error_exits_2(db):
     assert _run("tuned", "best", "--db", db).returncode == 2
 
 
-def test_tunectl_says_no_daemon(db):
-    out = _run("tunectl")
+def test_tunectl_says_no_daemon(tmp_path):
+    out = _run("tunectl", "--socket", str(tmp_path / "none.sock"), "status")
     assert out.returncode == 3 and "no tuned daemon" in out.stderr

@@ -1,7 +1,5 @@
-"""Command lines: `tuned` (read a store) and `tunectl` (talk to the daemon).
-
-The daemon (`tuned serve`) and its control socket come later; until then `tuned` reads the
-SQLite file of an in-process run directly, and `tunectl` says that no daemon runs.
+"""Command lines: `tuned` (the daemon, `tuned serve`, and reading a store directly) and
+`tunectl` (talking to the daemon over its socket).
 
 Exit codes: 0 ok, 1 error, 2 usage, 3 daemon not running, 4 not found.
 """
@@ -9,7 +7,10 @@ Exit codes: 0 ok, 1 error, 2 usage, 3 daemon not running, 4 not found.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sys
+import time
 from typing import Any
 
 import click
@@ -104,11 +105,183 @@ def trials_cmd(db: str, as_json: bool, experiment: str) -> None:
     _emit(rows, as_json, text or "no trials")
 
 
-@click.command()
+@tuned_main.command("serve")
+@click.option("--state-dir", default=None, help="State directory [default: TUNED_STATE_DIR, "
+              "/var/lib/tuned as root, else $XDG_STATE_HOME/tuned].")
+@click.option("--socket", "socket_path", default=None, help="Control socket [default: "
+              "TUNED_SOCKET, /run/tuned/control.sock as root, else "
+              "$XDG_RUNTIME_DIR/tuned/control.sock].")
+@click.option("--log-level", default="INFO", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+def serve_cmd(state_dir: str | None, socket_path: str | None, log_level: str) -> None:
+    """Run the daemon: experiments from the socket and the spool, until SIGTERM."""
+    from tuned.control import AlreadyRunning, InsecureDirectory
+    from tuned.daemon import AlreadyServing, Daemon
+    from tuned.paths import default_socket, default_state_dir
+
+    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    daemon = Daemon(state_dir or default_state_dir(), socket_path or default_socket())
+    try:
+        daemon.serve()
+    except (AlreadyServing, AlreadyRunning, InsecureDirectory, StoreError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_ERROR)
+
+
+# -- tunectl ---------------------------------------------------------------------------------
+
+
+class Ctl:
+    """What every tunectl command shares: the socket and the output format."""
+
+    def __init__(self, socket_path: str, as_json: bool):
+        self.socket_path = socket_path
+        self.as_json = as_json
+
+    def call(self, op: str, **args: Any) -> dict[str, Any]:
+        """One request; on failure print the error and exit with its code."""
+        from tuned.control import ControlClient, ControlError, DaemonNotRunning
+        from tuned.protocol import ProtocolError
+
+        try:
+            with ControlClient(self.socket_path) as client:
+                return client.request(op, **args)
+        except DaemonNotRunning as exc:
+            click.echo(f"error: no tuned daemon at {self.socket_path} ({exc})", err=True)
+            sys.exit(EXIT_NO_DAEMON)
+        except (ControlError, ProtocolError) as exc:
+            click.echo(f"error: {getattr(exc, 'message', exc)}", err=True)
+            sys.exit(getattr(exc, "exit_code", EXIT_ERROR))
+
+    def emit(self, data: dict[str, Any], text: str) -> None:
+        payload = {k: v for k, v in data.items() if k not in ("v", "ok")}
+        _emit(payload, self.as_json, text)
+
+
+@click.group()
 @click.version_option(__version__, prog_name="tunectl")
-def tunectl_main() -> None:
-    """Control a running tuned daemon."""
-    click.echo("error: no tuned daemon is running (the daemon, `tuned serve`, is not part "
-               "of this version; read a run's results with `tuned experiments --db FILE`)",
-               err=True)
-    sys.exit(EXIT_NO_DAEMON)
+@click.option("--socket", "socket_path", default=None,
+              help="The daemon's control socket [default: TUNED_SOCKET, or the daemon's].")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def tunectl_main(ctx: click.Context, socket_path: str | None, as_json: bool) -> None:
+    """Control a running tuned daemon. Exit codes: 0 ok, 1 error, 2 usage, 3 daemon not
+    running, 4 not found."""
+    from tuned.paths import default_socket
+
+    ctx.obj = Ctl(socket_path or default_socket(), as_json)
+
+
+def _best_text(best: dict[str, Any] | None) -> str:
+    if not best:
+        return "-"
+    return f"trial {best['trial']} reward {best['reward']:.6g} {json.dumps(best['config'])}"
+
+
+@tunectl_main.command("status")
+@click.argument("experiment", required=False)
+@click.pass_obj
+def ctl_status(ctl: Ctl, experiment: str | None) -> None:
+    """Experiments with their state, trials by state and best so far; GPUs in use."""
+    data = ctl.call("status", **({"experiment": experiment} if experiment else {}))
+    lines = [f"{e['experiment']:<28} {e['state']:<10} "
+             + " ".join(f"{k.lower()}={v}" for k, v in sorted(e["trials"].items()))
+             + f"  best: {_best_text(e['best'])}" for e in data["experiments"]]
+    lines.append(f"CPUs free {data['cpus_free']:g} of {data['cpus']:g}; GPUs in use: "
+                 f"{', '.join(data['gpus_in_use']) or 'none'}")
+    ctl.emit(data, "\n".join(lines))
+
+
+@tunectl_main.command("best")
+@click.argument("experiment")
+@click.pass_obj
+def ctl_best(ctl: Ctl, experiment: str) -> None:
+    """The best trial: {"experiment", "trial", "config", "reward"} with --json."""
+    data = ctl.call("best", experiment=experiment)
+    ctl.emit(data, _best_text(data))
+
+
+@tunectl_main.command("trials")
+@click.argument("experiment")
+@click.pass_obj
+def ctl_trials(ctl: Ctl, experiment: str) -> None:
+    """Every trial: state, attempt, reports, last reward, config, error."""
+    data = ctl.call("trials", experiment=experiment)
+    ctl.emit(data, "\n".join(
+        f"{t['trial']:>5} {t['state']:<10} attempt={t['attempt']} reports={t['reports']:<4} "
+        f"reward={t['reward']} {json.dumps(t['config'])}"
+        + (f"  error: {t['error']}" if t["error"] else "") for t in data["trials"]))
+
+
+@tunectl_main.command("curves")
+@click.argument("experiment")
+@click.option("--metric", default=None, help="The metric to draw [default: the reward].")
+@click.option("--png", type=click.Path(dir_okay=False), default=None,
+              help="Also save the chart as a PNG (needs matplotlib).")
+@click.pass_obj
+def ctl_curves(ctl: Ctl, experiment: str, metric: str | None, png: str | None) -> None:
+    """Learning curves: a chart in the terminal, a PNG with --png."""
+    from tuned.curves import draw_curves_png, text_chart
+
+    data = ctl.call("curves", experiment=experiment, **({"metric": metric} if metric else {}))
+    curves = {int(k): v for k, v in data["curves"].items()}
+    if png:
+        draw_curves_png(curves, data["metric"], data["time_attr"], png)
+    ctl.emit(data, text_chart(curves, data["metric"], data["time_attr"])
+             + (f"\nsaved {png}" if png else ""))
+
+
+@tunectl_main.command("submit")
+@click.argument("spec", type=click.Path(exists=True, dir_okay=False))
+@click.pass_obj
+def ctl_submit(ctl: Ctl, spec: str) -> None:
+    """Submit an experiment spec (TOML or JSON)."""
+    with open(spec, encoding="utf-8", errors="replace") as f:
+        text = f.read(2 << 20)
+    data = ctl.call("submit", text=text, filename=os.path.basename(spec),
+                    workdir=os.path.dirname(os.path.abspath(spec)))
+    ctl.emit(data, f"submitted {data['experiment']}")
+
+
+def _simple(op: str, doc: str) -> None:
+    @tunectl_main.command(op, help=doc)
+    @click.argument("experiment")
+    @click.pass_obj
+    def command(ctl: Ctl, experiment: str) -> None:
+        data = ctl.call(op, experiment=experiment)
+        ctl.emit(data, f"{data['experiment']}: {data['state']}")
+
+
+_simple("stop", "Stop an experiment: its trials end, nothing more starts.")
+_simple("pause", "Pause an experiment: running trials stop at their next report, with their "
+                 "reports kept; nothing new starts.")
+_simple("resume", "Resume a paused experiment.")
+
+
+@tunectl_main.command("kill")
+@click.argument("experiment")
+@click.argument("trial", type=int)
+@click.pass_obj
+def ctl_kill(ctl: Ctl, experiment: str, trial: int) -> None:
+    """Kill one running trial (it ends FAILED)."""
+    data = ctl.call("kill", experiment=experiment, trial=trial)
+    ctl.emit(data, f"killed trial {trial} of {experiment}")
+
+
+@tunectl_main.command("logs")
+@click.argument("experiment")
+@click.argument("trial", type=int)
+@click.option("-f", "--follow", is_flag=True, help="Keep printing what the trial writes.")
+@click.pass_obj
+def ctl_logs(ctl: Ctl, experiment: str, trial: int, follow: bool) -> None:
+    """A trial's output (stdout and stderr)."""
+    data = ctl.call("logs", experiment=experiment, trial=trial, offset=0)
+    if ctl.as_json and not follow:
+        ctl.emit(data, "")
+        return
+    click.echo(data["text"], nl=False)
+    while follow:
+        time.sleep(0.5)
+        data = ctl.call("logs", experiment=experiment, trial=trial, offset=data["offset"])
+        click.echo(data["text"], nl=False)

@@ -48,3 +48,36 @@ def draw_training_curves(history: dict[int, list[dict[str, Any]]], reward_attr: 
     if plot:
         plt.show()
     plt.close(fig)
+
+
+def draw_curves_png(curves: dict[int, list[list[float]]], metric: str, time_attr: str | None,
+                    filename: str) -> None:
+    """Save curves given as {trial: [xs, ys]} to a PNG."""
+    history = {n: [{metric: y, **({time_attr: x} if time_attr else {})}
+                   for x, y in zip(xs, ys, strict=True)] for n, (xs, ys) in curves.items()}
+    draw_training_curves(history, metric, time_attr, filename=filename, use_legend=False)
+
+
+def text_chart(curves: dict[int, list[list[float]]], metric: str, time_attr: str | None,
+               width: int = 60, height: int = 15) -> str:
+    """A plain-text chart of every curve: the best value seen at each cell, one char per
+    trial (0-9, a-z cycling), for a terminal."""
+    points = [(x, y, n) for n, (xs, ys) in curves.items() for x, y in zip(xs, ys, strict=True)]
+    if not points:
+        return "no reports yet"
+    x_lo, x_hi = min(p[0] for p in points), max(p[0] for p in points)
+    y_lo, y_hi = min(p[1] for p in points), max(p[1] for p in points)
+    grid = [[" "] * width for _ in range(height)]
+    marks = "0123456789abcdefghijklmnopqrstuvwxyz"
+    for x, y, n in points:
+        col = 0 if x_hi == x_lo else round((x - x_lo) / (x_hi - x_lo) * (width - 1))
+        row = 0 if y_hi == y_lo else round((y_hi - y) / (y_hi - y_lo) * (height - 1))
+        grid[row][col] = marks[n % len(marks)]
+    lines = [f"{metric} ({len(curves)} trials)"]
+    for i, row in enumerate(grid):
+        label = f"{y_hi:9.4g} |" if i == 0 else (f"{y_lo:9.4g} |" if i == height - 1
+                                                 else " " * 9 + " |")
+        lines.append(label + "".join(row))
+    lines.append(" " * 10 + "+" + "-" * width)
+    lines.append(" " * 11 + f"{x_lo:<10g}{(time_attr or 'report'):^{width - 20}}{x_hi:>10g}")
+    return "\n".join(lines)

@@ -172,13 +172,13 @@ class Engine:
         """The next batch of events; while none is waiting, fork a spare trial process for
         the next launch, so that launching costs no fork."""
         if not self.wants_launch or self.executor.spare_count >= self.slots:
-            return self.executor.poll(self._poll_timeout())
+            return self.executor.poll(self.timeout())
         events = self.executor.poll(0)
         if events and self.executor.spare_count == 0:
             self.executor.prefork()
         while not events and self.executor.prefork():
             events = self.executor.poll(0)
-        return events or self.executor.poll(self._poll_timeout())
+        return events or self.executor.poll(self.timeout())
 
     def step(self, events: list[Message | Exited]) -> None:
         """Handle a batch of events and launch what the freed slots allow, in one transaction
@@ -207,7 +207,9 @@ class Engine:
     def _answer(self, trial_id: int, body: dict[str, Any]) -> None:
         self._outbox.append((trial_id, body))
 
-    def _poll_timeout(self) -> float | None:
+    def timeout(self) -> float | None:
+        """Seconds until the engine must look again without any event (the time_out
+        deadline), or None."""
         if self.deadline is None or not self._may_create():
             return None
         return max(0.0, self.deadline - self.clock())

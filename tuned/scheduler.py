@@ -13,7 +13,6 @@ continues the last experiment of the same name where it stopped.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -21,7 +20,7 @@ from typing import Any
 
 from tuned.args import Args
 from tuned.engine import Engine
-from tuned.spec import ExperimentSpec
+from tuned.spec import ExperimentSpec, json_safe
 from tuned.store import NotFound, Store
 
 __all__ = ["FIFOScheduler", "HyperbandScheduler", "RLScheduler", "DEFAULT_CHECKPOINT"]
@@ -219,19 +218,6 @@ class FIFOScheduler:
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(experiment={self.experiment.name!r}, "
                 f"checkpoint={self.checkpoint!r})")
-
-
-def json_safe(values: dict[str, Any]) -> dict[str, Any]:
-    """`values` with each value that JSON cannot hold replaced by its repr, for the record
-    (trials get the live objects: they are forked from this process)."""
-    out = {}
-    for key, value in values.items():
-        try:
-            json.dumps(value, allow_nan=False)
-            out[key] = value
-        except (TypeError, ValueError):
-            out[key] = {"repr": repr(value)[:200]}
-    return out
 
 
 def _infer_max_t(train_fn: Callable, max_t: int | None) -> int:

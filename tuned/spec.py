@@ -14,6 +14,7 @@ neither: it passes the function itself. Reading spec files and importing entries
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -207,3 +208,16 @@ def _positive_int(v: dict[str, Any], key: str, problems: list[str], optional: bo
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         problems.append(f"{key}: must be an integer >= 1, got {value!r}")
+
+
+def json_safe(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` with each value that JSON cannot hold replaced by ``{"repr": ...}``, for the
+    record (trials get the live objects: they are forked from the process that holds them)."""
+    out = {}
+    for key, value in values.items():
+        try:
+            json.dumps(value, allow_nan=False)
+            out[key] = value
+        except (TypeError, ValueError):
+            out[key] = {"repr": repr(value)[:200]}
+    return out

@@ -1,0 +1,285 @@
+"""The daemon end to end: a real `tuned serve` process, real sockets, real trials."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+TOY = Path(__file__).parent.parent / "examples" / "toy_functions.py"
+
+
+def _cli(entry: str, *args: str, sock: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    code = f"import sys; from tuned.cli import {entry}; sys.argv[0] = 'x'; {entry}()"
+    env = {**os.environ, "TUNED_SOCKET": sock}
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+class Daemon:
+    """A `tuned serve` in temporary directories, with tunectl at hand."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.state = root / "state"
+        # Unix socket paths are short: keep this one under /tmp.
+        self.sock = os.path.join(tempfile.mkdtemp(prefix="td", dir="/tmp"), "run", "c.sock")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, wait: bool = True) -> subprocess.Popen:
+        code = "import sys; from tuned.cli import tuned_main; sys.argv[0] = 'tuned'; tuned_main()"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code, "serve", "--state-dir", str(self.state),
+             "--socket", self.sock], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if wait:
+            deadline = time.monotonic() + 20
+            while _cli("tunectl_main", "status", sock=self.sock).returncode != 0:
+                assert self.proc.poll() is None, self.proc.stderr.read()
+                assert time.monotonic() < deadline, "the daemon did not come up"
+                time.sleep(0.05)
+        return self.proc
+
+    def ctl(self, *args: str) -> subprocess.CompletedProcess:
+        return _cli("tunectl_main", *args, sock=self.sock)
+
+    def json(self, *args: str) -> dict:
+        out = self.ctl("--json", *args)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    def wait_state(self, experiment: str, states: tuple[str, ...], timeout: float = 60) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            exps = self.json("status", experiment)["experiments"]
+            if exps[0]["state"] in states:
+                return exps[0]
+            assert time.monotonic() < deadline, f"{experiment} stayed {exps[0]['state']}"
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=30)
+
+    def db(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.state / "tuned.db")
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    d = Daemon(tmp_path)
+    d.start()
+    yield d
+    d.stop()
+
+
+def _spec(tmp_path: Path, name: str, body: str) -> str:
+    path = tmp_path / f"{name}.toml"
+    path.write_text(textwrap.dedent(body))
+    return str(path)
+
+
+def _toy_spec(tmp_path: Path, name: str, function: str = "train_fn", trials: int = 12,
+              extra: str = "") -> str:
+    return _spec(tmp_path, name, f"""
+        name = "{name}"
+        entry = "{TOY}:{function}"
+        num_trials = {trials}
+        seed = 3
+        {extra}
+    """)
+
+
+def test_submit_status_best_trials_curves(daemon, tmp_path):
+    out = daemon.ctl("submit", _toy_spec(tmp_path, "hb", extra='scheduler = "hyperband"'))
+    assert out.returncode == 0, out.stderr
+    daemon.wait_state("hb", ("COMPLETED",))
+    status = daemon.json("status")
+    (hb,) = status["experiments"]
+    assert sum(hb["trials"].values()) == 12
+    best = daemon.json("best", "hb")
+    assert set(best) == {"experiment", "trial", "config", "reward"}
+    assert set(best["config"]) == {"lr", "wd"}
+    trials = daemon.json("trials", "hb")["trials"]
+    assert max(t["reward"] for t in trials if t["reward"] is not None) == best["reward"]
+    curves = daemon.json("curves", "hb")
+    assert len(curves["curves"]) == 12
+    text = daemon.ctl("curves", "hb")
+    assert text.returncode == 0 and "accuracy" in text.stdout
+    png = tmp_path / "c.png"
+    assert daemon.ctl("curves", "hb", "--png", str(png)).returncode == 0
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bad_spec_is_refused_with_every_problem(daemon, tmp_path):
+    path = _spec(tmp_path, "bad", """
+        name = "bad"
+        entry = "nowhere.py:f"
+        searcher = "nope"
+        num_trials = -1
+        mode = "sideways"
+    """)
+    out = daemon.ctl("submit", path)
+    assert out.returncode == 1
+    for key in ("searcher", "num_trials", "mode"):
+        assert key in out.stderr
+    assert daemon.ctl("best", "bad").returncode == 4
+    assert daemon.ctl("status").returncode == 0
+
+
+def test_name_taken_and_unknown_experiment(daemon, tmp_path):
+    path = _toy_spec(tmp_path, "twice", trials=2)
+    assert daemon.ctl("submit", path).returncode == 0
+    out = daemon.ctl("submit", path)
+    assert out.returncode == 1 and "exists" in out.stderr
+    assert daemon.ctl("trials", "nope").returncode == 4
+    assert daemon.ctl("kill", "nope", "0").returncode == 4
+
+
+def test_pause_resume_and_stop(daemon, tmp_path):
+    slow = tmp_path / "slow.py"
+    slow.write_text(textwrap.dedent("""
+        import time
+        import tuned
+
+        @tuned.args(x=tuned.space.Real(0, 1), epochs=40)
+        def train(args, reporter):
+            for e in range(args.epochs):
+                time.sleep(0.05)
+                reporter(epoch=e + 1, accuracy=args.x * e)
+    """))
+    path = _spec(tmp_path, "slow", f"""
+        name = "slow"
+        entry = "{slow}:train"
+        num_trials = 4
+    """)
+    assert daemon.ctl("submit", path).returncode == 0
+    time.sleep(0.5)
+    assert daemon.json("pause", "slow")["state"] == "PAUSED"
+    deadline = time.monotonic() + 20
+    while daemon.json("status", "slow")["experiments"][0]["trials"].get("RUNNING"):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    paused = daemon.json("status", "slow")["experiments"][0]["trials"]
+    assert paused.get("PAUSED", 0) >= 1
+    assert daemon.json("resume", "slow")["state"] == "RUNNING"
+    done = daemon.wait_state("slow", ("COMPLETED",))
+    assert done["trials"] == {"COMPLETED": 4}
+    # Resumed trials kept their reports: each has exactly 40, none doubled.
+    with daemon.db() as c:
+        counts = [r[0] for r in c.execute("SELECT COUNT(*) FROM reports GROUP BY trial_id")]
+    assert counts == [40] * 4
+
+    assert daemon.ctl("submit", _spec(tmp_path, "slow2", f"""
+        name = "slow2"
+        entry = "{slow}:train"
+        num_trials = 10
+    """)).returncode == 0
+    time.sleep(0.5)
+    running = [t for t in daemon.json("trials", "slow2")["trials"] if t["state"] == "RUNNING"]
+    assert running
+    killed = daemon.json("kill", "slow2", str(running[0]["trial"]))
+    assert killed["killed"]
+    assert daemon.json("stop", "slow2")["state"] == "STOPPED"
+    time.sleep(1)
+    rows = daemon.json("trials", "slow2")["trials"]
+    states = {t["trial"]: (t["state"], t["error"]) for t in rows}
+    assert states[running[0]["trial"]] == ("FAILED", "killed by the user")
+    assert all(s == "FAILED" or s in ("COMPLETED", "STOPPED") for s, _ in states.values())
+
+
+def test_one_daemon_per_state_dir(daemon):
+    second = Daemon(daemon.root)
+    proc = second.start(wait=False)
+    proc.wait(timeout=20)
+    assert proc.returncode != 0
+    assert "another tuned daemon" in proc.stderr.read()
+    assert daemon.ctl("status").returncode == 0
+
+
+def test_restart_after_sigkill_completes_without_doubling(tmp_path):
+    d = Daemon(tmp_path)
+    d.start()
+    try:
+        slow = tmp_path / "slow.py"
+        slow.write_text(textwrap.dedent("""
+            import time
+            import numpy as np
+            import tuned
+
+            @tuned.args(x=tuned.space.Real(0, 1), epochs=10)
+            def train(args, reporter):
+                for e in range(args.epochs):
+                    time.sleep(0.02)
+                    reporter(epoch=e + 1, accuracy=args.x + np.random.uniform(0, 0.01))
+        """))
+        assert d.ctl("submit", _spec(tmp_path, "k", f"""
+            name = "k"
+            entry = "{slow}:train"
+            num_trials = 30
+            seed = 1
+        """)).returncode == 0
+        deadline = time.monotonic() + 30
+        while sum(v for s, v in d.json("status", "k")["experiments"][0]["trials"].items()
+                  if s in ("COMPLETED", "STOPPED")) < 5:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        d.proc.send_signal(signal.SIGKILL)
+        d.proc.wait()
+        # A stale socket file and lock from the dead daemon do not stop a new one.
+        assert os.path.exists(d.sock)
+        d.start()
+        done = d.wait_state("k", ("COMPLETED",))
+        assert done["trials"] == {"COMPLETED": 30}
+        with d.db() as c:
+            assert c.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+            per_trial = c.execute("SELECT trial_id, COUNT(*), MAX(seq) FROM reports "
+                                  "GROUP BY trial_id").fetchall()
+            assert len(per_trial) == 30
+            assert all(n == 10 and top == 10 for _, n, top in per_trial)
+            running = c.execute("SELECT COUNT(*) FROM trials WHERE state = 'RUNNING'")
+            assert running.fetchone()[0] == 0
+    finally:
+        d.stop()
+
+
+def test_spool_accepts_and_rejects(daemon, tmp_path):
+    inbox = daemon.state / "inbox"
+    good = Path(_toy_spec(tmp_path, "spooled", trials=3))
+    staged = inbox / ".spooled.toml"
+    staged.write_text(good.read_text())
+    staged.rename(inbox / "spooled.toml")
+    (inbox / "broken.toml").write_text("name = [unclosed")
+    deadline = time.monotonic() + 40
+    while not (list((daemon.state / "accepted").glob("*spooled.toml"))
+               and list((daemon.state / "rejected").glob("*broken.toml.error"))):
+        assert time.monotonic() < deadline, "the spool did not handle the files"
+        time.sleep(0.1)
+    error = next((daemon.state / "rejected").glob("*broken.toml.error")).read_text()
+    assert "broken.toml" in error or "line" in error
+    daemon.wait_state("spooled", ("COMPLETED",))
+
+
+def test_socket_is_private(daemon):
+    assert os.stat(daemon.sock).st_mode & 0o777 == 0o600
+    assert os.stat(os.path.dirname(daemon.sock)).st_mode & 0o777 == 0o700
+
+
+def test_junk_on_the_socket_gets_an_error_and_the_daemon_stays_up(daemon):
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(daemon.sock)
+        s.sendall(b"this is not json\n")
+        answer = json.loads(s.makefile().readline())
+    assert answer["error"]["code"] == "bad_json"
+    assert daemon.ctl("status").returncode == 0

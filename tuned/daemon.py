@@ -1,0 +1,438 @@
+"""`tuned serve`: many experiments, one store, one control socket, one loop.
+
+The daemon owns a state directory: ``tuned.db`` (the store), ``daemon.lock`` (one daemon per
+state directory), ``logs/<experiment>/trial-<n>.log`` and the spool (``inbox/``,
+``accepted/``, ``rejected/``). Its single-threaded loop waits on one selector for the
+control socket and every trial's channel and exit, then lets each experiment's engine handle
+its events and launch what the shared CPU slots and GPUs allow.
+
+On start it recovers: every experiment not finished goes on, each trial left RUNNING by a
+dead daemon is killed if its process still lives (its report channel died with the old
+daemon) and runs again, its attempt counted (DESIGN.md, invariant 3; adopting live trials
+instead comes with the reconnecting reporter).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import selectors
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from tuned import __version__
+from tuned.control import ControlServer
+from tuned.curves import curve_points
+from tuned.engine import Engine
+from tuned.executors.local import Exited, LocalExecutor, Message
+from tuned.gpus import discover_gpus
+from tuned.notify import Notifier
+from tuned.resources import ResourcePool
+from tuned.scheduler import available_cpus
+from tuned.spec import ExperimentSpec, SpecError, json_safe
+from tuned.spool import Spool
+from tuned.store import NameTaken, NotFound, Store
+from tuned.worker import make_runner
+
+log = logging.getLogger("tuned.daemon")
+
+FINISHED_EXPERIMENT_STATES = ("COMPLETED", "STOPPED", "FAILED")
+# Seconds between the loop's chores: watchdog ping, idle-client sweep, status line.
+CHORE_INTERVAL = 1.0
+
+
+class AlreadyServing(RuntimeError):
+    """Another daemon holds this state directory."""
+
+
+class OpError(Exception):
+    """An op that cannot be done: `code` from the protocol's error table."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Runner:
+    """One experiment running in the daemon."""
+
+    engine: Engine
+    executor: LocalExecutor
+
+
+class Daemon:
+    """The daemon; `serve()` runs it until SIGTERM or SIGINT (or `request_stop()`)."""
+
+    def __init__(self, state_dir: str, socket_path: str,
+                 clock: Callable[[], float] = time.monotonic):
+        self.state_dir = os.path.abspath(state_dir)
+        self.socket_path = socket_path
+        self.clock = clock
+        self.selector = selectors.DefaultSelector()
+        self.runners: dict[int, Runner] = {}
+        self.resources = ResourcePool(available_cpus(), [g.uuid for g in discover_gpus()])
+        self._stopping = False
+        self._lock_fd: int | None = None
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.store: Store | None = None
+        self.server: Any = None
+        self.spool: Any = None
+        self.notifier = Notifier(unset_environment=True)
+        self._next_chores = 0.0
+
+    # -- life ----------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        """Lock the state directory, recover, bind the socket, then loop until stopped.
+
+        Raises AlreadyServing when another daemon holds the state directory (the store is
+        not touched then).
+        """
+        os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+        self._lock()
+        self.store = Store(os.path.join(self.state_dir, "tuned.db"))
+        self._install_signals()
+        self._recover()
+        self.server = ControlServer(self.socket_path, self.dispatch, ops=OPS)
+        self.server.open()
+        self.server.register(self.selector)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self.spool = Spool(self.state_dir, self._submit_file)
+        self.selector.register(self.spool.fileno(), selectors.EVENT_READ, "spool")
+        self.spool.start()
+        self.spool.scan()
+        log.info("serving %s on %s (%d experiment(s) resumed, %g CPUs, %d GPU(s))",
+                 self.state_dir, self.socket_path, len(self.runners),
+                 self.resources.cpus_total, len(self.resources.gpus.order))
+        self.notifier.ready(self._status_line())
+        try:
+            while not self._stopping:
+                self.tick(self._timeout())
+                self._housekeeping()
+        finally:
+            self.notifier.stopping()
+            self._shutdown()
+
+    def _housekeeping(self) -> None:
+        """The periodic chores of the loop: watchdog ping, idle clients, spool scan."""
+        now = self.clock()
+        if self.spool.pending() or self.spool.due():
+            self.spool.poll()
+        if now >= self._next_chores:
+            self._next_chores = now + CHORE_INTERVAL
+            self.server.sweep()
+            self.notifier.watchdog()
+            self.notifier.status(self._status_line())
+
+    def _status_line(self) -> str:
+        running = sum(len(r.engine.live) for r in self.runners.values())
+        return f"{len(self.runners)} experiment(s) active, {running} trial(s) running"
+
+    def _submit_file(self, path) -> None:
+        """The spool's submit: ValueError (with the reason) rejects the file."""
+        from tuned.specfile import load_spec_file
+
+        try:
+            self.submit(load_spec_file(path))
+        except OpError as exc:
+            raise ValueError(exc.message) from None
+
+    def request_stop(self) -> None:
+        """Ask the loop to end (safe from a signal handler)."""
+        self._stopping = True
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+
+    def _install_signals(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: self.request_stop())
+
+    def _lock(self) -> None:
+        path = os.path.join(self.state_dir, "daemon.lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise AlreadyServing(f"another tuned daemon (pid {holder}) serves "
+                                 f"{self.state_dir}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _shutdown(self) -> None:
+        """Stop every trial (they run again on the next start) and close everything."""
+        for runner in self.runners.values():
+            runner.engine.abandon()
+            runner.executor.close_spares()
+        self.runners.clear()
+        if self.spool is not None:
+            self.spool.close()
+        if self.server is not None:
+            self.server.close()
+        if self.store is not None:
+            self.store.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+        log.info("stopped")
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def _timeout(self) -> float:
+        deadlines = [d for r in self.runners.values()
+                     if (d := r.executor.next_deadline()) is not None]
+        deadlines += [d for r in self.runners.values()
+                      if (d := r.engine.timeout()) is not None]
+        deadlines.append(max(0.0, self._next_chores - self.clock()))
+        return min(deadlines)
+
+    def tick(self, timeout: float | None) -> None:
+        """Wait up to `timeout` for readiness, then let everyone handle what came."""
+        events: dict[int, list[Message | Exited]] = {}
+        for key, mask in self.selector.select(timeout):
+            if key.data == "wake":
+                self._drain_wake()
+                continue
+            if key.data == "spool":
+                continue
+            if self.server is not None and self.server.handle(key, mask):
+                continue
+            for exp_id, runner in self.runners.items():
+                if runner.executor.owns(key):
+                    events.setdefault(exp_id, []).extend(runner.executor.handle(key))
+                    break
+        for exp_id, runner in self.runners.items():
+            events.setdefault(exp_id, []).extend(runner.executor.reap_unwatched())
+        self._step_all(events)
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _step_all(self, events: dict[int, list[Message | Exited]]) -> None:
+        for exp_id in list(self.runners):
+            runner = self.runners[exp_id]
+            batch = events.get(exp_id, [])
+            if batch or runner.engine.wants_launch:
+                runner.engine.step(batch)
+            if runner.engine.finished:
+                runner.engine.close()
+                del self.runners[exp_id]
+                log.info("experiment %s finished", runner.engine.experiment.name)
+
+    # -- experiments ---------------------------------------------------------------------
+
+    def _recover(self) -> None:
+        assert self.store is not None
+        for exp in self.store.experiments():
+            if exp.state in FINISHED_EXPERIMENT_STATES:
+                continue
+            self._kill_leftovers(exp.id)
+            try:
+                self._start_runner(exp.id)
+            except (SpecError, ValueError) as exc:
+                log.error("experiment %s cannot resume: %s", exp.name, exc)
+                self.store.set_experiment_state(exp.id, "FAILED")
+
+    def _kill_leftovers(self, experiment_id: int) -> None:
+        """Kill the process groups of trials a dead daemon left RUNNING: their report channel
+        is gone, so they cannot go on; they run again."""
+        assert self.store is not None
+        for trial in self.store.trials(experiment_id, ("RUNNING",)):
+            if trial.pid:
+                try:
+                    os.killpg(trial.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+
+    def _start_runner(self, experiment_id: int) -> Runner:
+        from tuned.specfile import complete_spec
+
+        assert self.store is not None
+        exp = self.store.experiment(experiment_id)
+        spec, fn = complete_spec(ExperimentSpec.from_dict(exp.spec))
+        if fn is None:
+            raise SpecError(["command: command trials are not supported by this daemon yet"])
+        executor = LocalExecutor(make_runner(fn, spec.constants), kill_with_parent=False,
+                                 spares=0, clock=self.clock, selector=self.selector)
+        slots = spec.max_concurrent or 1 << 30
+        engine = Engine(self.store, exp, spec, fn,
+                        os.path.join(self.state_dir, "logs", exp.name), slots,
+                        executor=executor, resources=self.resources, clock=self.clock)
+        engine.paused = exp.state == "PAUSED"
+        engine.start()
+        runner = Runner(engine, executor)
+        self.runners[exp.id] = runner
+        return runner
+
+    def submit(self, spec: ExperimentSpec) -> dict[str, Any]:
+        """Store a new experiment and start it; OpError `conflict` if the name is taken,
+        `invalid` if its entry cannot be loaded."""
+        from tuned.specfile import complete_spec
+
+        assert self.store is not None
+        try:
+            spec, _ = complete_spec(spec)
+        except SpecError as exc:
+            raise OpError("invalid", str(exc)) from None
+        record = spec.to_dict()
+        record["constants"] = json_safe(record["constants"])
+        try:
+            exp = self.store.create_experiment(spec.name, record)
+        except NameTaken as exc:
+            raise OpError("conflict", str(exc)) from None
+        self._start_runner(exp.id)
+        log.info("experiment %s submitted", spec.name)
+        return {"experiment": spec.name, "id": exp.id}
+
+    # -- ops -----------------------------------------------------------------------------
+
+    def dispatch(self, op: str, args: dict[str, Any], conn: Any = None) -> dict[str, Any]:
+        """Answer one control request: a dict of fields (the server adds "v" and "ok"), or
+        OpError."""
+        handler = getattr(self, f"op_{op}", None)
+        if handler is None:
+            raise OpError("unknown_op", f"unknown op {op!r}; ops: {', '.join(OPS)}")
+        return handler(args)
+
+    def _experiment(self, args: dict[str, Any]):
+        assert self.store is not None
+        name = args.get("experiment")
+        if not isinstance(name, str):
+            raise OpError("bad_request", "this op needs an 'experiment' name")
+        try:
+            return self.store.experiment(name)
+        except NotFound:
+            raise OpError("not_found", f"no experiment {name!r}") from None
+
+    def _runner(self, args: dict[str, Any]) -> Runner:
+        exp = self._experiment(args)
+        runner = self.runners.get(exp.id)
+        if runner is None:
+            raise OpError("conflict", f"experiment {exp.name!r} is {exp.state}, not running")
+        return runner
+
+    def op_hello(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {"server": "tuned", "version": __version__, "pid": os.getpid(),
+                "state_dir": self.state_dir, "ops": list(OPS)}
+
+    def op_status(self, args: dict[str, Any]) -> dict[str, Any]:
+        assert self.store is not None
+        exps = [self._experiment(args)] if args.get("experiment") else self.store.experiments()
+        return {"experiments": [self._summary(e) for e in exps],
+                "gpus_in_use": self.resources.gpus_in_use,
+                "cpus_free": self.resources.cpus_free, "cpus": self.resources.cpus_total}
+
+    op_experiments = op_status
+
+    def _summary(self, exp) -> dict[str, Any]:
+        assert self.store is not None
+        best = self.store.best_trial(exp.id)
+        return {"experiment": exp.name, "state": exp.state,
+                "trials": self.store.count_trials(exp.id),
+                "best": None if best is None else {"trial": best.number,
+                                                   "reward": best.last_reward,
+                                                   "config": best.config}}
+
+    def op_best(self, args: dict[str, Any]) -> dict[str, Any]:
+        assert self.store is not None
+        exp = self._experiment(args)
+        best = self.store.best_trial(exp.id)
+        if best is None:
+            raise OpError("not_found", f"experiment {exp.name!r} has no reported trial yet")
+        return {"experiment": exp.name, "trial": best.number, "config": best.config,
+                "reward": best.last_reward}
+
+    def op_trials(self, args: dict[str, Any]) -> dict[str, Any]:
+        assert self.store is not None
+        exp = self._experiment(args)
+        return {"experiment": exp.name, "trials": [
+            {"trial": t.number, "state": t.state, "attempt": t.attempt, "reports": t.last_seq,
+             "reward": t.last_reward, "config": t.config, "error": t.error, "pid": t.pid}
+            for t in self.store.trials(exp.id)]}
+
+    def op_curves(self, args: dict[str, Any]) -> dict[str, Any]:
+        assert self.store is not None
+        exp = self._experiment(args)
+        metric = args.get("metric") or exp.spec.get("reward_attr", "accuracy")
+        time_attr = exp.spec.get("time_attr")
+        curves = {}
+        for number, reports in self.store.history(exp.id).items():
+            xs, ys = curve_points(reports, metric, time_attr)
+            if xs:
+                curves[str(number)] = [xs, ys]
+        return {"experiment": exp.name, "metric": metric, "time_attr": time_attr,
+                "curves": curves}
+
+    def op_submit(self, args: dict[str, Any]) -> dict[str, Any]:
+        from tuned.specfile import parse_spec_text
+
+        text, filename = args.get("text"), args.get("filename", "spec.toml")
+        if not isinstance(text, str):
+            raise OpError("bad_request", "submit needs the spec's 'text'")
+        try:
+            spec = parse_spec_text(text, filename, args.get("workdir"))
+        except SpecError as exc:
+            raise OpError("invalid", str(exc)) from None
+        return self.submit(spec)
+
+    def op_stop(self, args: dict[str, Any]) -> dict[str, Any]:
+        runner = self._runner(args)
+        runner.engine.stop()
+        return {"experiment": runner.engine.experiment.name, "state": "STOPPED"}
+
+    def op_pause(self, args: dict[str, Any]) -> dict[str, Any]:
+        runner = self._runner(args)
+        runner.engine.pause()
+        return {"experiment": runner.engine.experiment.name, "state": "PAUSED"}
+
+    def op_resume(self, args: dict[str, Any]) -> dict[str, Any]:
+        runner = self._runner(args)
+        runner.engine.resume()
+        return {"experiment": runner.engine.experiment.name, "state": "RUNNING"}
+
+    def op_kill(self, args: dict[str, Any]) -> dict[str, Any]:
+        runner = self._runner(args)
+        number = args.get("trial")
+        if not isinstance(number, int) or not runner.engine.kill_trial(number):
+            raise OpError("not_found", f"no running trial {number!r} in "
+                                       f"{runner.engine.experiment.name!r}")
+        return {"experiment": runner.engine.experiment.name, "trial": number, "killed": True}
+
+    def op_logs(self, args: dict[str, Any]) -> dict[str, Any]:
+        exp = self._experiment(args)
+        number = args.get("trial")
+        if not isinstance(number, int):
+            raise OpError("bad_request", "logs needs a trial number")
+        path = os.path.join(self.state_dir, "logs", exp.name, f"trial-{number}.log")
+        offset = int(args.get("offset", 0))
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if offset < 0:
+                    offset = max(0, size + offset)
+                f.seek(offset)
+                data = f.read(256 * 1024)
+        except FileNotFoundError:
+            raise OpError("not_found", f"no log for trial {number} of {exp.name!r}") from None
+        return {"experiment": exp.name, "trial": number, "offset": offset + len(data),
+                "text": data.decode(errors="replace")}
+
+
+OPS = ("hello", "status", "experiments", "trials", "best", "curves", "submit", "stop", "pause",
+       "resume", "kill", "logs")
