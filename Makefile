@@ -13,9 +13,10 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-* && touch $@
 
 demo: $(STAMP)
-	$(PY) examples/search_algorithms.py --out demo-output
-	@echo; echo "== the experiments in demo-output/tuned-runs/tuned.db"
-	$(VENV)/bin/tuned experiments --db demo-output/tuned-runs/tuned.db
+	$(PY) examples/daemon_demo.py --out demo-output
+	@echo; echo "== the same tutorial in-process (import tuned as ag)"
+	$(PY) examples/search_algorithms.py --out demo-output/in-process
+	$(VENV)/bin/tuned experiments --db demo-output/in-process/tuned-runs/tuned.db
 
 test: $(STAMP)
 	$(PY) -m ruff check tuned tests examples benchmarks

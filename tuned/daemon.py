@@ -290,6 +290,9 @@ class Daemon:
             spec, _ = complete_spec(spec)
         except SpecError as exc:
             raise OpError("invalid", str(exc)) from None
+        if spec.seed is None:
+            # Chosen once and stored, so that a restart goes on with the same streams.
+            spec.seed = int.from_bytes(os.urandom(4), "little")
         record = spec.to_dict()
         record["constants"] = json_safe(record["constants"])
         try:

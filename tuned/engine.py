@@ -47,7 +47,8 @@ def make_scheduler(spec: ExperimentSpec) -> TrialScheduler:
         return FIFOScheduler(**options)
     from tuned.schedulers.hyperband import HyperbandStopping
 
-    options.setdefault("seed", spec.seed)
+    if spec.seed is not None:
+        options.setdefault("seed", spec.seed)
     if options.get("max_t") is None:
         raise ValueError("scheduler_options.max_t: Hyperband needs the maximum of time_attr "
                          "(give max_t, or an 'epochs' or 'max_t' argument)")
@@ -95,6 +96,8 @@ class Engine:
                  constants: dict[str, Any] | None = None,
                  resources: ResourcePool | None = None,
                  clock: Callable[[], float] = time.monotonic):
+        if spec.seed is None:
+            raise ValueError("seed: the engine needs the experiment's seed (it is stored)")
         self.store = store
         self.experiment = experiment
         self.spec = spec

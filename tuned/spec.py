@@ -58,7 +58,7 @@ class ExperimentSpec:
     reward_attr: str = "accuracy"
     time_attr: str | None = "epoch"
     mode: str = "max"
-    seed: int = 0
+    seed: int | None = None
     num_cpus: float = 1
     num_gpus: int = 0
     max_concurrent: int | None = None
@@ -139,8 +139,8 @@ def _check_values(v: dict[str, Any], problems: list[str]) -> None:
         problems.append(f"reward_attr: must be a metric name, got {v['reward_attr']!r}")
     if v.get("time_attr") is not None and not isinstance(v["time_attr"], str):
         problems.append(f"time_attr: must be a metric name, got {v['time_attr']!r}")
-    seed = v.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+    seed = v.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
         problems.append(f"seed: must be an integer >= 0, got {seed!r}")
     cpus = v.get("num_cpus", 1)
     if not _is_number(cpus) or cpus <= 0:
