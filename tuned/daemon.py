@@ -88,6 +88,9 @@ class Daemon:
         self.spool: Any = None
         self.notifier = Notifier(unset_environment=True)
         self._next_chores = 0.0
+        # systemd wants a ping every half of WatchdogSec at the least.
+        self._chore_interval = min(CHORE_INTERVAL,
+                                   self.notifier.watchdog_interval() or CHORE_INTERVAL)
 
     # -- life ----------------------------------------------------------------------------
 
@@ -128,7 +131,7 @@ class Daemon:
         if self.spool.pending() or self.spool.due():
             self.spool.poll()
         if now >= self._next_chores:
-            self._next_chores = now + CHORE_INTERVAL
+            self._next_chores = now + self._chore_interval
             self.server.sweep()
             self.notifier.watchdog()
             self.notifier.status(self._status_line())
