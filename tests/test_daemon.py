@@ -283,3 +283,38 @@ def test_junk_on_the_socket_gets_an_error_and_the_daemon_stays_up(daemon):
         answer = json.loads(s.makefile().readline())
     assert answer["error"]["code"] == "bad_json"
     assert daemon.ctl("status").returncode == 0
+
+
+def test_a_silent_trial_is_killed_after_report_timeout_and_retried(daemon, tmp_path):
+    marker = tmp_path / "hung-once"
+    hang = tmp_path / "hang.py"
+    hang.write_text(textwrap.dedent(f"""
+        import os, time
+        import tuned
+
+        @tuned.args(x=tuned.space.Real(0, 1))
+        def train(args, reporter):
+            if not os.path.exists({str(marker)!r}):
+                open({str(marker)!r}, "w").close()
+                time.sleep(600)
+            reporter(accuracy=args.x)
+    """))
+    assert daemon.ctl("submit", _spec(tmp_path, "hang", f"""
+        name = "hang"
+        entry = "{hang}:train"
+        num_trials = 1
+        report_timeout = 1.0
+        max_retries = 1
+        time_attr = "epoch"
+    """)).returncode == 0
+    done = daemon.wait_state("hang", ("COMPLETED",), timeout=30)
+    assert done["trials"] == {"COMPLETED": 1}
+    (trial,) = daemon.json("trials", "hang")["trials"]
+    assert trial["attempt"] == 2
+
+
+def test_a_scheduled_experiment_waits_for_its_time(daemon, tmp_path):
+    path = _toy_spec(tmp_path, "later", trials=2, extra='schedule = "0 3 1 1 *"')
+    assert daemon.json("submit", path)["state"] == "SCHEDULED"
+    assert daemon.json("status", "later")["experiments"][0]["state"] == "SCHEDULED"
+    assert daemon.json("status", "later")["experiments"][0]["trials"] == {}

@@ -21,6 +21,7 @@ import selectors
 import signal
 import socket
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,8 @@ log = logging.getLogger("tuned.daemon")
 FINISHED_EXPERIMENT_STATES = ("COMPLETED", "STOPPED", "FAILED")
 # Seconds between the loop's chores: watchdog ping, idle-client sweep, status line.
 CHORE_INTERVAL = 1.0
+STALE_SWEEP_SECONDS = 1.0
+WAL_CHECKPOINT_SECONDS = 60.0
 
 
 class AlreadyServing(RuntimeError):
@@ -87,6 +90,8 @@ class Daemon:
         self.server: Any = None
         self.spool: Any = None
         self.notifier = Notifier(unset_environment=True)
+        self.jobs: Any = None
+        self._tasks: deque[Any] = deque()
         self._next_chores = 0.0
         # systemd wants a ping every half of WatchdogSec at the least.
         self._chore_interval = min(CHORE_INTERVAL,
@@ -113,6 +118,7 @@ class Daemon:
         self.selector.register(self.spool.fileno(), selectors.EVENT_READ, "spool")
         self.spool.start()
         self.spool.scan()
+        self._start_jobs()
         log.info("serving %s on %s (%d experiment(s) resumed, %g CPUs, %d GPU(s))",
                  self.state_dir, self.socket_path, len(self.runners),
                  self.resources.cpus_total, len(self.resources.gpus.order))
@@ -125,8 +131,73 @@ class Daemon:
             self.notifier.stopping()
             self._shutdown()
 
+    # -- jobs (APScheduler) ---------------------------------------------------------------
+
+    def _start_jobs(self) -> None:
+        """Periodic and cron jobs. APScheduler runs them in its own thread, so each job only
+        posts a task to the loop (`_post`); the loop does the work.
+
+        coalesce: a job that missed several runs (the machine slept, the loop was busy) runs
+        once, not once per miss. misfire_grace_time: periodic chores may run late by up to
+        their period; a cron start may run up to an hour late (a daemon restarted at 03:20
+        still starts the 03:00 experiment), not later.
+        """
+        from apscheduler.schedulers.background import BackgroundScheduler
+
+        self.jobs = BackgroundScheduler(timezone="UTC", daemon=True, job_defaults={
+            "coalesce": True, "max_instances": 1, "misfire_grace_time": 30})
+        self.jobs.add_job(self._post, "interval", seconds=STALE_SWEEP_SECONDS,
+                          args=["sweep"], id="stale-trial-sweep")
+        self.jobs.add_job(self._post, "interval", seconds=WAL_CHECKPOINT_SECONDS,
+                          args=["wal_checkpoint"], id="wal-checkpoint")
+        self.jobs.start()
+        assert self.store is not None
+        for exp in self.store.experiments():
+            if exp.state == "SCHEDULED":
+                self._schedule(exp.id, exp.spec["schedule"])
+
+    def _schedule(self, experiment_id: int, cron: str) -> None:
+        from apscheduler.triggers.cron import CronTrigger
+
+        self.jobs.add_job(self._post, CronTrigger.from_crontab(cron, timezone="UTC"),
+                          args=[("start", experiment_id)], id=f"start-{experiment_id}",
+                          misfire_grace_time=3600, replace_existing=True)
+
+    def _post(self, task: Any) -> None:
+        """From any thread: hand a task to the loop and wake it."""
+        self._tasks.append(task)
+        try:
+            self._wake_w.send(b"t")
+        except OSError:
+            pass
+
+    def _run_tasks(self) -> None:
+        while self._tasks:
+            task = self._tasks.popleft()
+            if task == "sweep":
+                for runner in self.runners.values():
+                    for number in runner.engine.sweep_stale():
+                        log.warning("trial %d of %s sent no report within report_timeout; "
+                                    "killed", number, runner.engine.experiment.name)
+            elif task == "wal_checkpoint" and self.store is not None:
+                self.store.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            elif isinstance(task, tuple) and task[0] == "start":
+                self._start_scheduled(task[1])
+
+    def _start_scheduled(self, experiment_id: int) -> None:
+        assert self.store is not None
+        exp = self.store.experiment(experiment_id)
+        if exp.state != "SCHEDULED" or experiment_id in self.runners:
+            return
+        self.store.set_experiment_state(experiment_id, "RUNNING")
+        self._start_runner(experiment_id)
+        self.jobs.remove_job(f"start-{experiment_id}")
+        log.info("experiment %s started by its schedule %r", exp.name, exp.spec["schedule"])
+
     def _housekeeping(self) -> None:
-        """The periodic chores of the loop: watchdog ping, idle clients, spool scan."""
+        """The periodic chores of the loop: posted tasks, watchdog ping, idle clients, spool
+        scan."""
+        self._run_tasks()
         now = self.clock()
         if self.spool.pending() or self.spool.due():
             self.spool.poll()
@@ -181,6 +252,8 @@ class Daemon:
             runner.engine.abandon()
             runner.executor.close_spares()
         self.runners.clear()
+        if self.jobs is not None:
+            self.jobs.shutdown(wait=False)
         if self.spool is not None:
             self.spool.close()
         if self.server is not None:
@@ -243,7 +316,7 @@ class Daemon:
     def _recover(self) -> None:
         assert self.store is not None
         for exp in self.store.experiments():
-            if exp.state in FINISHED_EXPERIMENT_STATES:
+            if exp.state in FINISHED_EXPERIMENT_STATES or exp.state == "SCHEDULED":
                 continue
             self._kill_leftovers(exp.id)
             try:
@@ -298,13 +371,18 @@ class Daemon:
             spec.seed = int.from_bytes(os.urandom(4), "little")
         record = spec.to_dict()
         record["constants"] = json_safe(record["constants"])
+        state = "SCHEDULED" if spec.schedule else "RUNNING"
         try:
-            exp = self.store.create_experiment(spec.name, record)
+            exp = self.store.create_experiment(spec.name, record, state=state)
         except NameTaken as exc:
             raise OpError("conflict", str(exc)) from None
-        self._start_runner(exp.id)
-        log.info("experiment %s submitted", spec.name)
-        return {"experiment": spec.name, "id": exp.id}
+        if spec.schedule:
+            self._schedule(exp.id, spec.schedule)
+            log.info("experiment %s submitted; starts on %r (UTC)", spec.name, spec.schedule)
+        else:
+            self._start_runner(exp.id)
+            log.info("experiment %s submitted", spec.name)
+        return {"experiment": spec.name, "id": exp.id, "state": state}
 
     # -- ops -----------------------------------------------------------------------------
 

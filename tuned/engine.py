@@ -72,6 +72,7 @@ class _Live:
     error: str | None = None
     failure: str | None = None
     grant: Grant | None = None
+    last_seen: float = 0.0
 
 
 class Engine:
@@ -260,7 +261,8 @@ class Engine:
             self.executor.kill(trial.id)
             self.resources.give(grant)
             raise RuntimeError(f"trial {trial.number} was claimed by someone else")
-        self.live[trial.id] = _Live(trial, last_seq=trial.last_seq, grant=grant)
+        self.live[trial.id] = _Live(trial, last_seq=trial.last_seq, grant=grant,
+                                    last_seen=self.clock())
 
     # -- events --------------------------------------------------------------------------
 
@@ -289,6 +291,7 @@ class Engine:
 
     def _report(self, live: _Live, body: dict[str, Any]) -> None:
         trial = live.trial
+        live.last_seen = self.clock()
         seq = body.get("seq")
         metrics = body.get("metrics")
         if live.failure is not None:
@@ -447,6 +450,20 @@ class Engine:
             for trial in self.store.trials(self.experiment.id, ("PENDING", "PAUSED")):
                 self.store.finish_trial(trial.id, TrialState.FAILED, "stopped by the user")
             self.store.set_experiment_state(self.experiment.id, "STOPPED")
+
+    def sweep_stale(self) -> list[int]:
+        """Kill the trials silent for longer than the spec's `report_timeout` (since their
+        start or their last report); they end FAILED, or run again while `max_retries`
+        allows. Returns their numbers."""
+        timeout = self.spec.report_timeout
+        if timeout is None:
+            return []
+        now, stale = self.clock(), []
+        for live in self.live.values():
+            if live.failure is None and now - live.last_seen > timeout:
+                self._fail(live, f"no report for {timeout:g} s (report_timeout)")
+                stale.append(live.trial.number)
+        return stale
 
     def kill_trial(self, number: int) -> bool:
         """SIGKILL one running trial (by number); it ends FAILED. False if it is not running."""
