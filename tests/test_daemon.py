@@ -183,6 +183,8 @@ def test_pause_resume_and_stop(daemon, tmp_path):
         name = "slow2"
         entry = "{slow}:train"
         num_trials = 10
+        [constants]
+        epochs = 400
     """)).returncode == 0
     time.sleep(0.5)
     running = [t for t in daemon.json("trials", "slow2")["trials"] if t["state"] == "RUNNING"]
@@ -318,3 +320,55 @@ def test_a_scheduled_experiment_waits_for_its_time(daemon, tmp_path):
     assert daemon.json("submit", path)["state"] == "SCHEDULED"
     assert daemon.json("status", "later")["experiments"][0]["state"] == "SCHEDULED"
     assert daemon.json("status", "later")["experiments"][0]["trials"] == {}
+
+
+def _argv_probe(tmp_path: Path) -> Path:
+    probe = tmp_path / "probe.py"
+    probe.write_text(textwrap.dedent("""
+        import os, sys
+        import tuned
+
+        IMPORTED_IN = os.getpid()
+
+        @tuned.args(x=tuned.space.Real(0, 1))
+        def train(args, reporter):
+            reporter(accuracy=args.x, spawned="--trial" in sys.argv,
+                     imported_here=IMPORTED_IN == os.getpid())
+    """))
+    return probe
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_trials_come_from_the_template_or_a_fresh_interpreter(daemon, tmp_path, method):
+    probe = _argv_probe(tmp_path)
+    assert daemon.ctl("submit", _spec(tmp_path, method, f"""
+        name = "{method}"
+        entry = "{probe}:train"
+        num_trials = 3
+        start_method = "{method}"
+    """)).returncode == 0
+    daemon.wait_state(method, ("COMPLETED",))
+    with daemon.db() as c:
+        rows = [json.loads(r[0]) for r in c.execute(
+            "SELECT r.metrics FROM reports r JOIN trials t ON t.id = r.trial_id "
+            "JOIN experiments e ON e.id = t.experiment_id WHERE e.name = ?", (method,))]
+    assert len(rows) == 3
+    # Forked trials run the module their template imported; spawned ones import it anew.
+    assert all(r["spawned"] == (method == "spawn") for r in rows)
+    assert all(r["imported_here"] == (method == "spawn") for r in rows)
+
+
+def test_an_entry_that_fails_to_import_is_refused(daemon, tmp_path):
+    broken = tmp_path / "broken.py"
+    broken.write_text("raise RuntimeError('this module cannot be imported')\n")
+    out = daemon.ctl("submit", _spec(tmp_path, "broken", f"""
+        name = "broken"
+        entry = "{broken}:train"
+        num_trials = 1
+        [space]
+        x = {{type = "real", lower = 0, upper = 1}}
+    """))
+    assert out.returncode == 1
+    assert "entry" in out.stderr and "cannot be imported" in out.stderr
+    assert daemon.ctl("status", "broken").returncode == 4
+    assert daemon.ctl("status").returncode == 0

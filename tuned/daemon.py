@@ -30,7 +30,8 @@ from tuned import __version__
 from tuned.control import ControlServer
 from tuned.curves import curve_points
 from tuned.engine import Engine
-from tuned.executors.local import Exited, LocalExecutor, Message
+from tuned.executors.local import Exited, Message
+from tuned.executors.template import TemplateError, TemplateExecutor
 from tuned.gpus import discover_gpus
 from tuned.notify import Notifier
 from tuned.resources import ResourcePool
@@ -38,7 +39,6 @@ from tuned.scheduler import available_cpus
 from tuned.spec import ExperimentSpec, SpecError, json_safe
 from tuned.spool import Spool
 from tuned.store import NameTaken, NotFound, Store
-from tuned.worker import make_runner
 
 log = logging.getLogger("tuned.daemon")
 
@@ -67,7 +67,7 @@ class Runner:
     """One experiment running in the daemon."""
 
     engine: Engine
-    executor: LocalExecutor
+    executor: TemplateExecutor
 
 
 class Daemon:
@@ -143,6 +143,9 @@ class Daemon:
         still starts the 03:00 experiment), not later.
         """
         from apscheduler.schedulers.background import BackgroundScheduler
+
+        # Its INFO lines (one per job run) would drown the daemon's own.
+        logging.getLogger("apscheduler").setLevel(logging.WARNING)
 
         self.jobs = BackgroundScheduler(timezone="UTC", daemon=True, job_defaults={
             "coalesce": True, "max_instances": 1, "misfire_grace_time": 30})
@@ -251,6 +254,7 @@ class Daemon:
         for runner in self.runners.values():
             runner.engine.abandon()
             runner.executor.close_spares()
+            runner.executor.close_template()
         self.runners.clear()
         if self.jobs is not None:
             self.jobs.shutdown(wait=False)
@@ -308,6 +312,7 @@ class Daemon:
                 runner.engine.step(batch)
             if runner.engine.finished:
                 runner.engine.close()
+                runner.executor.close_template()
                 del self.runners[exp_id]
                 log.info("experiment %s finished", runner.engine.experiment.name)
 
@@ -336,19 +341,19 @@ class Daemon:
                 except (ProcessLookupError, PermissionError):
                     pass
 
-    def _start_runner(self, experiment_id: int) -> Runner:
-        from tuned.specfile import complete_spec
-
+    def _start_runner(self, experiment_id: int,
+                      executor: TemplateExecutor | None = None) -> Runner:
+        """Run a stored experiment: its template (unless given), its engine, recovered."""
         assert self.store is not None
         exp = self.store.experiment(experiment_id)
-        spec, fn = complete_spec(ExperimentSpec.from_dict(exp.spec))
-        if fn is None:
+        spec = ExperimentSpec.from_dict(exp.spec)
+        if spec.entry is None:
             raise SpecError(["command: command trials are not supported by this daemon yet"])
-        executor = LocalExecutor(make_runner(fn, spec.constants), kill_with_parent=False,
-                                 spares=0, clock=self.clock, selector=self.selector)
+        log_dir = os.path.join(self.state_dir, "logs", exp.name)
+        if executor is None:
+            executor = self._template(spec, log_dir)
         slots = spec.max_concurrent or 1 << 30
-        engine = Engine(self.store, exp, spec, fn,
-                        os.path.join(self.state_dir, "logs", exp.name), slots,
+        engine = Engine(self.store, exp, spec, _never_called, log_dir, slots,
                         executor=executor, resources=self.resources, clock=self.clock)
         engine.paused = exp.state == "PAUSED"
         engine.start()
@@ -356,33 +361,64 @@ class Daemon:
         self.runners[exp.id] = runner
         return runner
 
+    def _template(self, spec: ExperimentSpec, log_dir: str) -> TemplateExecutor:
+        """Start the experiment's template process; SpecError when it cannot load the entry."""
+        os.makedirs(log_dir, exist_ok=True)
+        try:
+            return TemplateExecutor(spec.entry, spec.workdir, spec.constants,
+                                    os.path.join(log_dir, "template.log"),
+                                    start_method=spec.start_method, clock=self.clock,
+                                    selector=self.selector)
+        except TemplateError as exc:
+            raise SpecError([f"entry: {exc}"]) from None
+
     def submit(self, spec: ExperimentSpec) -> dict[str, Any]:
         """Store a new experiment and start it; OpError `conflict` if the name is taken,
-        `invalid` if its entry cannot be loaded."""
+        `invalid` if the spec is wrong or its entry cannot be loaded (by its template: the
+        daemon never imports user code)."""
         from tuned.specfile import complete_spec
 
         assert self.store is not None
-        try:
-            spec, _ = complete_spec(spec)
-        except SpecError as exc:
-            raise OpError("invalid", str(exc)) from None
         if spec.seed is None:
             # Chosen once and stored, so that a restart goes on with the same streams.
             spec.seed = int.from_bytes(os.urandom(4), "little")
-        record = spec.to_dict()
-        record["constants"] = json_safe(record["constants"])
-        state = "SCHEDULED" if spec.schedule else "RUNNING"
+        if spec.command is not None:
+            raise OpError("invalid", "command: specs with a command are not run by this "
+                                     "daemon yet; give an entry")
+        executor = None
         try:
+            if self.store_has(spec.name):
+                raise OpError("conflict", f"an experiment named {spec.name!r} exists already")
+            if spec.entry is not None:
+                executor = self._template(spec, os.path.join(self.state_dir, "logs", spec.name))
+            spec, _ = complete_spec(spec, resolve=_described_by(executor))
+            record = spec.to_dict()
+            record["constants"] = json_safe(record["constants"])
+            state = "SCHEDULED" if spec.schedule else "RUNNING"
             exp = self.store.create_experiment(spec.name, record, state=state)
-        except NameTaken as exc:
-            raise OpError("conflict", str(exc)) from None
+        except (SpecError, NameTaken, OpError) as exc:
+            if executor is not None:
+                executor.close_template()
+            if isinstance(exc, OpError):
+                raise
+            code = "conflict" if isinstance(exc, NameTaken) else "invalid"
+            raise OpError(code, str(exc)) from None
         if spec.schedule:
+            executor.close_template()
             self._schedule(exp.id, spec.schedule)
             log.info("experiment %s submitted; starts on %r (UTC)", spec.name, spec.schedule)
         else:
-            self._start_runner(exp.id)
+            self._start_runner(exp.id, executor)
             log.info("experiment %s submitted", spec.name)
         return {"experiment": spec.name, "id": exp.id, "state": state}
+
+    def store_has(self, name: str) -> bool:
+        assert self.store is not None
+        try:
+            self.store.experiment(name)
+        except NotFound:
+            return False
+        return True
 
     # -- ops -----------------------------------------------------------------------------
 
@@ -516,6 +552,24 @@ class Daemon:
             raise OpError("not_found", f"no log for trial {number} of {exp.name!r}") from None
         return {"experiment": exp.name, "trial": number, "offset": offset + len(data),
                 "text": data.decode(errors="replace")}
+
+
+def _never_called(args: Any, reporter: Any) -> None:  # pragma: no cover
+    raise RuntimeError("the daemon's trials run the function their template imported")
+
+
+def _described_by(executor: TemplateExecutor | None):
+    """A resolver for complete_spec that reads the entry's description off its template."""
+
+    def resolve(entry: str, workdir: str | None):
+        from tuned.space import Space
+
+        assert executor is not None
+        space = executor.entry_space
+        return None, (Space.from_json(space) if space is not None else None), \
+            dict(executor.entry_constants)
+
+    return resolve
 
 
 OPS = ("hello", "status", "experiments", "trials", "best", "curves", "submit", "stop", "pause",

@@ -291,7 +291,11 @@ def _describe(exc: BaseException) -> str:
 
 # -- completing specs ------------------------------------------------------------------------
 
-def complete_spec(spec: ExperimentSpec) -> tuple[ExperimentSpec, Callable | None]:
+Resolver = Callable[[str, "str | None"], "tuple[Callable | None, Space | None, dict[str, Any]]"]
+
+
+def complete_spec(spec: ExperimentSpec, resolve: Resolver | None = None
+                  ) -> tuple[ExperimentSpec, Callable | None]:
     """The spec made ready to run, and its entry function (None for a command spec).
 
     For an entry spec: the function is imported (`resolve_entry`); the space is the spec's
@@ -301,14 +305,16 @@ def complete_spec(spec: ExperimentSpec) -> tuple[ExperimentSpec, Callable | None
     from an integer `epochs` or `max_t` constant, as the in-process API does. Finally the
     searcher and the scheduler are built once to check their options. Constants keep the
     function's live values: ones JSON cannot hold must be made JSON-safe before `to_dict`
-    is stored. Raises SpecError listing every problem.
+    is stored. `resolve` (default `resolve_entry`, which imports the entry in this process)
+    gives (function or None, its space or None, its constants): the daemon passes one that
+    asks the experiment's template process instead. Raises SpecError listing every problem.
     """
     fn: Callable | None = None
     constants = dict(spec.constants)
     space = spec.space
     problems: list[str] = []
     if spec.entry is not None:
-        fn, fn_space, fn_constants = resolve_entry(spec.entry, spec.workdir)
+        fn, fn_space, fn_constants = (resolve or resolve_entry)(spec.entry, spec.workdir)
         constants = {**fn_constants, **spec.constants}
         if not spec.space:
             if fn_space is None:

@@ -74,6 +74,9 @@ class LocalExecutor:
     trials outlive a restart and are adopted.
     """
 
+    # Children without a pidfd (old kernels) are polled with waitpid.
+    _polls_exits = True
+
     def __init__(self, runner: Callable[[dict[str, Any], socket.socket], int],
                  kill_with_parent: bool = True, spares: int = 1,
                  clock: Callable[[], float] = time.monotonic,
@@ -87,7 +90,6 @@ class LocalExecutor:
         self._sel = selector or selectors.DefaultSelector()
         self._children: dict[int, _Child] = {}
         self._spare: list[_Child] = []
-        self._libc = ctypes.CDLL(None, use_errno=True) if kill_with_parent else None
 
     # -- launching -----------------------------------------------------------------------
 
@@ -125,46 +127,22 @@ class LocalExecutor:
         parent_pid = os.getpid()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child, which leaves by os._exit
-            code = 70
-            try:
-                parent_end.close()
-                self._become_spare(parent_pid)
-                order = _read_order(child_end)
-                if order is not None:
-                    _redirect_output(order["log"])
-                    code = self.runner(order["payload"], child_end)
-            except BaseException:
-                import traceback
-
-                traceback.print_exc()
-            finally:
-                try:
-                    sys.stdout.flush()
-                    sys.stderr.flush()
-                finally:
-                    os._exit(code if isinstance(code, int) else 1)
+            parent_end.close()
+            self._close_others()
+            spare_main(self.runner, child_end, parent_pid, self.kill_with_parent)
         child_end.close()
         # Never blocks: an answer that does not fit in the socket buffer means the trial
         # stopped reading, and `send` says so rather than stall the engine.
         parent_end.setblocking(False)
         return _Child(-1, pid, parent_end, self._pidfd(pid))
 
-    def _become_spare(self, parent_pid: int) -> None:
-        """In the child: own session, no descriptors of other trials, default signals."""
-        os.setsid()
+    def _close_others(self) -> None:
+        """In a forked child: close the executor's descriptors of other trials."""
         for other in [*self._children.values(), *self._spare]:
             other.sock.close()
             if other.pidfd is not None:
                 os.close(other.pidfd)
         self._sel = None
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        _batch_scheduling()
-        _prepare_output()
-        if self._libc is not None:
-            self._libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-            if os.getppid() != parent_pid:
-                os._exit(70)
 
     @staticmethod
     def _pidfd(pid: int) -> int | None:
@@ -296,7 +274,7 @@ class LocalExecutor:
                 child.kill_at = now + 1.0
             wait = max(0.0, child.kill_at - now)
             timeout = wait if timeout is None else min(timeout, wait)
-        if any(c.pidfd is None for c in self._children.values()):
+        if self._polls_exits and any(c.pidfd is None for c in self._children.values()):
             timeout = 0.01 if timeout is None else min(timeout, 0.01)
         return timeout
 
@@ -337,6 +315,10 @@ class LocalExecutor:
         pid, status = os.waitpid(child.pid, 0 if block else os.WNOHANG)
         if pid == 0:
             return
+        self._exited(child, os.waitstatus_to_exitcode(status), events)
+
+    def _exited(self, child: _Child, code: int, events: list[Message | Exited]) -> None:
+        """A trial's process ended with `code`: read what it left, clean up, emit Exited."""
         self._read(child, events)
         if child.sock_open:
             self._close_channel(child)
@@ -346,7 +328,7 @@ class LocalExecutor:
         # The leader is gone; anything it left in its group goes with it.
         self._signal_group(child, signal.SIGKILL)
         del self._children[child.trial_id]
-        events.append(Exited(child.trial_id, os.waitstatus_to_exitcode(status)))
+        events.append(Exited(child.trial_id, code))
 
 
 def _parse(trial_id: int, line: bytes) -> Message:
@@ -357,6 +339,46 @@ def _parse(trial_id: int, line: bytes) -> Message:
     if not isinstance(body, dict):
         return Message(trial_id, None, f"not a JSON object: {line[:80]!r}")
     return Message(trial_id, body)
+
+
+def spare_main(runner: Callable[[dict[str, Any], socket.socket], int], channel: socket.socket,
+               parent_pid: int, kill_with_parent: bool) -> None:  # pragma: no cover - child
+    """A freshly forked child's life: become a session leader, wait on `channel` for the
+    trial's order (payload and log path), run `runner(payload, channel)` with its output in
+    the log, and leave with its exit code (never returns)."""
+    code = 70
+    try:
+        become_spare(parent_pid, kill_with_parent)
+        order = _read_order(channel)
+        if order is not None:
+            _redirect_output(order["log"])
+            code = runner(order["payload"], channel)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code if isinstance(code, int) else 1)
+
+
+def become_spare(parent_pid: int, kill_with_parent: bool) -> None:
+    """In a forked child: own session, default signals, batch scheduling, output bound to
+    fds 1 and 2; with `kill_with_parent`, SIGKILL when the parent dies."""
+    os.setsid()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    _batch_scheduling()
+    _prepare_output()
+    if kill_with_parent:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent_pid:
+            os._exit(70)
 
 
 def _read_order(sock: socket.socket) -> dict[str, Any] | None:
