@@ -372,3 +372,23 @@ def test_an_entry_that_fails_to_import_is_refused(daemon, tmp_path):
     assert "entry" in out.stderr and "cannot be imported" in out.stderr
     assert daemon.ctl("status", "broken").returncode == 4
     assert daemon.ctl("status").returncode == 0
+
+
+def test_watch_streams_starts_reports_and_ends(daemon, tmp_path):
+    code = "import sys; from tuned.cli import tunectl_main; sys.argv[0] = 'x'; tunectl_main()"
+    watcher = subprocess.Popen([sys.executable, "-c", code, "--socket", daemon.sock, "--json",
+                                "watch"], stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)  # the watcher is connected and subscribed
+        assert daemon.ctl("submit", _toy_spec(tmp_path, "watched", trials=3)).returncode == 0
+        daemon.wait_state("watched", ("COMPLETED",))
+        time.sleep(0.5)
+    finally:
+        watcher.send_signal(signal.SIGINT)
+        out, _ = watcher.communicate(timeout=10)
+    events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    kinds = [(e["event"], e["trial"]) for e in events if e.get("experiment") == "watched"]
+    for trial in range(3):
+        assert ("start", trial) in kinds and ("end", trial) in kinds
+        assert kinds.count(("report", trial)) == 10
+    assert all(e["topic"] == "exp/watched" for e in events)

@@ -285,3 +285,45 @@ def ctl_logs(ctl: Ctl, experiment: str, trial: int, follow: bool) -> None:
         time.sleep(0.5)
         data = ctl.call("logs", experiment=experiment, trial=trial, offset=data["offset"])
         click.echo(data["text"], nl=False)
+
+
+@tunectl_main.command("watch")
+@click.argument("experiment", required=False)
+@click.pass_obj
+def ctl_watch(ctl: Ctl, experiment: str | None) -> None:
+    """Follow trials live: a line per start, report and end (Ctrl-C to leave)."""
+    from tuned.control import ControlClient, ControlError, DaemonNotRunning
+    from tuned.protocol import ProtocolError
+
+    args = {"experiment": experiment} if experiment else {}
+    try:
+        with ControlClient(ctl.socket_path) as client:
+            frames = client.stream("watch", **args)
+            first = next(frames)
+            if not ctl.as_json:
+                for e in first["experiments"]:
+                    click.echo(f"{e['experiment']}: {e['state']} {e['trials']}")
+            for frame in frames:
+                click.echo(json.dumps(frame) if ctl.as_json else _event_line(frame))
+    except KeyboardInterrupt:
+        return
+    except DaemonNotRunning as exc:
+        click.echo(f"error: no tuned daemon at {ctl.socket_path} ({exc})", err=True)
+        sys.exit(EXIT_NO_DAEMON)
+    except (ControlError, ProtocolError) as exc:
+        click.echo(f"error: {getattr(exc, 'message', exc)}", err=True)
+        sys.exit(getattr(exc, "exit_code", EXIT_ERROR))
+
+
+def _event_line(event: dict[str, Any]) -> str:
+    head = f"{event.get('experiment')} trial {event.get('trial')}"
+    kind = event.get("event")
+    if kind == "start":
+        return f"{head} started (attempt {event['attempt']}) {json.dumps(event['config'])}"
+    if kind == "report":
+        return (f"{head} report {event['seq']}: reward {event['reward']:.6g} at "
+                f"{event['time']:g} -> {event['decision']}")
+    if kind == "end":
+        return f"{head} ended {event['state']}" + (f": {event['error']}" if event["error"]
+                                                    else "")
+    return json.dumps(event)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tuned import __version__
-from tuned.control import ControlServer
+from tuned.control import ControlServer, Subscribe
 from tuned.curves import curve_points
 from tuned.engine import Engine
 from tuned.executors.local import Exited, Message
@@ -353,8 +353,10 @@ class Daemon:
         if executor is None:
             executor = self._template(spec, log_dir)
         slots = spec.max_concurrent or 1 << 30
+        topic = f"exp/{exp.name}"
         engine = Engine(self.store, exp, spec, _never_called, log_dir, slots,
-                        executor=executor, resources=self.resources, clock=self.clock)
+                        executor=executor, resources=self.resources, clock=self.clock,
+                        on_event=lambda event: self._publish(topic, exp.name, event))
         engine.paused = exp.state == "PAUSED"
         engine.start()
         runner = Runner(engine, executor)
@@ -534,6 +536,17 @@ class Daemon:
                                        f"{runner.engine.experiment.name!r}")
         return {"experiment": runner.engine.experiment.name, "trial": number, "killed": True}
 
+    def _publish(self, topic: str, experiment: str, event: dict[str, Any]) -> None:
+        if self.server is not None:
+            self.server.broadcast({"experiment": experiment, **event}, topic)
+
+    def op_watch(self, args: dict[str, Any]) -> Subscribe:
+        """Stream events: trial starts, reports and ends (of EXPERIMENT, or of all)."""
+        if args.get("experiment"):
+            exp = self._experiment(args)
+            return Subscribe(f"exp/{exp.name}", first={"ok": True, **self.op_status(args)})
+        return Subscribe(None, first={"ok": True, **self.op_status({})})
+
     def op_logs(self, args: dict[str, Any]) -> dict[str, Any]:
         exp = self._experiment(args)
         number = args.get("trial")
@@ -573,4 +586,4 @@ def _described_by(executor: TemplateExecutor | None):
 
 
 OPS = ("hello", "status", "experiments", "trials", "best", "curves", "submit", "stop", "pause",
-       "resume", "kill", "logs")
+       "resume", "kill", "logs", "watch")

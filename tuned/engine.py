@@ -84,6 +84,8 @@ class Engine:
     the in-process API passes the live objects, which JSON may not be able to hold.
     `resources` is the pool of CPUs and GPUs the trials take from (shared by the experiments
     of a daemon); by default, `slots` trials' worth of CPUs and the GPUs NVML finds.
+    `on_event(event)` hears each trial start, report and end once stored (a daemon's
+    `watch`).
 
     `run()` drives the experiment to its end on its own. A daemon drives many instead:
     `start()`, then `step(events)` with the events of this experiment's trials, until
@@ -96,6 +98,7 @@ class Engine:
                  on_trial_end: Callable[[int, str], None] | None = None,
                  constants: dict[str, Any] | None = None,
                  resources: ResourcePool | None = None,
+                 on_event: Callable[[dict[str, Any]], None] | None = None,
                  clock: Callable[[], float] = time.monotonic):
         if spec.seed is None:
             raise ValueError("seed: the engine needs the experiment's seed (it is stored)")
@@ -109,6 +112,7 @@ class Engine:
         self.executor = executor or LocalExecutor(make_runner(fn, constants),
                                                   spares=self.slots)
         self.on_trial_end = on_trial_end
+        self.on_event = on_event
         self.clock = clock
         self.searcher: Searcher = make_searcher(spec.searcher, spec.space, seed=spec.seed,
                                                 **spec.searcher_options)
@@ -263,6 +267,9 @@ class Engine:
             raise RuntimeError(f"trial {trial.number} was claimed by someone else")
         self.live[trial.id] = _Live(trial, last_seq=trial.last_seq, grant=grant,
                                     last_seen=self.clock())
+        if self.on_event is not None:
+            self.on_event({"event": "start", "trial": trial.number, "attempt": trial.attempt,
+                           "pid": pid, "config": trial.config, "gpus": grant.gpus})
 
     # -- events --------------------------------------------------------------------------
 
@@ -335,6 +342,9 @@ class Engine:
         if decision != Decision.CONTINUE.value:
             live.stop = outcome
         self._answer(trial.id, {"seq": seq, "decision": decision})
+        if self.on_event is not None:
+            self.on_event({"event": "report", "trial": trial.number, "seq": seq,
+                           "time": time_value, "reward": reward, "decision": decision})
         return None
 
     def _finish(self, live: _Live, code: int) -> None:
@@ -362,6 +372,10 @@ class Engine:
         self._searcher_dirty = True
         if self.on_trial_end is not None:
             self.on_trial_end(trial.number, state.value)
+        if self.on_event is not None:
+            self.on_event({"event": "end", "trial": trial.number, "state": state.value,
+                           "error": error, "reward": trial.last_reward if score is None
+                           else self.spec.sign(score)})
 
     @staticmethod
     def _verdict(live: _Live, code: int) -> tuple[TrialState, str | None]:
