@@ -35,11 +35,12 @@ class Daemon:
         self.sock = os.path.join(tempfile.mkdtemp(prefix="td", dir="/tmp"), "run", "c.sock")
         self.proc: subprocess.Popen | None = None
 
-    def start(self, wait: bool = True) -> subprocess.Popen:
+    def start(self, wait: bool = True, env: dict[str, str] | None = None) -> subprocess.Popen:
         code = "import sys; from tuned.cli import tuned_main; sys.argv[0] = 'tuned'; tuned_main()"
         self.proc = subprocess.Popen(
             [sys.executable, "-c", code, "serve", "--state-dir", str(self.state),
-             "--socket", self.sock], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             "--socket", self.sock], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, **(env or {})})
         if wait:
             deadline = time.monotonic() + 20
             while _cli("tunectl_main", "status", sock=self.sock).returncode != 0:
@@ -392,3 +393,37 @@ def test_watch_streams_starts_reports_and_ends(daemon, tmp_path):
         assert ("start", trial) in kinds and ("end", trial) in kinds
         assert kinds.count(("report", trial)) == 10
     assert all(e["topic"] == "exp/watched" for e in events)
+
+
+def test_gpus_busy_with_foreign_processes_are_not_handed_out(tmp_path):
+    gpus = tmp_path / "gpus.json"
+    busy = {"uuid": "GPU-b", "processes": [{"pid": 999999, "used_memory": 2 << 30}]}
+    gpus.write_text(json.dumps([{"uuid": "GPU-a"}, busy]))
+    d = Daemon(tmp_path)
+    d.start(env={"TUNED_FAKE_GPUS": f"@{gpus}"})
+    try:
+        probe = tmp_path / "cuda.py"
+        probe.write_text(textwrap.dedent("""
+            import os, time
+            import tuned
+
+            @tuned.args(x=tuned.space.Real(0, 1))
+            def train(args, reporter):
+                time.sleep(0.2)
+                reporter(accuracy=args.x, cuda=os.environ.get("CUDA_VISIBLE_DEVICES", ""))
+        """))
+        assert d.ctl("submit", _spec(tmp_path, "g", f"""
+            name = "g"
+            entry = "{probe}:train"
+            num_trials = 4
+            [resources]
+            num_cpus = 0.5
+            num_gpus = 1
+        """)).returncode == 0
+        d.wait_state("g", ("COMPLETED",))
+        with d.db() as c:
+            seen = {json.loads(r[0])["cuda"] for r in c.execute("SELECT metrics FROM reports")}
+        assert seen == {"GPU-a"}
+        assert d.json("status")["gpus_busy_foreign"] == {"GPU-b": [999999]}
+    finally:
+        d.stop()

@@ -180,3 +180,42 @@ def test_failed_transaction_leaves_nothing(store):
     # The part cache did not remember the rolled-back write.
     store.save_searcher_state(exp, {"s": 1})
     assert store.searcher_state(exp) == {"s": 1}
+
+
+def test_a_version_1_database_is_migrated_to_the_current_schema(tmp_path):
+    from tuned.store import MIGRATIONS
+
+    path = tmp_path / "old.db"
+    import sqlite_utils
+
+    conn = sqlite3.connect(path)
+    MIGRATIONS[1](sqlite_utils.Database(conn))
+    conn.execute("PRAGMA user_version = 1")
+    conn.execute("INSERT INTO experiments (name, spec, state, created, updated) "
+                 "VALUES ('old', '{}', 'RUNNING', 0, 0)")
+    conn.execute("INSERT INTO trials (experiment_id, number, config, state, created) "
+                 "VALUES (1, 0, '{\"x\": 1}', 'RUNNING', 0)")
+    conn.commit()
+    conn.close()
+    store = Store(path)
+    assert store.schema_version() == SCHEMA_VERSION
+    (trial,) = store.trials(store.experiment("old").id)
+    assert trial.config == {"x": 1}
+    assert store.trial_process(trial.id) == (None, None)
+    assert store.claim_trial(trial.id, 5, 77) is False  # RUNNING already
+    store.requeue_trial(trial.id)
+    assert store.claim_trial(trial.id, 5, 77)
+    assert store.trial_process(trial.id) == (5, 77)
+
+
+def test_process_start_time_names_a_process():
+    import os
+
+    from tuned.executors.local import process_start_time
+
+    mine = process_start_time(os.getpid())
+    assert isinstance(mine, int) and mine > 0
+    assert process_start_time(os.getpid()) == mine
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    assert process_start_time(child.pid) is None

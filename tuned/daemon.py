@@ -30,9 +30,9 @@ from tuned import __version__
 from tuned.control import ControlServer, Subscribe
 from tuned.curves import curve_points
 from tuned.engine import Engine
-from tuned.executors.local import Exited, Message
+from tuned.executors.local import Exited, Message, process_start_time
 from tuned.executors.template import TemplateError, TemplateExecutor
-from tuned.gpus import discover_gpus
+from tuned.gpus import make_provider
 from tuned.notify import Notifier
 from tuned.resources import ResourcePool
 from tuned.scheduler import available_cpus
@@ -47,6 +47,7 @@ FINISHED_EXPERIMENT_STATES = ("COMPLETED", "STOPPED", "FAILED")
 CHORE_INTERVAL = 1.0
 STALE_SWEEP_SECONDS = 1.0
 WAL_CHECKPOINT_SECONDS = 60.0
+GPU_POLL_SECONDS = 5.0
 
 
 class AlreadyServing(RuntimeError):
@@ -80,7 +81,10 @@ class Daemon:
         self.clock = clock
         self.selector = selectors.DefaultSelector()
         self.runners: dict[int, Runner] = {}
-        self.resources = ResourcePool(available_cpus(), [g.uuid for g in discover_gpus()])
+        self.gpu_provider = make_provider()
+        self.resources = ResourcePool(available_cpus(),
+                                      [g.uuid for g in self.gpu_provider.gpus()])
+        self._next_gpu_poll = 0.0
         self._stopping = False
         self._lock_fd: int | None = None
         self._wake_r, self._wake_w = socket.socketpair()
@@ -109,6 +113,8 @@ class Daemon:
         self._lock()
         self.store = Store(os.path.join(self.state_dir, "tuned.db"))
         self._install_signals()
+        if self.resources.gpus.order:
+            self._poll_gpus()
         self._recover()
         self.server = ControlServer(self.socket_path, self.dispatch, ops=OPS)
         self.server.open()
@@ -177,15 +183,21 @@ class Daemon:
     def _run_tasks(self) -> None:
         while self._tasks:
             task = self._tasks.popleft()
-            if task == "sweep":
-                for runner in self.runners.values():
-                    for number in runner.engine.sweep_stale():
-                        log.warning("trial %d of %s sent no report within report_timeout; "
-                                    "killed", number, runner.engine.experiment.name)
-            elif task == "wal_checkpoint" and self.store is not None:
-                self.store.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-            elif isinstance(task, tuple) and task[0] == "start":
-                self._start_scheduled(task[1])
+            try:
+                self._run_task(task)
+            except Exception:
+                log.exception("job %r failed; the daemon goes on", task)
+
+    def _run_task(self, task: Any) -> None:
+        if task == "sweep":
+            for runner in self.runners.values():
+                for number in runner.engine.sweep_stale():
+                    log.warning("trial %d of %s sent no report within report_timeout; "
+                                "killed", number, runner.engine.experiment.name)
+        elif task == "wal_checkpoint" and self.store is not None:
+            self.store.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        elif isinstance(task, tuple) and task[0] == "start":
+            self._start_scheduled(task[1])
 
     def _start_scheduled(self, experiment_id: int) -> None:
         assert self.store is not None
@@ -204,11 +216,21 @@ class Daemon:
         now = self.clock()
         if self.spool.pending() or self.spool.due():
             self.spool.poll()
+        if now >= self._next_gpu_poll and self.resources.gpus.order:
+            self._next_gpu_poll = now + GPU_POLL_SECONDS
+            self._poll_gpus()
         if now >= self._next_chores:
             self._next_chores = now + self._chore_interval
             self.server.sweep()
             self.notifier.watchdog()
             self.notifier.status(self._status_line())
+
+    def _poll_gpus(self) -> None:
+        """Mark GPUs busy or free by the foreign processes on them (ours don't count)."""
+        ours = {pid for r in self.runners.values()
+                for pid in [r.executor.process.pid, *r.executor.pids()]}
+        if self.resources.gpus.refresh(self.gpu_provider.usage(ours), ours):
+            self._step_all({})
 
     def _status_line(self) -> str:
         running = sum(len(r.engine.live) for r in self.runners.values())
@@ -258,6 +280,7 @@ class Daemon:
         self.runners.clear()
         if self.jobs is not None:
             self.jobs.shutdown(wait=False)
+        self.gpu_provider.close()
         if self.spool is not None:
             self.spool.close()
         if self.server is not None:
@@ -335,9 +358,11 @@ class Daemon:
         is gone, so they cannot go on; they run again."""
         assert self.store is not None
         for trial in self.store.trials(experiment_id, ("RUNNING",)):
-            if trial.pid:
+            pid, started = self.store.trial_process(trial.id)
+            # Only the very process that ran the trial: a pid reused since is left alone.
+            if pid and started is not None and process_start_time(pid) == started:
                 try:
-                    os.killpg(trial.pid, signal.SIGKILL)
+                    os.killpg(pid, signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):
                     pass
 
@@ -458,6 +483,7 @@ class Daemon:
         exps = [self._experiment(args)] if args.get("experiment") else self.store.experiments()
         return {"experiments": [self._summary(e) for e in exps],
                 "gpus_in_use": self.resources.gpus_in_use,
+                "gpus_busy_foreign": self.resources.gpus.busy_foreign(),
                 "cpus_free": self.resources.cpus_free, "cpus": self.resources.cpus_total}
 
     op_experiments = op_status

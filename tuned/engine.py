@@ -27,7 +27,7 @@ from typing import Any
 
 from tuned.args import Args
 from tuned.decisions import Decision, TrialState
-from tuned.executors.local import Exited, LocalExecutor, Message
+from tuned.executors.local import Exited, LocalExecutor, Message, process_start_time
 from tuned.gpus import discover_gpus
 from tuned.interrupts import sigint_guard
 from tuned.resources import Grant, ResourcePool
@@ -73,6 +73,7 @@ class _Live:
     failure: str | None = None
     grant: Grant | None = None
     last_seen: float = 0.0
+    final: bool = False  # ended by the user: no retry
 
 
 class Engine:
@@ -261,7 +262,7 @@ class Engine:
             payload["env"]["CUDA_VISIBLE_DEVICES"] = ",".join(grant.gpus)
         log_path = os.path.join(self.log_dir, f"trial-{trial.number}.log")
         pid = self.executor.launch(trial.id, payload, log_path)
-        if not self.store.claim_trial(trial.id, pid):
+        if not self.store.claim_trial(trial.id, pid, process_start_time(pid)):
             self.executor.kill(trial.id)
             self.resources.give(grant)
             raise RuntimeError(f"trial {trial.number} was claimed by someone else")
@@ -356,7 +357,8 @@ class Engine:
             self.store.pause_trial(trial.id)
             return
         state, error = self._verdict(live, code)
-        if state is TrialState.FAILED and trial.attempt <= self.spec.max_retries:
+        if (state is TrialState.FAILED and not live.final
+                and trial.attempt <= self.spec.max_retries):
             log.warning("trial %d failed (%s); retrying", trial.number, error)
             if self.store.requeue_trial(trial.id):
                 self.queue.append(self.store.trial(trial.id))
@@ -459,6 +461,7 @@ class Engine:
         self.queue.clear()
         for trial_id, live in self.live.items():
             live.failure = live.failure or "stopped by the user"
+            live.final = True
             self.executor.stop(trial_id, grace)
         with self.store.transaction():
             for trial in self.store.trials(self.experiment.id, ("PENDING", "PAUSED")):
@@ -484,6 +487,7 @@ class Engine:
         for trial_id, live in self.live.items():
             if live.trial.number == number:
                 live.failure = live.failure or "killed by the user"
+                live.final = True
                 self.executor.kill(trial_id)
                 return True
         return False

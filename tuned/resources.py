@@ -44,4 +44,5 @@ class ResourcePool:
 
     @property
     def gpus_in_use(self) -> list[str]:
-        return [g for g in self.gpus.order if g not in self.gpus.free]
+        """The GPUs tuned has handed out (not those busy with foreign processes)."""
+        return self.gpus.allocated

@@ -39,7 +39,7 @@ import sqlite_utils
 from tuned.decisions import FINISHED_STATES, Decision, TrialState
 from tuned.schedulers.base import RungEntry
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # Bytes of WAL written once when a store is opened; about the WAL's size between automatic
 # checkpoints (1000 pages).
 WAL_PREALLOCATE = 4 << 20
@@ -162,8 +162,14 @@ def _v1(db: sqlite_utils.Database) -> None:
     db["rungs"].create_index(["experiment_id", "bracket", "level", "trial_id"], unique=True)
 
 
+def _v2(db: sqlite_utils.Database) -> None:
+    """Trials remember their process's start time (clock ticks since boot, from
+    /proc/PID/stat), so that a restarted daemon never mistakes a reused pid for a trial."""
+    db["trials"].add_column("pid_start", int)
+
+
 # Step n turns a database of version n - 1 into version n. Append; never edit a shipped step.
-MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _v1}
+MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _v1, 2: _v2}
 
 
 class Store:
@@ -399,13 +405,20 @@ class Store:
                 self.save_searcher_state(experiment_id, searcher_state)
         return cur.lastrowid
 
-    def claim_trial(self, trial_id: int, pid: int) -> bool:
-        """PENDING -> RUNNING with the process that runs it; False if it was not PENDING."""
+    def claim_trial(self, trial_id: int, pid: int, pid_start: int | None = None) -> bool:
+        """PENDING -> RUNNING with the process that runs it (pid and its start time);
+        False if it was not PENDING."""
         with self.transaction() as c:
             cur = c.execute(
-                "UPDATE trials SET state = 'RUNNING', pid = ?, started = ? "
-                "WHERE id = ? AND state = 'PENDING'", (pid, self.clock(), trial_id))
+                "UPDATE trials SET state = 'RUNNING', pid = ?, pid_start = ?, started = ? "
+                "WHERE id = ? AND state = 'PENDING'", (pid, pid_start, self.clock(), trial_id))
         return cur.rowcount == 1
+
+    def trial_process(self, trial_id: int) -> tuple[int | None, int | None]:
+        """(pid, process start time) stored for a running trial."""
+        row = self.conn.execute("SELECT pid, pid_start FROM trials WHERE id = ?",
+                                (trial_id,)).fetchone()
+        return (row[0], row[1]) if row else (None, None)
 
     def requeue_trial(self, trial_id: int) -> bool:
         """RUNNING -> PENDING for another attempt (counted); False if it was not RUNNING."""

@@ -160,6 +160,10 @@ class LocalExecutor:
     def running(self) -> int:
         return len(self._children)
 
+    def pids(self) -> list[int]:
+        """The pids of the running trials and the spares."""
+        return [c.pid for c in self._children.values()] + [c.pid for c in self._spare]
+
     def pid(self, trial_id: int) -> int:
         return self._children[trial_id].pid
 
@@ -422,3 +426,16 @@ def _redirect_output(log_path: str) -> None:
     os.dup2(log_fd, 1)
     os.dup2(log_fd, 2)
     os.close(log_fd)
+
+
+def process_start_time(pid: int) -> int | None:
+    """The start time of process `pid` (clock ticks since boot), or None if it is gone.
+    With the pid it names a process for good: a pid can be reused, the pair cannot."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after its last ')'.
+    fields = stat[stat.rfind(b")") + 2:].split()
+    return int(fields[19])
