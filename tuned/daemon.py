@@ -397,7 +397,9 @@ class Daemon:
                                     start_method=spec.start_method, clock=self.clock,
                                     selector=self.selector)
         except TemplateError as exc:
-            raise SpecError([f"entry: {exc}"]) from None
+            message = str(exc)
+            raise SpecError([message if message.startswith("entry") else f"entry: {message}"]
+                            ) from None
 
     def submit(self, spec: ExperimentSpec) -> dict[str, Any]:
         """Store a new experiment and start it; OpError `conflict` if the name is taken,

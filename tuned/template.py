@@ -173,8 +173,9 @@ def main(argv: list[str]) -> int:
         make = spawn_runner if experiment.get("start_method") == "spawn" else load_runner
         runner = make(entry, workdir, experiment.get("constants", {}))
     except Exception as exc:  # the user's module failed to import: say so, then leave
-        _send(ctl, op="error", message=str(exc) if hasattr(exc, "problems")
-              else f"{type(exc).__name__}: {exc}")
+        problems = getattr(exc, "problems", None)
+        _send(ctl, op="error", message="; ".join(problems) if problems
+              else f"entry: {type(exc).__name__}: {exc}")
         return 1
     _send(ctl, op="ready", pid=os.getpid(), **described)
     Template(ctl, runner).run()

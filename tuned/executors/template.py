@@ -59,7 +59,7 @@ class TemplateExecutor(LocalExecutor):
         answer = self._wait_for(("ready", "error"), READY_TIMEOUT)
         if answer["op"] == "error":
             self.close_template()
-            raise TemplateError(f"the template could not load {entry!r}: {answer['message']}")
+            raise TemplateError(answer["message"])
         self.entry_space: dict[str, Any] | None = answer.get("space")
         self.entry_constants: dict[str, Any] = answer.get("constants", {})
         self._sel.register(self.ctl, selectors.EVENT_READ, (self, "template", None))
