@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from tuned.args import Args
 from tuned.space import Categorical, Int, Real, Space
 from tuned.spec import ExperimentSpec, SpecError
 from tuned.specfile import (
@@ -20,6 +19,7 @@ from tuned.specfile import (
     parse_spec_text,
     resolve_entry,
 )
+from tuned.trial_args import Args
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "specs"
 

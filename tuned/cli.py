@@ -16,8 +16,7 @@ from typing import Any
 import click
 
 from tuned import __version__
-from tuned.scheduler import DEFAULT_CHECKPOINT
-from tuned.store import NotFound, Store, StoreError
+from tuned.paths import DEFAULT_CHECKPOINT
 
 EXIT_ERROR, EXIT_NO_DAEMON, EXIT_NOT_FOUND = 1, 3, 4
 
@@ -27,7 +26,9 @@ db_option = click.option("--db", default=DEFAULT_CHECKPOINT, show_default=True,
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
 
-def _open(db: str) -> Store:
+def _open(db: str) -> Any:
+    from tuned.store import Store, StoreError
+
     try:
         return Store(db, preallocate=False)
     except StoreError as exc:
@@ -35,7 +36,9 @@ def _open(db: str) -> Store:
         sys.exit(EXIT_ERROR)
 
 
-def _experiment(store: Store, name: str):
+def _experiment(store: Any, name: str) -> Any:
+    from tuned.store import NotFound
+
     try:
         return store.experiment(name)
     except NotFound:
@@ -118,6 +121,7 @@ def serve_cmd(state_dir: str | None, socket_path: str | None, log_level: str) ->
     from tuned.control import AlreadyRunning, InsecureDirectory
     from tuned.daemon import AlreadyServing, Daemon
     from tuned.paths import default_socket, default_state_dir
+    from tuned.store import StoreError
 
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -519,8 +519,13 @@ class Daemon:
     def op_curves(self, args: dict[str, Any]) -> dict[str, Any]:
         assert self.store is not None
         exp = self._experiment(args)
-        metric = args.get("metric") or exp.spec.get("reward_attr", "accuracy")
+        reward_attr = exp.spec.get("reward_attr", "accuracy")
+        metric = args.get("metric") or reward_attr
         time_attr = exp.spec.get("time_attr")
+        if metric == reward_attr:
+            curves = {str(n): c for n, c in self.store.reward_curves(exp.id).items()}
+            return {"experiment": exp.name, "metric": metric, "time_attr": time_attr,
+                    "curves": curves}
         curves = {}
         for number, reports in self.store.history(exp.id).items():
             xs, ys = curve_points(reports, metric, time_attr)

@@ -25,7 +25,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tuned.args import Args
 from tuned.decisions import Decision, TrialState
 from tuned.executors.local import Exited, LocalExecutor, Message, process_start_time
 from tuned.gpus import discover_gpus
@@ -35,6 +34,7 @@ from tuned.schedulers.base import FIFOScheduler, Outcome, TrialScheduler
 from tuned.searchers import Searcher, make_searcher
 from tuned.spec import ExperimentSpec
 from tuned.store import Experiment, Store, Trial
+from tuned.trial_args import Args
 from tuned.worker import make_runner
 
 log = logging.getLogger("tuned.engine")
@@ -117,8 +117,9 @@ class Engine:
         self.clock = clock
         self.searcher: Searcher = make_searcher(spec.searcher, spec.space, seed=spec.seed,
                                                 **spec.searcher_options)
-        if experiment.searcher_state is not None:
-            self.searcher.load_state_dict(experiment.searcher_state)
+        searcher_state = store.searcher_state(experiment.id)
+        if searcher_state is not None:
+            self.searcher.load_state_dict(searcher_state)
         self.scheduler = make_scheduler(spec)
         self.scheduler.load_rungs(store.rungs(experiment.id))
         self.live: dict[int, _Live] = {}

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import os
 
+# The in-process API's default store (`checkpoint`), relative to the working directory.
+DEFAULT_CHECKPOINT = os.path.join("tuned-runs", "tuned.db")
+
 
 def default_state_dir() -> str:
     if os.environ.get("TUNED_STATE_DIR"):

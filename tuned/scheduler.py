@@ -18,16 +18,16 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from tuned.args import Args
 from tuned.engine import Engine
+from tuned.paths import DEFAULT_CHECKPOINT
 from tuned.spec import ExperimentSpec, json_safe
 from tuned.store import NotFound, Store
+from tuned.trial_args import Args
 
 __all__ = ["FIFOScheduler", "HyperbandScheduler", "RLScheduler", "DEFAULT_CHECKPOINT"]
 
 log = logging.getLogger("tuned.scheduler")
 
-DEFAULT_CHECKPOINT = os.path.join("tuned-runs", "tuned.db")
 
 
 def available_cpus() -> int:

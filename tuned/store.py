@@ -332,16 +332,17 @@ class Store:
             n += 1
         return f"{base}-{n}"
 
-    def experiment(self, key: int | str) -> Experiment:
-        """The experiment with this id (int) or name (str); NotFound otherwise."""
+    def experiment(self, key: int | str, with_searcher_state: bool = False) -> Experiment:
+        """The experiment with this id (int) or name (str); NotFound otherwise. Its searcher
+        state (which can be large) is read only when asked for."""
         column = "id" if isinstance(key, int) else "name"
         row = self.conn.execute(
             f"SELECT id, name, spec, state, created, updated "
             f"FROM experiments WHERE {column} = ?", (key,)).fetchone()
         if row is None:
             raise NotFound(f"no experiment {key!r}")
-        return Experiment(row[0], row[1], json.loads(row[2]), row[3],
-                          self.searcher_state(row[0]), row[4], row[5])
+        state = self.searcher_state(row[0]) if with_searcher_state else None
+        return Experiment(row[0], row[1], json.loads(row[2]), row[3], state, row[4], row[5])
 
     def searcher_state(self, experiment_id: int) -> dict[str, Any] | None:
         """The experiment's stored searcher state, or None before its first suggestion."""
@@ -548,6 +549,20 @@ class Store:
             "WHERE t.experiment_id = ? ORDER BY t.number, r.seq", (experiment_id,))
         for number, metrics in rows:
             out[number].append(json.loads(metrics))
+        return out
+
+    def reward_curves(self, experiment_id: int) -> dict[int, list[list[float]]]:
+        """Trial number -> [times, rewards] from the stored columns (no JSON to parse): the
+        reward against `time_attr` (or the report's sequence number)."""
+        out: dict[int, list[list[float]]] = {}
+        rows = self.conn.execute(
+            "SELECT t.number, r.time_value, r.reward FROM reports r "
+            "JOIN trials t ON t.id = r.trial_id WHERE t.experiment_id = ? "
+            "ORDER BY t.number, r.seq", (experiment_id,))
+        for number, time_value, reward in rows:
+            xs, ys = out.setdefault(number, [[], []])
+            xs.append(time_value)
+            ys.append(reward)
         return out
 
     def rungs(self, experiment_id: int) -> list[RungEntry]:

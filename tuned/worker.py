@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from tuned.args import Args
 from tuned.reporter import ChannelClosed, Reporter, TrialStopped
+from tuned.trial_args import Args
 
 EXIT_OK = 0
 EXIT_ERROR = 1
