@@ -49,7 +49,6 @@ import errno
 import itertools
 import logging
 import os
-import secrets
 import selectors
 import socket
 import stat
@@ -300,7 +299,7 @@ class ControlServer:
         ensure_private_dir(directory)
         if probe(self.path):
             raise AlreadyRunning(f"a daemon already listens at {self.path}")
-        tmp = os.path.join(directory, f".{secrets.token_hex(4)}")  # short: sun_path limit
+        tmp = os.path.join(directory, f".{os.urandom(4).hex()}")  # short: sun_path limit
         _check_path_length(tmp)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
