@@ -134,6 +134,7 @@ class Engine:
         self.paused = False
         self._searcher_dirty = False
         self._outbox: list[tuple[int, dict[str, Any]]] = []
+        self._news: list[dict[str, Any]] = []
         os.makedirs(log_dir, exist_ok=True)
 
     # -- the loop ------------------------------------------------------------------------
@@ -196,6 +197,7 @@ class Engine:
         A batch without reports tells nobody anything, so it commits without waiting for the
         disk; the next durable commit carries it to the disk too."""
         self._outbox = []
+        self._news = []
         acknowledging = any(isinstance(e, Message) and e.body and "seq" in e.body
                             for e in events)
         with self.store.transaction(durable=acknowledging):
@@ -203,6 +205,7 @@ class Engine:
                 self._handle(event)
             self._launch_ready()
             self._save_searcher()
+        self._flush_news()
         for trial_id, body in self._outbox:
             if not self.executor.send(trial_id, body) and trial_id in self.live:
                 self._fail(self.live[trial_id], "stopped reading its report channel")
@@ -213,6 +216,16 @@ class Engine:
         if self._searcher_dirty:
             self.store.save_searcher_state(self.experiment.id, self.searcher.state_dict())
             self._searcher_dirty = False
+
+    def _notify(self, news: dict[str, Any]) -> None:
+        """Keep `news` for `on_event` until the transaction that stored it has committed."""
+        self._news.append(news)
+
+    def _flush_news(self) -> None:
+        news, self._news = self._news, []
+        if self.on_event is not None:
+            for item in news:
+                self.on_event(item)
 
     def _answer(self, trial_id: int, body: dict[str, Any]) -> None:
         self._outbox.append((trial_id, body))
@@ -270,7 +283,7 @@ class Engine:
         self.live[trial.id] = _Live(trial, last_seq=trial.last_seq, grant=grant,
                                     last_seen=self.clock())
         if self.on_event is not None:
-            self.on_event({"event": "start", "trial": trial.number, "attempt": trial.attempt,
+            self._notify({"event": "start", "trial": trial.number, "attempt": trial.attempt,
                            "pid": pid, "config": trial.config, "gpus": grant.gpus})
 
     # -- events --------------------------------------------------------------------------
@@ -345,7 +358,7 @@ class Engine:
             live.stop = outcome
         self._answer(trial.id, {"seq": seq, "decision": decision})
         if self.on_event is not None:
-            self.on_event({"event": "report", "trial": trial.number, "seq": seq,
+            self._notify({"event": "report", "trial": trial.number, "seq": seq,
                            "time": time_value, "reward": reward, "decision": decision})
         return None
 
@@ -376,7 +389,7 @@ class Engine:
         if self.on_trial_end is not None:
             self.on_trial_end(trial.number, state.value)
         if self.on_event is not None:
-            self.on_event({"event": "end", "trial": trial.number, "state": state.value,
+            self._notify({"event": "end", "trial": trial.number, "state": state.value,
                            "error": error, "reward": trial.last_reward if score is None
                            else self.spec.sign(score)})
 
@@ -406,6 +419,7 @@ class Engine:
         with self.store.transaction():
             self._recover()
             self._save_searcher()
+        self._flush_news()
 
     def _recover(self) -> None:
         for trial in self.store.trials(self.experiment.id, ("RUNNING", "PENDING", "PAUSED")):
