@@ -427,3 +427,15 @@ def test_gpus_busy_with_foreign_processes_are_not_handed_out(tmp_path):
         assert d.json("status")["gpus_busy_foreign"] == {"GPU-b": [999999]}
     finally:
         d.stop()
+
+
+def test_trials_pages_and_best_curves(daemon, tmp_path):
+    assert daemon.ctl("submit", _toy_spec(tmp_path, "paged", trials=8)).returncode == 0
+    daemon.wait_state("paged", ("COMPLETED",))
+    page = daemon.json("trials", "paged", "--limit", "3", "--offset", "2")
+    assert [t["trial"] for t in page["trials"]] == [2, 3, 4] and page["total"] == 8
+    everything = daemon.json("trials", "paged")["trials"]
+    best_two = sorted(everything, key=lambda t: -t["reward"])[:2]
+    curves = daemon.json("curves", "paged", "--top", "2")["curves"]
+    assert set(curves) == {str(t["trial"]) for t in best_two}
+    assert daemon.ctl("--json", "trials", "paged", "--limit", "-1").returncode == 2

@@ -208,10 +208,15 @@ def ctl_best(ctl: Ctl, experiment: str) -> None:
 
 @tunectl_main.command("trials")
 @click.argument("experiment")
+@click.option("--limit", type=click.IntRange(min=0), default=None,
+              help="At most this many trials [default: all].")
+@click.option("--offset", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Skip the first trials (by number).")
 @click.pass_obj
-def ctl_trials(ctl: Ctl, experiment: str) -> None:
-    """Every trial: state, attempt, reports, last reward, config, error."""
-    data = ctl.call("trials", experiment=experiment)
+def ctl_trials(ctl: Ctl, experiment: str, limit: int | None, offset: int) -> None:
+    """The trials: state, attempt, reports, last reward, config, error."""
+    page = {"limit": limit} if limit is not None else {}
+    data = ctl.call("trials", experiment=experiment, offset=offset, **page)
     ctl.emit(data, "\n".join(
         f"{t['trial']:>5} {t['state']:<10} attempt={t['attempt']} reports={t['reports']:<4} "
         f"reward={t['reward']} {json.dumps(t['config'])}"
@@ -223,12 +228,18 @@ def ctl_trials(ctl: Ctl, experiment: str) -> None:
 @click.option("--metric", default=None, help="The metric to draw [default: the reward].")
 @click.option("--png", type=click.Path(dir_okay=False), default=None,
               help="Also save the chart as a PNG (needs matplotlib).")
+@click.option("--top", type=click.IntRange(min=0), default=None,
+              help="Only the N best trials (for the reward metric) [default: all].")
 @click.pass_obj
-def ctl_curves(ctl: Ctl, experiment: str, metric: str | None, png: str | None) -> None:
+def ctl_curves(ctl: Ctl, experiment: str, metric: str | None, png: str | None,
+               top: int | None) -> None:
     """Learning curves: a chart in the terminal, a PNG with --png."""
     from tuned.curves import draw_curves_png, text_chart
 
-    data = ctl.call("curves", experiment=experiment, **({"metric": metric} if metric else {}))
+    args: dict[str, Any] = {"metric": metric} if metric else {}
+    if top is not None:
+        args["top"] = top
+    data = ctl.call("curves", experiment=experiment, **args)
     curves = {int(k): v for k, v in data["curves"].items()}
     if png:
         draw_curves_png(curves, data["metric"], data["time_attr"], png)

@@ -511,10 +511,13 @@ class Daemon:
     def op_trials(self, args: dict[str, Any]) -> dict[str, Any]:
         assert self.store is not None
         exp = self._experiment(args)
-        return {"experiment": exp.name, "trials": [
-            {"trial": t.number, "state": t.state, "attempt": t.attempt, "reports": t.last_seq,
-             "reward": t.last_reward, "config": t.config, "error": t.error, "pid": t.pid}
-            for t in self.store.trials(exp.id)]}
+        limit, offset = _count(args, "limit"), _count(args, "offset") or 0
+        rows = self.store.trials(exp.id, limit=limit, offset=offset)
+        return {"experiment": exp.name, "total": sum(self.store.count_trials(exp.id).values()),
+                "offset": offset, "trials": [
+                    {"trial": t.number, "state": t.state, "attempt": t.attempt,
+                     "reports": t.last_seq, "reward": t.last_reward, "config": t.config,
+                     "error": t.error, "pid": t.pid} for t in rows]}
 
     def op_curves(self, args: dict[str, Any]) -> dict[str, Any]:
         assert self.store is not None
@@ -523,7 +526,8 @@ class Daemon:
         metric = args.get("metric") or reward_attr
         time_attr = exp.spec.get("time_attr")
         if metric == reward_attr:
-            curves = {str(n): c for n, c in self.store.reward_curves(exp.id).items()}
+            top = _count(args, "top")
+            curves = {str(n): c for n, c in self.store.reward_curves(exp.id, top).items()}
             return {"experiment": exp.name, "metric": metric, "time_attr": time_attr,
                     "curves": curves}
         curves = {}
@@ -598,6 +602,16 @@ class Daemon:
             raise OpError("not_found", f"no log for trial {number} of {exp.name!r}") from None
         return {"experiment": exp.name, "trial": number, "offset": offset + len(data),
                 "text": data.decode(errors="replace")}
+
+
+def _count(args: dict[str, Any], key: str) -> int | None:
+    """An optional non-negative integer argument; OpError `bad_request` if it is not one."""
+    value = args.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise OpError("bad_request", f"{key} must be an integer >= 0, got {value!r}")
+    return value
 
 
 def _never_called(args: Any, reporter: Any) -> None:  # pragma: no cover

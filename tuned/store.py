@@ -468,14 +468,20 @@ class Store:
             raise NotFound(f"no trial {trial_id}")
         return _trial(row)
 
-    def trials(self, experiment_id: int, states: tuple[str, ...] | None = None) -> list[Trial]:
-        """The experiment's trials by number, optionally only those in `states`."""
+    def trials(self, experiment_id: int, states: tuple[str, ...] | None = None,
+               limit: int | None = None, offset: int = 0) -> list[Trial]:
+        """The experiment's trials by number, optionally only those in `states`, optionally
+        a page of them (`limit` trials from `offset`)."""
         sql = f"SELECT {_TRIAL_COLUMNS} FROM trials WHERE experiment_id = ?"
         params: list[Any] = [experiment_id]
         if states:
             sql += f" AND state IN ({','.join('?' * len(states))})"
             params += list(states)
-        return [_trial(r) for r in self.conn.execute(sql + " ORDER BY number", params)]
+        sql += " ORDER BY number"
+        if limit is not None:
+            sql += " LIMIT ? OFFSET ?"
+            params += [limit, offset]
+        return [_trial(r) for r in self.conn.execute(sql, params)]
 
     def count_trials(self, experiment_id: int) -> dict[str, int]:
         """Trials by state, e.g. {'COMPLETED': 12, 'RUNNING': 2}."""
@@ -551,14 +557,20 @@ class Store:
             out[number].append(json.loads(metrics))
         return out
 
-    def reward_curves(self, experiment_id: int) -> dict[int, list[list[float]]]:
+    def reward_curves(self, experiment_id: int,
+                      top: int | None = None) -> dict[int, list[list[float]]]:
         """Trial number -> [times, rewards] from the stored columns (no JSON to parse): the
-        reward against `time_attr` (or the report's sequence number)."""
+        reward against `time_attr` (or the report's sequence number). With `top`, only the
+        `top` trials of highest score."""
         out: dict[int, list[list[float]]] = {}
+        chosen = ("SELECT id FROM trials WHERE experiment_id = ? AND score IS NOT NULL "
+                  "ORDER BY score DESC, number LIMIT ?")
+        where = (f"t.id IN ({chosen})" if top is not None else "t.experiment_id = ?")
+        params = (experiment_id, top) if top is not None else (experiment_id,)
         rows = self.conn.execute(
             "SELECT t.number, r.time_value, r.reward FROM reports r "
-            "JOIN trials t ON t.id = r.trial_id WHERE t.experiment_id = ? "
-            "ORDER BY t.number, r.seq", (experiment_id,))
+            f"JOIN trials t ON t.id = r.trial_id WHERE {where} "
+            "ORDER BY t.number, r.seq", params)
         for number, time_value, reward in rows:
             xs, ys = out.setdefault(number, [[], []])
             xs.append(time_value)
