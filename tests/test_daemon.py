@@ -380,7 +380,9 @@ def test_watch_streams_starts_reports_and_ends(daemon, tmp_path):
     watcher = subprocess.Popen([sys.executable, "-c", code, "--socket", daemon.sock, "--json",
                                 "watch"], stdout=subprocess.PIPE, text=True)
     try:
-        time.sleep(1.0)  # the watcher is connected and subscribed
+        # Its first line (the status snapshot) means it is subscribed.
+        first = json.loads(watcher.stdout.readline())
+        assert "experiments" in first
         assert daemon.ctl("submit", _toy_spec(tmp_path, "watched", trials=3)).returncode == 0
         daemon.wait_state("watched", ("COMPLETED",))
         time.sleep(0.5)
@@ -388,6 +390,7 @@ def test_watch_streams_starts_reports_and_ends(daemon, tmp_path):
         watcher.send_signal(signal.SIGINT)
         out, _ = watcher.communicate(timeout=10)
     events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    events = [e for e in events if "event" in e]
     kinds = [(e["event"], e["trial"]) for e in events if e.get("experiment") == "watched"]
     for trial in range(3):
         assert ("start", trial) in kinds and ("end", trial) in kinds

@@ -315,9 +315,12 @@ def ctl_watch(ctl: Ctl, experiment: str | None) -> None:
         with ControlClient(ctl.socket_path) as client:
             frames = client.stream("watch", **args)
             first = next(frames)
-            if not ctl.as_json:
+            if ctl.as_json:
+                click.echo(json.dumps(first))
+            else:
                 for e in first["experiments"]:
                     click.echo(f"{e['experiment']}: {e['state']} {e['trials']}")
+            sys.stdout.flush()
             for frame in frames:
                 click.echo(json.dumps(frame) if ctl.as_json else _event_line(frame))
     except KeyboardInterrupt:
