@@ -442,3 +442,28 @@ def test_trials_pages_and_best_curves(daemon, tmp_path):
     curves = daemon.json("curves", "paged", "--top", "2")["curves"]
     assert set(curves) == {str(t["trial"]) for t in best_two}
     assert daemon.ctl("--json", "trials", "paged", "--limit", "-1").returncode == 2
+
+
+def test_a_start_missed_while_no_daemon_ran_happens_on_restart(tmp_path):
+    from datetime import datetime, timedelta, timezone
+
+    # Daily at the minute that began a minute or two ago: it fires again only tomorrow.
+    t = datetime.now(timezone.utc) - timedelta(seconds=60)
+    d = Daemon(tmp_path)
+    d.start()
+    path = _toy_spec(tmp_path, "missed", trials=2,
+                     extra=f'schedule = "{t.minute} {t.hour} * * *"')
+    assert d.json("submit", path)["state"] == "SCHEDULED"
+    d.stop()
+    # As if it had been submitted three minutes ago to a daemon that then went down: the
+    # cron fired while no daemon ran.
+    with d.db() as c:
+        c.execute("UPDATE experiments SET created = created - 180 WHERE name = 'missed'")
+        state = c.execute("SELECT state FROM experiments WHERE name = 'missed'").fetchone()
+        assert state == ("SCHEDULED",)
+    d.start()
+    try:
+        done = d.wait_state("missed", ("COMPLETED",), timeout=40)
+        assert done["trials"] == {"COMPLETED": 2}
+    finally:
+        d.stop()

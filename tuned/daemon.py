@@ -48,6 +48,8 @@ CHORE_INTERVAL = 1.0
 STALE_SWEEP_SECONDS = 1.0
 WAL_CHECKPOINT_SECONDS = 60.0
 GPU_POLL_SECONDS = 5.0
+# A cron start may happen this late (seconds), e.g. after the daemon was down at the time.
+START_MISFIRE_GRACE = 3600
 
 
 class AlreadyServing(RuntimeError):
@@ -163,14 +165,32 @@ class Daemon:
         assert self.store is not None
         for exp in self.store.experiments():
             if exp.state == "SCHEDULED":
+                if self._missed_start(exp.spec["schedule"], exp.created):
+                    log.info("experiment %s missed its start while no daemon ran; starting",
+                             exp.name)
+                    self._post(("start", exp.id))
                 self._schedule(exp.id, exp.spec["schedule"])
+
+    @staticmethod
+    def _missed_start(cron: str, created: float) -> bool:
+        """Whether the cron fired between the experiment's submission and now, at most
+        START_MISFIRE_GRACE seconds ago (the daemon was down then)."""
+        from datetime import datetime, timezone
+
+        from apscheduler.triggers.cron import CronTrigger
+
+        trigger = CronTrigger.from_crontab(cron, timezone="UTC")
+        fire = trigger.get_next_fire_time(None, datetime.fromtimestamp(created, timezone.utc))
+        now = datetime.now(timezone.utc)
+        return fire is not None and fire <= now and \
+            (now - fire).total_seconds() <= START_MISFIRE_GRACE
 
     def _schedule(self, experiment_id: int, cron: str) -> None:
         from apscheduler.triggers.cron import CronTrigger
 
         self.jobs.add_job(self._post, CronTrigger.from_crontab(cron, timezone="UTC"),
                           args=[("start", experiment_id)], id=f"start-{experiment_id}",
-                          misfire_grace_time=3600, replace_existing=True)
+                          misfire_grace_time=START_MISFIRE_GRACE, replace_existing=True)
 
     def _post(self, task: Any) -> None:
         """From any thread: hand a task to the loop and wake it."""
