@@ -164,9 +164,6 @@ class LocalExecutor:
         """The pids of the running trials and the spares."""
         return [c.pid for c in self._children.values()] + [c.pid for c in self._spare]
 
-    def pid(self, trial_id: int) -> int:
-        return self._children[trial_id].pid
-
     def send(self, trial_id: int, body: dict[str, Any]) -> bool:
         """Send one JSON line to the trial without blocking. False only when its channel is
         full (the trial stopped reading its answers); a trial already gone is not an error

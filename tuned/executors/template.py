@@ -129,9 +129,6 @@ class TemplateExecutor(LocalExecutor):
         self._pending = [b for b in kept if b.get("op") != "exited"]
         return events
 
-    def next_deadline(self) -> float | None:
-        return self._escalate(None)
-
     def poll(self, timeout: float | None) -> list[Message | Exited]:
         events = self._exits()
         if events:
