@@ -36,6 +36,7 @@ from tuned.control import (
     ControlError,
     ControlServer,
     DaemonNotRunning,
+    Handoff,
     InsecureDirectory,
     Subscribe,
     topic_matches,
@@ -684,3 +685,30 @@ def test_broadcast_reaches_matching_watchers(serve, sock_path):
     assert next(one)["event"] == "direct"
     loop.call(server.close)  # the daemon stops: streams end
     assert list(one) == [] and list(every) == []
+
+
+def test_a_handoff_answers_then_gives_the_socket_away(sock_path):
+    taken: list[tuple[socket.socket, bytes]] = []
+
+    def handing(op: str, args: dict[str, Any], conn: Connection) -> Any:
+        return Handoff({"trial": 7, "pid": conn.pid}, lambda s, rest: taken.append((s, rest)))
+
+    server = ControlServer(sock_path, handing, ops=["adopt"]).open()
+    loop = Loop(server)
+    try:
+        s = raw(sock_path)
+        s.sendall(b'{"v":1,"op":"adopt"}\n{"seq":1')
+        assert answers(s, 1) == [{"v": 1, "ok": True, "trial": 7, "pid": os.getpid()}]
+        wait_until(lambda: bool(taken))
+        assert loop.call(lambda: server.connections) == []
+        theirs, rest = taken[0]
+        assert rest == b'{"seq":1'  # an incomplete line goes with the socket
+        theirs.setblocking(True)
+        s.sendall(b',"x":2}\n')
+        assert theirs.recv(100) == b',"x":2}\n'  # the server reads it no more
+        theirs.sendall(b"hi\n")
+        assert s.recv(100) == b"hi\n"
+        theirs.close()
+        s.close()
+    finally:
+        loop.stop()

@@ -35,12 +35,13 @@ class Daemon:
         self.sock = os.path.join(tempfile.mkdtemp(prefix="td", dir="/tmp"), "run", "c.sock")
         self.proc: subprocess.Popen | None = None
 
-    def start(self, wait: bool = True, env: dict[str, str] | None = None) -> subprocess.Popen:
+    def start(self, wait: bool = True, env: dict[str, str] | None = None,
+              args: tuple[str, ...] = ()) -> subprocess.Popen:
         code = "import sys; from tuned.cli import tuned_main; sys.argv[0] = 'tuned'; tuned_main()"
         self.proc = subprocess.Popen(
             [sys.executable, "-c", code, "serve", "--state-dir", str(self.state),
-             "--socket", self.sock], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, **(env or {})})
+             "--socket", self.sock, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, env={**os.environ, **(env or {})})
         if wait:
             deadline = time.monotonic() + 20
             while _cli("tunectl_main", "status", sock=self.sock).returncode != 0:

@@ -428,3 +428,19 @@ def test_nvml_unknown_process_memory_keeps_the_gpu_busy():
     pool = GPUPool(["GPU-1111", "GPU-2222"])
     pool.refresh(usage)
     assert pool.free == ["GPU-1111"]
+
+
+def test_hold_allocates_those_very_gpus_and_never_twice():
+    pool = GPUPool(["GPU-a", "GPU-b", "GPU-c"])
+    pool.refresh({"GPU-b": GPUUsage(0, GiB, [ForeignProcess(9, GiB)])})
+    # An adopted trial keeps its GPUs, busy or not; a GPU this machine lost is left out.
+    assert pool.hold(["GPU-b", "GPU-gone"]) == ["GPU-b"]
+    assert pool.allocated == ["GPU-b"] and pool.free == ["GPU-a", "GPU-c"]
+    with pytest.raises(ValueError, match="GPU-b"):
+        pool.hold(["GPU-c", "GPU-b"])
+    with pytest.raises(ValueError, match="GPU-c"):
+        pool.hold(["GPU-c", "GPU-c"])
+    assert pool.allocated == ["GPU-b"]  # nothing changed
+    assert pool.take(2) == ["GPU-a", "GPU-c"]
+    pool.give(["GPU-b"])
+    assert pool.allocated == ["GPU-a", "GPU-c"]

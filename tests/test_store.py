@@ -21,6 +21,7 @@ from tuned.store import (
     Store,
     StoreCorrupt,
     StoreLocked,
+    TrialProcess,
 )
 
 
@@ -201,11 +202,11 @@ def test_a_version_1_database_is_migrated_to_the_current_schema(tmp_path):
     assert store.schema_version() == SCHEMA_VERSION
     (trial,) = store.trials(store.experiment("old").id)
     assert trial.config == {"x": 1}
-    assert store.trial_process(trial.id) == (None, None)
+    assert store.trial_process(trial.id) == TrialProcess(None, None, [])
     assert store.claim_trial(trial.id, 5, 77) is False  # RUNNING already
     store.requeue_trial(trial.id)
-    assert store.claim_trial(trial.id, 5, 77)
-    assert store.trial_process(trial.id) == (5, 77)
+    assert store.claim_trial(trial.id, 5, 77, ["GPU-a", "GPU-b"])
+    assert store.trial_process(trial.id) == TrialProcess(5, 77, ["GPU-a", "GPU-b"])
 
 
 def test_process_start_time_names_a_process():

@@ -116,7 +116,11 @@ def trials_cmd(db: str, as_json: bool, experiment: str) -> None:
               "$XDG_RUNTIME_DIR/tuned/control.sock].")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
-def serve_cmd(state_dir: str | None, socket_path: str | None, log_level: str) -> None:
+@click.option("--stop-trials", is_flag=True, help="On SIGTERM stop the running trials (they "
+              "run again on the next start) instead of leaving them to the next daemon, "
+              "which adopts them.")
+def serve_cmd(state_dir: str | None, socket_path: str | None, log_level: str,
+              stop_trials: bool) -> None:
     """Run the daemon: experiments from the socket and the spool, until SIGTERM."""
     from tuned.control import AlreadyRunning, InsecureDirectory
     from tuned.daemon import AlreadyServing, Daemon
@@ -125,7 +129,8 @@ def serve_cmd(state_dir: str | None, socket_path: str | None, log_level: str) ->
 
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    daemon = Daemon(state_dir or default_state_dir(), socket_path or default_socket())
+    daemon = Daemon(state_dir or default_state_dir(), socket_path or default_socket(),
+                    stop_trials=stop_trials)
     try:
         daemon.serve()
     except (AlreadyServing, AlreadyRunning, InsecureDirectory, StoreError) as exc:

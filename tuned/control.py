@@ -24,7 +24,8 @@ Server (`ControlServer`), all methods called from the daemon's loop thread only:
 - Each request frame becomes `handler(op, args, conn)`; it returns the answer (a dict of
   fields, completed by `protocol.as_answer`: ``"v"`` and ``"ok": true`` added) or a
   `Subscribe` (the client becomes a watcher of some topics and gets `Subscribe.first` as
-  its answer). To answer with an error it raises `ProtocolError(code, message)`, or any
+  its answer) or a `Handoff` (the answer is sent, then the socket leaves the server for
+  the handler's taker). To answer with an error it raises `ProtocolError(code, message)`, or any
   exception with a ``code`` from the table and a ``message`` attribute. Any other exception
   (or an answer JSON cannot hold) is logged with its traceback and answered ``internal``;
   the server goes on.
@@ -151,7 +152,23 @@ class Subscribe:
             object.__setattr__(self, "topics", frozenset(self.topics))
 
 
-Answer = dict[str, Any] | Subscribe
+@dataclass(frozen=True)
+class Handoff:
+    """A handler's answer that takes the connection away from the server (a trial's
+    reporter reconnecting to a restarted daemon: the socket becomes its report channel).
+
+    The server sends `answer` (completed like any answer), forgets the client, and calls
+    `take(sock, rest)` with the non-blocking socket and the bytes the client sent after its
+    request (frames it sent in the same read are dropped: such a client waits for the
+    answer). If the answer cannot be sent at once, the client is dropped and `take` is not
+    called.
+    """
+
+    answer: dict[str, Any]
+    take: Callable[[socket.socket, bytes], None]
+
+
+Answer = dict[str, Any] | Subscribe | Handoff
 Handler = Callable[[str, dict[str, Any], Connection], Answer]
 
 
@@ -493,24 +510,49 @@ class ControlServer:
                 self._drop(client, "too many bad frames")
             return
         client.bad_frames = 0
-        self._queue(client, self._dispatch(client, op, args))
+        line, handoff = self._dispatch(client, op, args)
+        if self._queue(client, line) and handoff is not None:
+            self._hand_off(client, handoff)
 
-    def _dispatch(self, client: _Client, op: str, args: dict[str, Any]) -> bytes:
-        """The encoded answer to one valid request; never raises (bar BaseException)."""
+    def _dispatch(self, client: _Client, op: str,
+                  args: dict[str, Any]) -> tuple[bytes, Handoff | None]:
+        """The encoded answer to one valid request, and the handoff the handler asked for;
+        never raises (bar BaseException)."""
         if op == "hello":
-            return self._hello(client, args)
+            return self._hello(client, args), None
         if self.ops is not None and op not in self.ops:
-            return encode(error("unknown_op", f"no op {op!r}"))
+            return encode(error("unknown_op", f"no op {op!r}")), None
         try:
             answer = self.handler(op, args, client.conn)
             sub = answer if isinstance(answer, Subscribe) else None
-            line = encode(as_answer(answer if sub is None else sub.first or {}))
+            handoff = answer if isinstance(answer, Handoff) else None
+            if sub is not None:
+                answer = sub.first or {}
+            elif handoff is not None:
+                answer = handoff.answer
+            line = encode(as_answer(answer))
         except Exception as exc:
-            return encode(self._error_answer(op, exc))
+            return encode(self._error_answer(op, exc)), None
         if sub is not None:
             client.conn.watching, client.conn.topics = True, sub.topics
-        return line
+        return line, handoff
 
+    def _hand_off(self, client: _Client, handoff: Handoff) -> None:
+        """Give the client's socket to `handoff.take` once its answer is out."""
+        if client.out:
+            self._drop(client, "could not send the answer of a handoff at once")
+            return
+        client.closed = True
+        self._clients.pop(client.conn.id, None)
+        if client.events:
+            self._forget(client.sock)
+        rest = client.decoder.take_rest()
+        try:
+            handoff.take(client.sock, rest)
+        except Exception:
+            log.exception("control client %d (pid %d): handoff failed", client.conn.id,
+                          client.conn.pid)
+            client.sock.close()
     def _hello(self, client: _Client, args: dict[str, Any]) -> bytes:
         """The server's hello answer, merged with the handler's when it serves hello."""
         client.conn.greeted = True

@@ -6,10 +6,15 @@ state directory), ``logs/<experiment>/trial-<n>.log`` and the spool (``inbox/``,
 control socket and every trial's channel and exit, then lets each experiment's engine handle
 its events and launch what the shared CPU slots and GPUs allow.
 
-On start it recovers: every experiment not finished goes on, each trial left RUNNING by a
-dead daemon is killed if its process still lives (its report channel died with the old
-daemon) and runs again, its attempt counted (DESIGN.md, invariant 3; adopting live trials
-instead comes with the reconnecting reporter).
+On start it recovers: every experiment not finished goes on. A trial left RUNNING whose
+process still lives (same pid, same start time) is adopted: it keeps its CPUs and GPUs, and
+its reporter, which lost its channel with the old daemon, reconnects to the control socket
+(op ``adopt``; the trial is known by the peer's pid) and resends its unanswered report. A
+trial whose process is gone runs again, its attempt counted (DESIGN.md, invariant 3).
+
+On SIGTERM or SIGINT the daemon leaves its trials running (they wait for the next daemon to
+adopt them, see `tuned.reporter.Reconnect`), unless it was told `stop_trials`: then they are
+stopped and run again on the next start.
 """
 
 from __future__ import annotations
@@ -27,13 +32,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from tuned import __version__
-from tuned.control import ControlServer, Subscribe
+from tuned.control import ControlServer, Handoff, Subscribe
 from tuned.curves import curve_points
 from tuned.engine import Engine
 from tuned.executors.local import Exited, Message, process_start_time
 from tuned.executors.template import TemplateError, TemplateExecutor
 from tuned.gpus import make_provider
 from tuned.notify import Notifier
+from tuned.reporter import ADOPT_SOCKET_ENV, ADOPT_TIMEOUT_ENV, DEFAULT_ADOPT_TIMEOUT
 from tuned.resources import ResourcePool
 from tuned.scheduler import available_cpus
 from tuned.spec import ExperimentSpec, SpecError, json_safe
@@ -74,13 +80,18 @@ class Runner:
 
 
 class Daemon:
-    """The daemon; `serve()` runs it until SIGTERM or SIGINT (or `request_stop()`)."""
+    """The daemon; `serve()` runs it until SIGTERM or SIGINT (or `request_stop()`).
+    `stop_trials`: stop the running trials when it leaves, rather than leave them to the
+    next daemon."""
 
     def __init__(self, state_dir: str, socket_path: str,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, stop_trials: bool = False):
         self.state_dir = os.path.abspath(state_dir)
-        self.socket_path = socket_path
+        self.socket_path = os.path.abspath(socket_path)
+        self.stop_trials = stop_trials
         self.clock = clock
+        # Reports that reconnecting trials sent with their adopt request, for the next step.
+        self._adopted_events: dict[int, list[Message | Exited]] = {}
         self.selector = selectors.DefaultSelector()
         self.runners: dict[int, Runner] = {}
         self.gpu_provider = make_provider()
@@ -292,9 +303,13 @@ class Daemon:
         self._lock_fd = fd
 
     def _shutdown(self) -> None:
-        """Stop every trial (they run again on the next start) and close everything."""
+        """Leave the trials to the next daemon (or, with `stop_trials`, stop them: they run
+        again on the next start) and close everything."""
         for runner in self.runners.values():
-            runner.engine.abandon()
+            if self.stop_trials:
+                runner.engine.abandon()
+            else:
+                runner.engine.detach()
             runner.executor.close_spares()
             runner.executor.close_template()
         self.runners.clear()
@@ -338,6 +353,9 @@ class Daemon:
                     break
         for exp_id, runner in self.runners.items():
             events.setdefault(exp_id, []).extend(runner.executor.reap_unwatched())
+        for exp_id, adopted in self._adopted_events.items():
+            events.setdefault(exp_id, []).extend(adopted)
+        self._adopted_events = {}
         self._step_all(events)
 
     def _drain_wake(self) -> None:
@@ -366,25 +384,30 @@ class Daemon:
         for exp in self.store.experiments():
             if exp.state in FINISHED_EXPERIMENT_STATES or exp.state == "SCHEDULED":
                 continue
-            self._kill_leftovers(exp.id)
             try:
                 self._start_runner(exp.id)
             except (SpecError, ValueError) as exc:
                 log.error("experiment %s cannot resume: %s", exp.name, exc)
-                self.store.set_experiment_state(exp.id, "FAILED")
+                self._fail_experiment(exp.id, f"the experiment cannot resume: {exc}")
 
-    def _kill_leftovers(self, experiment_id: int) -> None:
-        """Kill the process groups of trials a dead daemon left RUNNING: their report channel
-        is gone, so they cannot go on; they run again."""
+    def _fail_experiment(self, experiment_id: int, reason: str) -> None:
+        """End an experiment that cannot run: its unfinished trials FAILED with `reason`,
+        the processes of those left RUNNING killed (only the very processes that ran them: a
+        pid reused since is left alone)."""
+        from tuned.decisions import TrialState
+
         assert self.store is not None
-        for trial in self.store.trials(experiment_id, ("RUNNING",)):
-            pid, started = self.store.trial_process(trial.id)
-            # Only the very process that ran the trial: a pid reused since is left alone.
-            if pid and started is not None and process_start_time(pid) == started:
-                try:
-                    os.killpg(pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
+        with self.store.transaction():
+            for trial in self.store.trials(experiment_id, ("RUNNING", "PENDING", "PAUSED")):
+                proc = self.store.trial_process(trial.id)
+                if proc.pid and proc.start is not None and \
+                        process_start_time(proc.pid) == proc.start:
+                    try:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    except (ProcessLookupError, PermissionError):
+                        pass
+                self.store.finish_trial(trial.id, TrialState.FAILED, reason)
+            self.store.set_experiment_state(experiment_id, "FAILED")
 
     def _start_runner(self, experiment_id: int,
                       executor: TemplateExecutor | None = None) -> Runner:
@@ -399,9 +422,13 @@ class Daemon:
             executor = self._template(spec, log_dir)
         slots = spec.max_concurrent or 1 << 30
         topic = f"exp/{exp.name}"
+        adopt_wait = spec.report_timeout or DEFAULT_ADOPT_TIMEOUT
         engine = Engine(self.store, exp, spec, _never_called, log_dir, slots,
                         executor=executor, resources=self.resources, clock=self.clock,
-                        on_event=lambda event: self._publish(topic, exp.name, event))
+                        on_event=lambda event: self._publish(topic, exp.name, event),
+                        trial_env={ADOPT_SOCKET_ENV: self.socket_path,
+                                   ADOPT_TIMEOUT_ENV: f"{adopt_wait:g}"},
+                        adopt=True)
         engine.paused = exp.state == "PAUSED"
         engine.start()
         runner = Runner(engine, executor)
@@ -474,10 +501,30 @@ class Daemon:
     def dispatch(self, op: str, args: dict[str, Any], conn: Any = None) -> dict[str, Any]:
         """Answer one control request: a dict of fields (the server adds "v" and "ok"), or
         OpError."""
+        if op == "adopt":
+            return self.op_adopt(conn)
         handler = getattr(self, f"op_{op}", None)
         if handler is None:
             raise OpError("unknown_op", f"unknown op {op!r}; ops: {', '.join(OPS)}")
         return handler(args)
+
+    def op_adopt(self, conn: Any) -> Handoff:
+        """A trial of a dead daemon reconnects: the connection becomes its report channel.
+        The trial is the one whose process is the peer (pid from SO_PEERCRED; the pid and
+        start time were checked when it was adopted)."""
+        for exp_id, runner in self.runners.items():
+            trial_id = runner.engine.awaiting(conn.pid)
+            if trial_id is not None:
+                number = runner.engine.live[trial_id].trial.number
+
+                def take(sock: socket.socket, rest: bytes, exp_id: int = exp_id,
+                         engine: Engine = runner.engine, trial_id: int = trial_id) -> None:
+                    events = engine.reconnected(trial_id, sock, rest)
+                    self._adopted_events.setdefault(exp_id, []).extend(events)
+
+                return Handoff({"experiment": runner.engine.experiment.name,
+                                "trial": number}, take)
+        raise OpError("not_found", f"no trial of process {conn.pid} waits to be adopted")
 
     def _experiment(self, args: dict[str, Any]):
         assert self.store is not None
@@ -653,4 +700,4 @@ def _described_by(executor: TemplateExecutor | None):
 
 
 OPS = ("hello", "status", "experiments", "trials", "best", "curves", "submit", "stop", "pause",
-       "resume", "kill", "logs", "watch")
+       "resume", "kill", "logs", "watch", "adopt")

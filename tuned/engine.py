@@ -7,8 +7,11 @@ Guarantees (see DESIGN.md, invariants):
   and a report resent with a sequence number already stored gets the stored decision back;
 - a trial ends in exactly one finished state, stored together with the searcher state that
   learnt from it;
-- `recover()` leaves no trial RUNNING: a trial whose last stored decision ended it is
-  finished, any other goes back to PENDING (attempt counted) and runs again.
+- `recover()` leaves no trial RUNNING without a live process: with `adopt`, a trial whose
+  process still lives (same pid, same start time) is adopted, holding the same CPUs and
+  GPUs, and goes on once its reporter reconnects; otherwise (or once that process ends
+  without reconnecting) a trial whose last stored decision ended it is finished, a paused
+  one waits, any other goes back to PENDING (attempt counted) and runs again.
 """
 
 from __future__ import annotations
@@ -74,6 +77,7 @@ class _Live:
     grant: Grant | None = None
     last_seen: float = 0.0
     final: bool = False  # ended by the user: no retry
+    adopted: bool = False  # a dead engine's trial, not reconnected yet
 
 
 class Engine:
@@ -86,7 +90,9 @@ class Engine:
     `resources` is the pool of CPUs and GPUs the trials take from (shared by the experiments
     of a daemon); by default, `slots` trials' worth of CPUs and the GPUs NVML finds.
     `on_event(event)` hears each trial start, report and end once stored (a daemon's
-    `watch`).
+    `watch`). `trial_env` is added to every trial's environment. `adopt`: on recovery,
+    trials whose process still lives are adopted (the daemon, whose trials reconnect);
+    without it such processes are killed and their trials run again.
 
     `run()` drives the experiment to its end on its own. A daemon drives many instead:
     `start()`, then `step(events)` with the events of this experiment's trials, until
@@ -100,6 +106,7 @@ class Engine:
                  constants: dict[str, Any] | None = None,
                  resources: ResourcePool | None = None,
                  on_event: Callable[[dict[str, Any]], None] | None = None,
+                 trial_env: dict[str, str] | None = None, adopt: bool = False,
                  clock: Callable[[], float] = time.monotonic):
         if spec.seed is None:
             raise ValueError("seed: the engine needs the experiment's seed (it is stored)")
@@ -114,6 +121,8 @@ class Engine:
                                                   spares=self.slots)
         self.on_trial_end = on_trial_end
         self.on_event = on_event
+        self.trial_env = dict(trial_env or {})
+        self.adopts = adopt
         self.clock = clock
         self.searcher: Searcher = make_searcher(spec.searcher, spec.space, seed=spec.seed,
                                                 **spec.searcher_options)
@@ -271,12 +280,12 @@ class Engine:
         grant = self.resources.take(self.spec.num_cpus, self.spec.num_gpus)
         assert grant is not None, "_launch_ready checked the resources"
         payload = {"config": trial.config, "seed": trial_seed(self.spec.seed, trial.number),
-                   "env": {}}
+                   "env": dict(self.trial_env)}
         if grant.gpus:
             payload["env"]["CUDA_VISIBLE_DEVICES"] = ",".join(grant.gpus)
         log_path = os.path.join(self.log_dir, f"trial-{trial.number}.log")
         pid = self.executor.launch(trial.id, payload, log_path)
-        if not self.store.claim_trial(trial.id, pid, process_start_time(pid)):
+        if not self.store.claim_trial(trial.id, pid, process_start_time(pid), grant.gpus):
             self.executor.kill(trial.id)
             self.resources.give(grant)
             raise RuntimeError(f"trial {trial.number} was claimed by someone else")
@@ -362,12 +371,16 @@ class Engine:
                            "time": time_value, "reward": reward, "decision": decision})
         return None
 
-    def _finish(self, live: _Live, code: int) -> None:
+    def _finish(self, live: _Live, code: int | None) -> None:
         trial = live.trial
         del self.live[trial.id]
         if live.grant is not None:
             self.resources.give(live.grant)
-        if live.stop is not None and live.stop.decision is Decision.PAUSE and code == 0:
+        if live.adopted and live.failure is None:
+            log.info("adopted trial %d ended before it reconnected", trial.number)
+            self._settle(self.store.trial(trial.id))
+            return
+        if live.stop is not None and live.stop.decision is Decision.PAUSE and code in (0, None):
             self.store.pause_trial(trial.id)
             return
         state, error = self._verdict(live, code)
@@ -394,48 +407,100 @@ class Engine:
                            else self.spec.sign(score)})
 
     @staticmethod
-    def _verdict(live: _Live, code: int) -> tuple[TrialState, str | None]:
+    def _verdict(live: _Live, code: int | None) -> tuple[TrialState, str | None]:
+        """How a trial ended, from what it said and its exit `code` (None: unknown, for a
+        trial adopted after a restart)."""
         if live.failure is not None:
             return TrialState.FAILED, live.failure
         if live.error is not None:
             return TrialState.FAILED, live.error
-        if code < 0:
+        if code is not None and code < 0:
             name = signal.Signals(-code).name if -code in signal.valid_signals() else -code
             return TrialState.FAILED, f"killed by signal {name}"
-        if code != 0:
+        if code is not None and code != 0:
             return TrialState.FAILED, f"exited with code {code} (see its log)"
         if live.stop is not None:
             return (TrialState.COMPLETED if live.stop.completed else TrialState.STOPPED), None
         if live.last_seq == 0:
             return TrialState.FAILED, "ended without a single report"
         if not live.done:
-            return TrialState.FAILED, "exited before its function returned"
+            unknown = "" if code is not None else \
+                " (adopted after a daemon restart, its exit status is unknown)"
+            return TrialState.FAILED, f"exited before its function returned{unknown}"
         return TrialState.COMPLETED, None
 
     # -- recovery and interruption -------------------------------------------------------
 
     def recover(self) -> None:
-        """Leave no trial RUNNING: end those whose stored decision ended them, queue the rest."""
+        """Leave no trial RUNNING without a live process: adopt the live ones (with
+        `adopt`), end those whose stored decision ended them, queue the rest."""
         with self.store.transaction():
-            self._recover()
+            for trial in self.store.trials(self.experiment.id,
+                                           ("RUNNING", "PENDING", "PAUSED")):
+                if not (trial.state == "RUNNING" and self._adopt(trial)):
+                    self._settle(trial)
             self._save_searcher()
         self._flush_news()
 
-    def _recover(self) -> None:
-        for trial in self.store.trials(self.experiment.id, ("RUNNING", "PENDING", "PAUSED")):
-            stored = self.store.stored_decision(trial.id, trial.last_seq)
-            if stored == Decision.STOP.value:
-                self._end(trial, self._stopped_state(trial.last_time), None, trial.score)
-            elif trial.state == "PAUSED" or stored == Decision.PAUSE.value:
-                if self.paused:
-                    self.store.pause_trial(trial.id)
-                elif self.store.unpause_trial(trial.id) or trial.state == "PENDING":
-                    self.queue.append(self.store.trial(trial.id))
-            elif trial.state == "PENDING":
-                self.queue.append(trial)
-            elif self.store.requeue_trial(trial.id):
-                log.info("trial %d was interrupted; it runs again", trial.number)
+    def _adopt(self, trial: Trial) -> bool:
+        """Adopt a RUNNING trial whose process still lives, with the same CPUs and GPUs; True
+        if adopted. A live process that cannot be adopted is killed (its channel died with
+        the engine that started it, so it could never report again)."""
+        proc = self.store.trial_process(trial.id)
+        if proc.pid is None or proc.start is None or \
+                process_start_time(proc.pid) != proc.start:
+            return False
+        if self.adopts:
+            try:
+                grant = self.resources.hold(self.spec.num_cpus, proc.gpus)
+            except ValueError as exc:
+                log.error("trial %d cannot be adopted: %s", trial.number, exc)
+            else:
+                if self.executor.adopt(trial.id, proc.pid, proc.start):
+                    self.live[trial.id] = _Live(trial, last_seq=trial.last_seq, grant=grant,
+                                                last_seen=self.clock(), adopted=True)
+                    log.info("trial %d (pid %d) lives on: adopted", trial.number, proc.pid)
+                    return True
+                self.resources.give(grant)
+        if process_start_time(proc.pid) == proc.start:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        return False
+
+    def awaiting(self, pid: int) -> int | None:
+        """The id of the adopted trial whose process is `pid` (not reconnected yet), or None."""
+        for trial_id, live in self.live.items():
+            if live.adopted and live.failure is None and \
+                    self.executor.pid_of(trial_id) == pid:
+                return trial_id
+        return None
+
+    def reconnected(self, trial_id: int, sock: Any, rest: bytes = b"") -> list[Message]:
+        """An adopted trial's reporter is back on `sock`: it goes on like any running trial.
+        Returns the messages in `rest` (for the next `step`)."""
+        live = self.live[trial_id]
+        live.adopted = False
+        live.last_seen = self.clock()
+        log.info("trial %d reconnected", live.trial.number)
+        return self.executor.attach(trial_id, sock, rest)
+
+    def _settle(self, trial: Trial) -> None:
+        """Decide what becomes of an unfinished trial that has no live process."""
+        stored = self.store.stored_decision(trial.id, trial.last_seq)
+        if stored == Decision.STOP.value:
+            self._end(trial, self._stopped_state(trial.last_time), None, trial.score)
+        elif trial.state == "PAUSED" or stored == Decision.PAUSE.value:
+            if self.paused:
+                self.store.pause_trial(trial.id)
+            elif self.store.unpause_trial(trial.id) or trial.state == "PENDING":
                 self.queue.append(self.store.trial(trial.id))
+        elif trial.state == "PENDING":
+            self.queue.append(trial)
+        elif self.store.requeue_trial(trial.id):
+            log.info("trial %d was interrupted; it runs again", trial.number)
+            self.queue.append(self.store.trial(trial.id))
 
     def _stopped_state(self, time_value: float | None) -> TrialState:
         """How a trial told to stop at `time_value` ended: COMPLETED if it had used its whole
@@ -444,6 +509,15 @@ class Engine:
         if max_t is not None and time_value is not None and time_value >= max_t:
             return TrialState.COMPLETED
         return TrialState.STOPPED
+
+    def detach(self) -> None:
+        """Let go of the running trials without stopping them (the daemon leaves; they stay
+        RUNNING and a restarted daemon adopts them)."""
+        self.executor.detach()
+        for live in self.live.values():
+            if live.grant is not None:
+                self.resources.give(live.grant)
+        self.live.clear()
 
     def abandon(self) -> None:
         """On an interruption (Ctrl-C, an error in the engine): stop every trial and put it

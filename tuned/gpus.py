@@ -419,6 +419,18 @@ class GPUPool:
         self._allocated.update(taken)
         return taken
 
+    def hold(self, uuids: Iterable[str]) -> list[str]:
+        """Allocate these very GPUs (a trial adopted after a restart keeps its own), busy with
+        foreign processes or not; returns those allocated, leaving out UUIDs this machine no
+        longer has. ValueError (nothing changes) when one is allocated already or named
+        twice: a GPU is never handed out twice at once."""
+        uuids = [u for u in uuids if u in self._known]
+        for i, uuid in enumerate(uuids):
+            if uuid in self._allocated or uuid in uuids[:i]:
+                raise ValueError(f"GPU {uuid} is handed out already")
+        self._allocated.update(uuids)
+        return uuids
+
     def give(self, uuids: Iterable[str]) -> None:
         """Return GPUs handed out by `take`. ValueError (nothing changes) when one of them is
         unknown, not handed out, or named twice."""

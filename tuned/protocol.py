@@ -147,6 +147,14 @@ class LineDecoder:
             else:
                 self._parse_into(line, out)
 
+    def take_rest(self) -> bytes:
+        """The bytes held of an incomplete line, handed over (the decoder is reset)."""
+        rest = b"" if self._discarding else bytes(self._buf)
+        self._buf.clear()
+        self._scanned = 0
+        self._discarding = False
+        return rest
+
     def close(self) -> list[Any]:
         """End of stream: parse a last line that had no newline; reset the decoder."""
         out: list[Any] = []

@@ -8,12 +8,20 @@ report and its decision before it answers, so a report acknowledged is a report 
 A STOP (or PAUSE) decision raises `TrialStopped` from the reporter call; the trial wrapper
 catches it, so user code needs nothing. An error answer (a rejected report) raises
 `ReportRejected`, which ends the trial as failed.
+
+When the engine goes away (a daemon restarted, killed or upgraded), a reporter given a
+`Reconnect` connects to the daemon's control socket again, asks to be adopted
+(``{"v": 1, "op": "adopt"}``; the daemon knows the trial by the peer's pid and its start
+time) and sends the unanswered line once more: reports are exactly-once by their sequence
+number, so a report the old daemon stored gets its stored decision back.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import socket
+import time
 from typing import Any
 
 import numpy as np
@@ -54,17 +62,91 @@ def encode_report(seq: int, metrics: dict[str, Any]) -> bytes:
     return (json.dumps(body, default=_json_default, separators=(",", ":")) + "\n").encode()
 
 
+ADOPT_SOCKET_ENV = "TUNED_ADOPT_SOCKET"
+ADOPT_TIMEOUT_ENV = "TUNED_ADOPT_TIMEOUT"
+DEFAULT_ADOPT_TIMEOUT = 600.0
+
+
+class Reconnect:
+    """How a trial finds a restarted daemon: its control socket `path`, tried for up to
+    `timeout` seconds (backing off from 50 ms to 1 s between tries)."""
+
+    def __init__(self, path: str, timeout: float = DEFAULT_ADOPT_TIMEOUT,
+                 clock: Any = time.monotonic, sleep: Any = time.sleep):
+        self.path = path
+        self.timeout = timeout
+        self.clock = clock
+        self.sleep = sleep
+
+    @classmethod
+    def from_env(cls) -> Reconnect | None:
+        """The Reconnect the daemon described in this trial's environment, or None (the
+        in-process API: nobody to reconnect to)."""
+        path = os.environ.get(ADOPT_SOCKET_ENV)
+        if not path:
+            return None
+        try:
+            timeout = float(os.environ.get(ADOPT_TIMEOUT_ENV, DEFAULT_ADOPT_TIMEOUT))
+        except ValueError:
+            timeout = DEFAULT_ADOPT_TIMEOUT
+        return cls(path, timeout)
+
+    def __call__(self) -> socket.socket:
+        """A new channel to a daemon that adopted this trial. ChannelClosed when the daemon
+        refuses (it does not know this process) or none answers within `timeout`."""
+        deadline = self.clock() + self.timeout
+        delay = 0.05
+        last = "no daemon listens"
+        while True:
+            try:
+                return self._adopt()
+            except OSError as exc:
+                last = str(exc) or type(exc).__name__
+            if self.clock() >= deadline:
+                raise ChannelClosed(f"engine gone, and no daemon at {self.path} took the trial "
+                                    f"back within {self.timeout:g} s ({last})")
+            self.sleep(delay)
+            delay = min(1.0, delay * 2)
+
+    def _adopt(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(30.0)
+            sock.connect(self.path)
+            sock.sendall(b'{"v":1,"op":"adopt"}\n')
+            answer = b""
+            while not answer.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise ConnectionResetError("the daemon closed the connection")
+                answer += chunk
+            body = json.loads(answer)
+        except BaseException:
+            sock.close()
+            raise
+        if body.get("ok") is not True:
+            sock.close()
+            err = body.get("error") or {}
+            raise ChannelClosed(f"engine gone; the daemon did not adopt the trial: "
+                                f"{err.get('message', body)}")
+        sock.settimeout(None)
+        return sock
+
+
 class Reporter:
     """Callable that sends one report per call and returns when the engine has stored it.
 
     Raises TrialStopped when the scheduler decides the trial ends, ReportRejected when the
-    report is invalid, ChannelClosed when the engine is gone.
+    report is invalid, ChannelClosed when the engine is gone (and, given `reconnect`, no
+    daemon took the trial back).
     """
 
-    def __init__(self, sock: socket.socket, first_seq: int = 1):
+    def __init__(self, sock: socket.socket, first_seq: int = 1,
+                 reconnect: Reconnect | None = None):
         self._sock = sock
         self._seq = first_seq - 1
         self._buffer = b""
+        self._reconnect = reconnect
         self.last_decision = "continue"
 
     @property
@@ -76,16 +158,34 @@ class Reporter:
         seq = self._seq + 1
         line = encode_report(seq, metrics)
         self._seq = seq
-        try:
-            self._sock.sendall(line)
-        except OSError as exc:
-            raise ChannelClosed(f"engine gone: {exc}") from None
-        answer = self._read_answer()
+        answer = self._exchange(line)
         if "error" in answer:
             raise ReportRejected(answer["error"])
         self.last_decision = answer.get("decision", "continue")
         if self.last_decision != "continue":
             raise TrialStopped(self.last_decision)
+
+    def _exchange(self, line: bytes) -> dict[str, Any]:
+        """Send `line` and read its answer, over a new channel when the engine went away
+        (and a daemon adopted this trial)."""
+        while True:
+            try:
+                try:
+                    self._sock.sendall(line)
+                except OSError as exc:
+                    raise ChannelClosed(f"engine gone: {exc}") from None
+                return self._read_answer()
+            except ChannelClosed as exc:
+                self._replace_channel(exc)
+
+    def _replace_channel(self, lost: ChannelClosed) -> None:
+        """Reconnect; raise `lost` when there is no way to."""
+        if self._reconnect is None:
+            raise lost
+        sock = self._reconnect()
+        self._sock.close()
+        self._sock = sock
+        self._buffer = b""
 
     def _read_answer(self) -> dict[str, Any]:
         while b"\n" not in self._buffer:
@@ -102,8 +202,17 @@ class Reporter:
         return json.loads(line)
 
     def send_event(self, **event: Any) -> None:
-        """Send a one-way message (e.g. the trial's error) without waiting for an answer."""
+        """Send a one-way message (the trial's end, or its error) without waiting for an
+        answer; over a new channel when the engine went away. Nothing raises: an end that
+        no engine hears is found by its exit."""
+        data = (json.dumps(event, default=str) + "\n").encode()
         try:
-            self._sock.sendall((json.dumps(event, default=str) + "\n").encode())
+            self._sock.sendall(data)
+            return
         except OSError:
+            pass
+        try:
+            self._replace_channel(ChannelClosed("engine gone"))
+            self._sock.sendall(data)
+        except (OSError, ChannelClosed):
             pass

@@ -38,6 +38,14 @@ class ResourcePool:
         self.cpus_free -= cpus
         return Grant(cpus, taken)
 
+    def hold(self, cpus: float, gpus: Iterable[str]) -> Grant:
+        """The grant of a trial that runs already (adopted after a restart): its CPUs are
+        counted even beyond the total, its GPUs allocated (see `GPUPool.hold`, which raises
+        ValueError for a GPU held twice)."""
+        held = self.gpus.hold(gpus)
+        self.cpus_free -= cpus
+        return Grant(cpus, held)
+
     def give(self, grant: Grant) -> None:
         self.cpus_free = min(self.cpus_total, self.cpus_free + grant.cpus)
         self.gpus.give(grant.gpus)

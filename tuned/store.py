@@ -39,7 +39,7 @@ import sqlite_utils
 from tuned.decisions import FINISHED_STATES, Decision, TrialState
 from tuned.schedulers.base import RungEntry
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Bytes of WAL written once when a store is opened; about the WAL's size between automatic
 # checkpoints (1000 pages).
 WAL_PREALLOCATE = 4 << 20
@@ -101,6 +101,16 @@ class Trial:
     created: float
     started: float | None
     ended: float | None
+
+
+@dataclass(frozen=True)
+class TrialProcess:
+    """The process a running trial was launched in: pid, its start time (clock ticks since
+    boot; with the pid it names one process for good) and the GPUs it holds."""
+
+    pid: int | None
+    start: int | None
+    gpus: list[str]
 
 
 @dataclass(frozen=True)
@@ -168,8 +178,14 @@ def _v2(db: sqlite_utils.Database) -> None:
     db["trials"].add_column("pid_start", int)
 
 
+def _v3(db: sqlite_utils.Database) -> None:
+    """Running trials remember the GPUs they were given (a JSON list of UUIDs), so that a
+    restarted daemon that adopts them holds the same GPUs for them."""
+    db["trials"].add_column("gpus", str)
+
+
 # Step n turns a database of version n - 1 into version n. Append; never edit a shipped step.
-MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _v1, 2: _v2}
+MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _v1, 2: _v2, 3: _v3}
 
 
 class Store:
@@ -406,20 +422,24 @@ class Store:
                 self.save_searcher_state(experiment_id, searcher_state)
         return cur.lastrowid
 
-    def claim_trial(self, trial_id: int, pid: int, pid_start: int | None = None) -> bool:
-        """PENDING -> RUNNING with the process that runs it (pid and its start time);
-        False if it was not PENDING."""
+    def claim_trial(self, trial_id: int, pid: int, pid_start: int | None = None,
+                    gpus: list[str] | None = None) -> bool:
+        """PENDING -> RUNNING with the process that runs it (pid and its start time) and the
+        GPUs it was given; False if it was not PENDING."""
         with self.transaction() as c:
             cur = c.execute(
-                "UPDATE trials SET state = 'RUNNING', pid = ?, pid_start = ?, started = ? "
-                "WHERE id = ? AND state = 'PENDING'", (pid, pid_start, self.clock(), trial_id))
+                "UPDATE trials SET state = 'RUNNING', pid = ?, pid_start = ?, gpus = ?, "
+                "started = ? WHERE id = ? AND state = 'PENDING'",
+                (pid, pid_start, _dumps(gpus or []), self.clock(), trial_id))
         return cur.rowcount == 1
 
-    def trial_process(self, trial_id: int) -> tuple[int | None, int | None]:
-        """(pid, process start time) stored for a running trial."""
-        row = self.conn.execute("SELECT pid, pid_start FROM trials WHERE id = ?",
+    def trial_process(self, trial_id: int) -> TrialProcess:
+        """The process stored for a running trial (all None/empty when it has none)."""
+        row = self.conn.execute("SELECT pid, pid_start, gpus FROM trials WHERE id = ?",
                                 (trial_id,)).fetchone()
-        return (row[0], row[1]) if row else (None, None)
+        if row is None:
+            return TrialProcess(None, None, [])
+        return TrialProcess(row[0], row[1], json.loads(row[2]) if row[2] else [])
 
     def requeue_trial(self, trial_id: int) -> bool:
         """RUNNING -> PENDING for another attempt (counted); False if it was not RUNNING."""

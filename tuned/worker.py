@@ -3,7 +3,8 @@
 The exit code and the last message on the channel tell the engine how the trial ended:
 0 after ``{"op": "done"}`` (the function returned) or after a stop decision; 1 after
 ``{"op": "error", "message": ...}`` (the function raised; the traceback is in the trial's
-log); 75 when the engine went away.
+log); 75 when the engine went away (and no daemon adopted the trial, see
+`tuned.reporter.Reconnect`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from tuned.reporter import ChannelClosed, Reporter, TrialStopped
+from tuned.reporter import ChannelClosed, Reconnect, Reporter, TrialStopped
 from tuned.trial_args import Args
 
 EXIT_OK = 0
@@ -36,7 +37,7 @@ def run_trial(fn: Callable[[Args, Reporter], Any], args: Args, seed: int,
               channel: socket.socket) -> int:
     """Run `fn(args, reporter)` in this process; return the exit code described above."""
     seed_trial(seed)
-    reporter = Reporter(channel)
+    reporter = Reporter(channel, reconnect=Reconnect.from_env())
     try:
         fn(args, reporter)
     except TrialStopped:

@@ -42,21 +42,25 @@ class Message:
 
 @dataclass
 class Exited:
-    """A trial's process ended; `code` as os.waitstatus_to_exitcode gives it (< 0: signal)."""
+    """A trial's process ended; `code` as os.waitstatus_to_exitcode gives it (< 0: signal),
+    or None for an adopted trial, which is not our child: its exit status is not ours to
+    read."""
 
     trial_id: int
-    code: int
+    code: int | None
 
 
 @dataclass
 class _Child:
     trial_id: int
     pid: int
-    sock: socket.socket
+    sock: socket.socket | None
     pidfd: int | None
     buffer: bytearray = field(default_factory=bytearray)
     sock_open: bool = True
     kill_at: float | None = None
+    # Set for an adopted process (not our child): its start time, checked before a signal.
+    adopted_start: int | None = None
 
 
 class LocalExecutor:
@@ -109,6 +113,51 @@ class LocalExecutor:
             self.kill(trial_id)
         return child.pid
 
+    def adopt(self, trial_id: int, pid: int, start: int) -> bool:
+        """Follow a trial process this executor did not start (a dead daemon's), identified
+        by its pid and start time: its exit is watched through a pidfd, signals reach its
+        group only while that very process lives, and its channel comes with `attach` when
+        it reconnects. False (nothing changes) when that process is gone or cannot be
+        watched (no pidfd on this kernel)."""
+        if process_start_time(pid) != start:
+            return False
+        pidfd = self._pidfd(pid)
+        if pidfd is None:
+            return False
+        if process_start_time(pid) != start:  # the pid was reused in between
+            os.close(pidfd)
+            return False
+        child = _Child(trial_id, pid, None, pidfd, sock_open=False, adopted_start=start)
+        self._children[trial_id] = child
+        self._sel.register(pidfd, selectors.EVENT_READ, (self, "exit", child))
+        return True
+
+    def attach(self, trial_id: int, sock: socket.socket, rest: bytes = b"") -> list[Message]:
+        """Make `sock` the report channel of running trial `trial_id` (its reporter
+        reconnected), replacing any channel it had; returns the messages in `rest` (bytes
+        it sent already). KeyError when the trial is not running here."""
+        child = self._children[trial_id]
+        if child.sock_open:
+            self._close_channel(child)
+        sock.setblocking(False)
+        child.sock, child.sock_open = sock, True
+        child.buffer = bytearray(rest)
+        self._sel.register(sock, selectors.EVENT_READ, (self, "msg", child))
+        events: list[Message | Exited] = []
+        self._split(child, events)
+        return [e for e in events if isinstance(e, Message)]
+
+    def detach(self) -> None:
+        """Let go of every trial without stopping it (the daemon leaves; the trials go on
+        and reconnect to the next one): channels and pidfds closed, nothing reaped."""
+        self.close_spares()
+        for child in self._children.values():
+            self._close_channel(child)
+            if child.pidfd is not None:
+                self._sel.unregister(child.pidfd)
+                os.close(child.pidfd)
+        self._children.clear()
+
     @property
     def spare_count(self) -> int:
         return len(self._spare)
@@ -139,7 +188,8 @@ class LocalExecutor:
     def _close_others(self) -> None:
         """In a forked child: close the executor's descriptors of other trials."""
         for other in [*self._children.values(), *self._spare]:
-            other.sock.close()
+            if other.sock is not None:
+                other.sock.close()
             if other.pidfd is not None:
                 os.close(other.pidfd)
         self._sel = None
@@ -160,6 +210,11 @@ class LocalExecutor:
     def running(self) -> int:
         return len(self._children)
 
+    def pid_of(self, trial_id: int) -> int | None:
+        """The pid of running trial `trial_id`, or None."""
+        child = self._children.get(trial_id)
+        return None if child is None else child.pid
+
     def pids(self) -> list[int]:
         """The pids of the running trials and the spares."""
         return [c.pid for c in self._children.values()] + [c.pid for c in self._spare]
@@ -169,7 +224,7 @@ class LocalExecutor:
         full (the trial stopped reading its answers); a trial already gone is not an error
         here, its exit tells the rest."""
         child = self._children.get(trial_id)
-        if child is None or not child.sock_open:
+        if child is None or not child.sock_open or child.sock is None:
             return True
         data = (json.dumps(body, separators=(",", ":")) + "\n").encode()
         try:
@@ -206,10 +261,10 @@ class LocalExecutor:
 
     @staticmethod
     def _signal_group(child: _Child, sig: int) -> None:
-        try:
-            os.killpg(child.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
+        if child.adopted_start is not None and \
+                process_start_time(child.pid) != child.adopted_start:
+            return  # not our child: once it is gone its pid may be someone else's
+        _killpg(child.pid, sig)
 
     def shutdown(self, grace: float = 2.0) -> list[Exited]:
         """Stop every trial (TERM, then KILL after `grace`) and reap them all, spares too."""
@@ -280,7 +335,7 @@ class LocalExecutor:
         return timeout
 
     def _read(self, child: _Child, events: list[Message | Exited]) -> None:
-        while child.sock_open:
+        while child.sock_open and child.sock is not None:
             try:
                 chunk = child.sock.recv(65536)
             except BlockingIOError:
@@ -307,18 +362,22 @@ class LocalExecutor:
             events.append(_parse(child.trial_id, line))
 
     def _close_channel(self, child: _Child) -> None:
-        if child.sock_open:
+        if child.sock_open and child.sock is not None:
             child.sock_open = False
             self._sel.unregister(child.sock)
             child.sock.close()
 
     def _reap(self, child: _Child, events: list[Message | Exited], block: bool) -> None:
+        if child.adopted_start is not None:  # its pidfd is readable: it has exited
+            self._exited(child, None, events)
+            return
         pid, status = os.waitpid(child.pid, 0 if block else os.WNOHANG)
         if pid == 0:
             return
         self._exited(child, os.waitstatus_to_exitcode(status), events)
 
-    def _exited(self, child: _Child, code: int, events: list[Message | Exited]) -> None:
+    def _exited(self, child: _Child, code: int | None,
+                events: list[Message | Exited]) -> None:
         """A trial's process ended with `code`: read what it left, clean up, emit Exited."""
         self._read(child, events)
         if child.sock_open:
@@ -327,9 +386,16 @@ class LocalExecutor:
             self._sel.unregister(child.pidfd)
             os.close(child.pidfd)
         # The leader is gone; anything it left in its group goes with it.
-        self._signal_group(child, signal.SIGKILL)
+        _killpg(child.pid, signal.SIGKILL)
         del self._children[child.trial_id]
         events.append(Exited(child.trial_id, code))
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _parse(trial_id: int, line: bytes) -> Message:
