@@ -2,8 +2,9 @@
 
     python examples/daemon_demo.py [--out DIR]
 
-Starts `tuned serve` on a temporary state directory, submits the four specs of
-examples/specs/ with `tunectl submit`, waits for them, prints `tunectl status` and
+Starts `tuned serve` on a temporary state directory, submits the tutorial's four specs of
+examples/specs/ and program.toml (a trial that is a program, not a function) with
+`tunectl submit`, waits for them, prints `tunectl status` and
 `tunectl best` for each, writes each experiment's curves to DIR/<experiment>.png
 (default DIR: demo-output), and stops the daemon.
 """
@@ -21,7 +22,8 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SPECS = ["fifo.toml", "tutorial_hyperband.toml", "random_search.toml", "rl_simulation.toml"]
+SPECS = ["fifo.toml", "tutorial_hyperband.toml", "random_search.toml", "rl_simulation.toml",
+         "program.toml"]
 BIN = os.path.dirname(sys.executable)
 
 

@@ -415,8 +415,6 @@ class Daemon:
         assert self.store is not None
         exp = self.store.experiment(experiment_id)
         spec = ExperimentSpec.from_dict(exp.spec)
-        if spec.entry is None:
-            raise SpecError(["command: command trials are not supported by this daemon yet"])
         log_dir = os.path.join(self.state_dir, "logs", exp.name)
         if executor is None:
             executor = self._template(spec, log_dir)
@@ -441,8 +439,8 @@ class Daemon:
         try:
             return TemplateExecutor(spec.entry, spec.workdir, spec.constants,
                                     os.path.join(log_dir, "template.log"),
-                                    start_method=spec.start_method, clock=self.clock,
-                                    selector=self.selector)
+                                    start_method=spec.start_method, command=spec.command,
+                                    clock=self.clock, selector=self.selector)
         except TemplateError as exc:
             message = str(exc)
             raise SpecError([message if message.startswith("entry") else f"entry: {message}"]
@@ -458,15 +456,11 @@ class Daemon:
         if spec.seed is None:
             # Chosen once and stored, so that a restart goes on with the same streams.
             spec.seed = int.from_bytes(os.urandom(4), "little")
-        if spec.command is not None:
-            raise OpError("invalid", "command: specs with a command are not run by this "
-                                     "daemon yet; give an entry")
         executor = None
         try:
             if self.store_has(spec.name):
                 raise OpError("conflict", f"an experiment named {spec.name!r} exists already")
-            if spec.entry is not None:
-                executor = self._template(spec, os.path.join(self.state_dir, "logs", spec.name))
+            executor = self._template(spec, os.path.join(self.state_dir, "logs", spec.name))
             spec, _ = complete_spec(spec, resolve=_described_by(executor))
             record = spec.to_dict()
             record["constants"] = json_safe(record["constants"])

@@ -280,7 +280,7 @@ class Engine:
         grant = self.resources.take(self.spec.num_cpus, self.spec.num_gpus)
         assert grant is not None, "_launch_ready checked the resources"
         payload = {"config": trial.config, "seed": trial_seed(self.spec.seed, trial.number),
-                   "env": dict(self.trial_env)}
+                   "number": trial.number, "env": dict(self.trial_env)}
         if grant.gpus:
             payload["env"]["CUDA_VISIBLE_DEVICES"] = ",".join(grant.gpus)
         log_path = os.path.join(self.log_dir, f"trial-{trial.number}.log")
@@ -383,7 +383,7 @@ class Engine:
         if live.stop is not None and live.stop.decision is Decision.PAUSE and code in (0, None):
             self.store.pause_trial(trial.id)
             return
-        state, error = self._verdict(live, code)
+        state, error = self._verdict(live, code, program=self.spec.command is not None)
         if (state is TrialState.FAILED and not live.final
                 and trial.attempt <= self.spec.max_retries):
             log.warning("trial %d failed (%s); retrying", trial.number, error)
@@ -407,9 +407,11 @@ class Engine:
                            else self.spec.sign(score)})
 
     @staticmethod
-    def _verdict(live: _Live, code: int | None) -> tuple[TrialState, str | None]:
+    def _verdict(live: _Live, code: int | None,
+                 program: bool = False) -> tuple[TrialState, str | None]:
         """How a trial ended, from what it said and its exit `code` (None: unknown, for a
-        trial adopted after a restart)."""
+        trial adopted after a restart). For a `program` (a command spec's) exit code 0
+        after a report means it ran to its end."""
         if live.failure is not None:
             return TrialState.FAILED, live.failure
         if live.error is not None:
@@ -423,7 +425,7 @@ class Engine:
             return (TrialState.COMPLETED if live.stop.completed else TrialState.STOPPED), None
         if live.last_seq == 0:
             return TrialState.FAILED, "ended without a single report"
-        if not live.done:
+        if not live.done and not (program and code == 0):
             unknown = "" if code is not None else \
                 " (adopted after a daemon restart, its exit status is unknown)"
             return TrialState.FAILED, f"exited before its function returned{unknown}"

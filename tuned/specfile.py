@@ -323,8 +323,11 @@ def complete_spec(spec: ExperimentSpec, resolve: Resolver | None = None
             else:
                 space = fn_space
     elif spec.command is not None:
+        from tuned.command import check_command
+
         if not spec.space:
             problems.append("space: a command spec needs a [space] table")
+        problems += check_command(spec.command, set(spec.space) | set(constants))
     else:
         problems.append("entry: give entry or command")
     options = _scheduler_options(spec, constants, problems)

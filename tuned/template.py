@@ -3,8 +3,9 @@
     python -m tuned.template FD
 
 FD is a SOCK_SEQPACKET socket to the daemon. The first message is the experiment:
-``{"entry", "workdir", "constants", "start_method"}``; the template imports the entry and
-answers ``{"op": "ready"}`` or ``{"op": "error", "message"}`` (and exits). Then, for each
+``{"entry", "workdir", "constants", "start_method"}`` (or ``"command"`` instead of
+``"entry"``: each child execs that program, see `tuned.command`); the template imports the
+entry and answers ``{"op": "ready"}`` or ``{"op": "error", "message"}`` (and exits). Then, for each
 ``{"op": "fork"}`` message carrying one file descriptor (the trial's report channel), it
 forks a child that waits on that channel for its order, exactly as the daemon's own spare
 children do (`tuned.executors.local.spare_main`), and answers ``{"op": "forked", "pid"}``.
@@ -162,16 +163,27 @@ class Template:
                 pass
 
 
+def _runner_of(experiment: dict[str, Any]) -> tuple[Callable[..., int], dict[str, Any]]:
+    """The runner of the experiment's trials, and what the daemon learns of its entry."""
+    workdir, constants = experiment.get("workdir"), experiment.get("constants", {})
+    if experiment.get("command"):
+        from tuned.command import command_runner
+
+        return command_runner(experiment["command"], workdir, constants), \
+            {"space": None, "constants": {}}
+    entry = experiment["entry"]
+    described = describe_entry(entry, workdir)
+    make = spawn_runner if experiment.get("start_method") == "spawn" else load_runner
+    return make(entry, workdir, constants), described
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--trial"]:
         return trial_main(int(argv[1]))
     ctl = socket.socket(fileno=int(argv[0]))
     experiment = json.loads(ctl.recv(MAX_MESSAGE))
     try:
-        entry, workdir = experiment["entry"], experiment.get("workdir")
-        described = describe_entry(entry, workdir)
-        make = spawn_runner if experiment.get("start_method") == "spawn" else load_runner
-        runner = make(entry, workdir, experiment.get("constants", {}))
+        runner, described = _runner_of(experiment)
     except Exception as exc:  # the user's module failed to import: say so, then leave
         problems = getattr(exc, "problems", None)
         _send(ctl, op="error", message="; ".join(problems) if problems

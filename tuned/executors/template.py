@@ -34,12 +34,13 @@ class TemplateExecutor(LocalExecutor):
 
     Raises TemplateError when the template cannot import the entry. `entry_space` and
     `entry_constants` describe the entry function (its @tuned.args space, JSON, or None).
+    With `command` instead of `entry`, each trial execs that program (`tuned.command`).
     """
 
     _polls_exits = False
 
-    def __init__(self, entry: str, workdir: str | None, constants: dict[str, Any],
-                 log_path: str, start_method: str = "fork",
+    def __init__(self, entry: str | None, workdir: str | None, constants: dict[str, Any],
+                 log_path: str, start_method: str = "fork", command: list[str] | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  selector: selectors.BaseSelector | None = None):
         super().__init__(runner=_no_runner, kill_with_parent=False, spares=0, clock=clock,
@@ -54,7 +55,7 @@ class TemplateExecutor(LocalExecutor):
                 start_new_session=True)
         theirs.close()
         self.ctl = ours
-        self._send(entry=entry, workdir=workdir, constants=constants,
+        self._send(entry=entry, command=command, workdir=workdir, constants=constants,
                    start_method=start_method)
         answer = self._wait_for(("ready", "error"), READY_TIMEOUT)
         if answer["op"] == "error":
