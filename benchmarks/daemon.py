@@ -2,7 +2,7 @@
 
     python benchmarks/daemon.py [--sizes 1000,10000,100000] [--reports-per-trial 10]
                                 [--repeat 15] [--quick] [--state-dir D] [--idle-seconds 10]
-                                [--op-budget 10]
+                                [--op-budget 10] [--baseline DIR]
 
 For each size N it builds a state directory of N finished trials (COMPLETED or STOPPED, with
 last_seq/last_reward/score set) of R reports each (metrics {"epoch": e, "accuracy": a}),
@@ -18,7 +18,12 @@ and prints:
 - median and p90 wall time of whole `tunectl` processes (status, status EXP, best EXP,
   trials EXP --json, curves EXP; output to /dev/null), beside `python -c pass`,
   `tunectl --version` (the client's own start-up, no request) and a stdlib-only client
-  (json + socket) making the status and best requests, for scale;
+  (json + socket) making the status and best requests, for scale; the processes run in
+  interleaved rounds, so that a moment of load elsewhere slows every row alike. Where
+  this environment writes no bytecode (PYTHONDONTWRITEBYTECODE) status and best run again
+  with a bytecode cache, as after a usual install; with --baseline DIR they run again with
+  DIR/tuned (another version of the package) first on PYTHONPATH. Notes say what an
+  editable install's finder costs every interpreter start;
 - the same ops in-process through `tuned.control.ControlClient` (connect, request, answer:
   the daemon's latency without Python start-up), with each answer's size, and how each op
   grows: the exponent k of time ~ N^k between the smallest and the largest size;
@@ -45,6 +50,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from typing import Any
 
@@ -258,15 +264,28 @@ def wakeups(pid: int) -> int:
 def timed_runs(fn, repeat: int, budget: float) -> list[float]:
     """Seconds of each of `repeat` calls, after one call not counted (warm-up); fewer (but at
     least min(3, repeat)) when the calls have used `budget` seconds."""
-    t = time.perf_counter()
-    fn()
-    spent = time.perf_counter() - t
-    times: list[float] = []
-    while len(times) < repeat and (len(times) < min(3, repeat) or spent < budget):
+    return timed_rounds({"": fn}, repeat, budget)[""]
+
+
+def timed_rounds(fns: dict[str, Any], repeat: int, budget: float) -> dict[str, list[float]]:
+    """Like `timed_runs` for several calls at once, interleaved: one warm-up round, then
+    `repeat` rounds of one call each, so that a machine busier at some moment slows every
+    call alike. A call that has used `budget` seconds leaves the rounds once it has
+    min(3, repeat) runs."""
+    times: dict[str, list[float]] = {label: [] for label in fns}
+    spent: dict[str, float] = {}
+    for label, fn in fns.items():
         t = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t)
-        spent += times[-1]
+        spent[label] = time.perf_counter() - t
+    for _ in range(repeat):
+        for label, fn in fns.items():
+            if len(times[label]) >= min(3, repeat) and spent[label] >= budget:
+                continue
+            t = time.perf_counter()
+            fn()
+            times[label].append(time.perf_counter() - t)
+            spent[label] += times[label][-1]
     return times
 
 
@@ -286,21 +305,66 @@ assert json.loads(b"".join(parts))["ok"]
 """
 
 
-def process_ops(socket_path: str) -> list[tuple[str, list[str]]]:
+Op = tuple[str, list[str], dict[str, str] | None]  # label, argv, environment (None: ours)
+
+
+def process_ops(socket_path: str, work: str, baseline: str | None) -> list[Op]:
+    """The whole-process rows: for scale, tunectl as installed, and tunectl with a bytecode
+    cache when this environment writes none (see `bytecode_note`); with `baseline`, the
+    status and best rows again with that folder's `tuned` first on PYTHONPATH."""
     ctl = [TUNECTL, "--socket", socket_path]
-    return [
-        ("python -c pass", [sys.executable, "-c", "pass"]),
-        ("tunectl --version", [TUNECTL, "--version"]),
+    ops: list[Op] = [
+        ("python -c pass", [sys.executable, "-c", "pass"], None),
+        ("tunectl --version", [TUNECTL, "--version"], None),
         ("stdlib client: status", [sys.executable, "-c", STDLIB_CLIENT, socket_path,
-                                   "status", "{}"]),
+                                   "status", "{}"], None),
         ("stdlib client: best EXP", [sys.executable, "-c", STDLIB_CLIENT, socket_path,
-                                     "best", json.dumps({"experiment": EXP})]),
-        ("tunectl status", ctl + ["status"]),
-        ("tunectl status EXP", ctl + ["status", EXP]),
-        ("tunectl best EXP", ctl + ["best", EXP]),
-        ("tunectl --json trials EXP", ctl + ["--json", "trials", EXP]),
-        ("tunectl curves EXP", ctl + ["curves", EXP]),
+                                     "best", json.dumps({"experiment": EXP})], None),
+        ("tunectl status", ctl + ["status"], None),
+        ("tunectl status EXP", ctl + ["status", EXP], None),
+        ("tunectl best EXP", ctl + ["best", EXP], None),
+        ("tunectl --json trials EXP", ctl + ["--json", "trials", EXP], None),
+        ("tunectl curves EXP", ctl + ["curves", EXP], None),
     ]
+    if bytecode_note() is not None:
+        cached = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        cached["PYTHONPYCACHEPREFIX"] = os.path.join(work, "pycache")
+        ops += [("tunectl status, bytecode cached", ctl + ["status"], cached),
+                ("tunectl best EXP, bytecode cached", ctl + ["best", EXP], cached)]
+    if baseline:
+        env = dict(os.environ, PYTHONPATH=os.path.abspath(baseline))
+        ops += [("tunectl status [baseline]", ctl + ["status"], env),
+                ("tunectl best EXP [baseline]", ctl + ["best", EXP], env)]
+    return ops
+
+
+def bytecode_note() -> str | None:
+    """Why tunectl compiles tuned's modules at every start here, or None when it does not:
+    this environment writes no bytecode (PYTHONDONTWRITEBYTECODE) and tuned/ holds none."""
+    if not os.environ.get("PYTHONDONTWRITEBYTECODE"):
+        return None
+    import tuned
+
+    cache = os.path.join(os.path.dirname(tuned.__file__), "__pycache__")
+    if os.path.isdir(cache) and any(n.startswith("cli.") for n in os.listdir(cache)):
+        return None
+    return ("PYTHONDONTWRITEBYTECODE is set and tuned/ has no __pycache__, so every tunectl "
+            "start compiles tuned's modules from source; the 'bytecode cached' rows ran with "
+            "a bytecode cache (PYTHONPYCACHEPREFIX), as after a usual install")
+
+
+def editable_finder_ms(runs: int = 5) -> float | None:
+    """About how many ms of each interpreter start go to importing the finder that an
+    editable install (pip install -e, as the Makefile installs) puts in a .pth file (median
+    of `python -X importtime -c pass`); None without one."""
+    found = []
+    for _ in range(runs):
+        err = subprocess.run([sys.executable, "-X", "importtime", "-c", "pass"],
+                             capture_output=True, text=True).stderr
+        found.append(sum(int(line.split("|")[1]) for line in err.splitlines()
+                         if line.startswith("import time:")
+                         and line.split("|")[2].strip().startswith("__editable__")))
+    return statistics.median(found) / 1e3 if any(found) else None
 
 
 CLIENT_OPS: list[tuple[str, str, dict[str, Any]]] = [
@@ -312,9 +376,9 @@ CLIENT_OPS: list[tuple[str, str, dict[str, Any]]] = [
 ]
 
 
-def run_process(argv: list[str]) -> None:
+def run_process(argv: list[str], env: dict[str, str] | None = None) -> None:
     proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE)
+                          stderr=subprocess.PIPE, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} exited with {proc.returncode}: "
                            f"{proc.stderr.decode(errors='replace').strip()}")
@@ -373,9 +437,10 @@ def measure_size(n: int, cli, work: str, sock_dir: str, is_largest: bool) -> dic
         out["start_s"] = daemon.start()
         time.sleep(1.0)
         out["rss_start_mb"] = rss_mb(daemon.pid)
-        out["process"] = {label: timed_runs(lambda a=argv: run_process(a), cli.repeat,
-                                             cli.op_budget)
-                          for label, argv in process_ops(socket_path)}
+        ops = process_ops(socket_path, work, cli.baseline)
+        out["process"] = timed_rounds(
+            {label: (lambda a=argv, e=env: run_process(a, e)) for label, argv, env in ops},
+            cli.repeat, cli.op_budget)
         out["client"], out["answer_bytes"] = {}, {}
         for label, op, args in CLIENT_OPS:
             answer = client_request(socket_path, op, args)
@@ -429,6 +494,22 @@ def growth(results: list[dict[str, Any]], group: str, label: str) -> str:
     return f"{math.log(tb / ta) / math.log(b['n'] / a['n']):5.2f}"
 
 
+def print_startup_notes(cli) -> None:
+    """What every process row pays for this installation and environment."""
+    finder = editable_finder_ms()
+    notes = [bytecode_note()]
+    if finder is not None:
+        notes.append(f"site: the finder of the editable install (pip install -e, as the "
+                     f"Makefile installs) takes about {finder:.0f} ms of every interpreter "
+                     "start, python -c pass included (python -X importtime); a regular "
+                     "install has none")
+    for note in filter(None, notes):
+        print("  " + textwrap.fill(note, 94, subsequent_indent="    "))
+    if cli.baseline:
+        print(f"  [baseline]: {os.path.abspath(cli.baseline)}/tuned first on PYTHONPATH "
+              "(both sides' clients against this daemon)")
+
+
 def print_tables(results: list[dict[str, Any]], cli) -> None:
     w = 18
     head = "".join(f"{'N=' + format(r['n'], ','):>{w}}" for r in results)
@@ -450,11 +531,13 @@ def print_tables(results: list[dict[str, Any]], cli) -> None:
     for name, fn in rows:
         print(f"  {name:<34}" + "".join(f"{fn(r):>{w}}" for r in results))
 
-    print(f"\nWhole processes, ms (median / p90 of {cli.repeat}; output to /dev/null):")
+    print(f"\nWhole processes, ms (median / p90 of {cli.repeat}, interleaved; output to "
+          "/dev/null):")
     print(f"  {'':<34}{head}{'growth k':>10}")
     for label in results[0]["process"]:
         cells = "".join(f"{cell(r['process'][label], cli.repeat):>{w}}" for r in results)
         print(f"  {label:<34}{cells}{growth(results, 'process', label):>10}")
+    print_startup_notes(cli)
 
     print(f"\nIn-process ControlClient, ms (connect + request + answer; median / p90 of "
           f"{cli.repeat}):")
@@ -517,6 +600,10 @@ def main() -> None:
     parser.add_argument("--state-dir", default=None,
                         help="build (or reuse) the stores in D/n<N> and keep them")
     parser.add_argument("--idle-seconds", type=float, default=10.0)
+    parser.add_argument("--baseline", default=None, metavar="DIR",
+                        help="also time tunectl status and best with DIR first on PYTHONPATH "
+                             "(DIR/tuned: another version, e.g. `git archive HEAD tuned | "
+                             "tar -x -C DIR`), interleaved with the rows of this one")
     parser.add_argument("--op-budget", type=float, default=10.0,
                         help="seconds per op and size after which fewer runs suffice "
                              "(at least 3)")

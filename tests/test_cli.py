@@ -60,3 +60,17 @@ def test_usage_error_exits_2(db):
 def test_tunectl_says_no_daemon(tmp_path):
     out = _run("tunectl", "--socket", str(tmp_path / "none.sock"), "status")
     assert out.returncode == 3 and "no tuned daemon" in out.stderr
+
+
+def test_tunectl_loads_the_client_only(tmp_path):
+    """tunectl starts once per command: it must not load the daemon's side (the server's
+    transport and logging, the store, numpy), which would cost every command."""
+    code = ("import sys\nfrom tuned.cli import tunectl_main\nsys.argv[0] = 'x'\n"
+            "try:\n    tunectl_main()\nexcept SystemExit:\n    pass\n"
+            "print(' '.join(sorted(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code, "--socket", str(tmp_path / "none.sock"),
+                          "status"], capture_output=True, text=True, timeout=60)
+    loaded = set(out.stdout.split())
+    assert "tuned.client" in loaded, out.stderr
+    assert not loaded & {"tuned.control", "tuned.store", "tuned.daemon", "logging",
+                         "selectors", "numpy", "sqlite3"}

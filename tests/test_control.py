@@ -36,6 +36,7 @@ from tuned.control import (
     ControlError,
     ControlServer,
     DaemonNotRunning,
+    Deferred,
     Handoff,
     InsecureDirectory,
     Subscribe,
@@ -554,6 +555,15 @@ def test_daemon_not_running(sock_path):
     assert info.value.exit_code == 3
 
 
+def test_the_client_is_tuned_client_s_and_control_re_exports_it():
+    import tuned.client as client
+
+    assert (ControlClient, ControlError, DaemonNotRunning) == (
+        client.ControlClient, client.ControlError, client.DaemonNotRunning)
+    assert issubclass(AlreadyRunning, client.ControlError)
+    assert issubclass(InsecureDirectory, client.ControlError)
+
+
 # -- peers ---------------------------------------------------------------------------------
 
 
@@ -709,6 +719,41 @@ def test_a_handoff_answers_then_gives_the_socket_away(sock_path):
         theirs.sendall(b"hi\n")
         assert s.recv(100) == b"hi\n"
         theirs.close()
+        s.close()
+    finally:
+        loop.stop()
+
+
+def test_a_deferred_answer_keeps_later_requests_in_order(sock_path):
+    pending: list[Deferred] = []
+
+    def deferring(op: str, args: dict[str, Any], conn: Connection) -> Any:
+        if op == "slow":
+            pending.append(Deferred())
+            return pending[-1]
+        return {"echo": args.get("n")}
+
+    server = ControlServer(sock_path, deferring, ops=["slow", "fast"], idle_timeout=5).open()
+    loop = Loop(server)
+    try:
+        s = raw(sock_path)
+        s.sendall(b'{"v":1,"op":"slow"}\n{"v":1,"op":"fast","n":2}\n')
+        wait_until(lambda: bool(pending))
+        other = raw(sock_path)  # the loop serves others meanwhile
+        other.sendall(b'{"v":1,"op":"fast","n":9}\n')
+        assert answers(other, 1)[0]["echo"] == 9
+        other.close()
+        wait_until(lambda: len(loop.call(lambda: server.connections)) == 1)
+        loop.call(server.sweep, 1e9)  # long idle: the waiting client is kept
+        assert len(loop.call(lambda: server.connections)) == 1
+        assert loop.call(server.resolve, pending[0], {"done": True})
+        assert answers(s, 2) == [{"v": 1, "ok": True, "done": True},
+                                 {"v": 1, "ok": True, "echo": 2}]
+        assert not loop.call(server.resolve, pending[0], {"twice": True})
+        s.sendall(b'{"v":1,"op":"slow"}\n')
+        wait_until(lambda: len(pending) == 2)
+        loop.call(server.resolve, pending[1], ProtocolError("not_found", "gone"))
+        assert answers(s, 1)[0]["error"] == {"code": "not_found", "message": "gone"}
         s.close()
     finally:
         loop.stop()

@@ -322,6 +322,11 @@ def test_a_scheduled_experiment_waits_for_its_time(daemon, tmp_path):
     assert daemon.json("submit", path)["state"] == "SCHEDULED"
     assert daemon.json("status", "later")["experiments"][0]["state"] == "SCHEDULED"
     assert daemon.json("status", "later")["experiments"][0]["trials"] == {}
+    assert daemon.json("stop", "later")["state"] == "STOPPED"  # cancelled
+    daemon.stop()
+    daemon.start()
+    assert daemon.json("status", "later")["experiments"][0] == {
+        "experiment": "later", "state": "STOPPED", "trials": {}, "best": None}
 
 
 def _argv_probe(tmp_path: Path) -> Path:
@@ -468,3 +473,42 @@ def test_a_start_missed_while_no_daemon_ran_happens_on_restart(tmp_path):
         assert done["trials"] == {"COMPLETED": 2}
     finally:
         d.stop()
+
+
+def test_an_entry_that_imports_slowly_holds_up_nothing(daemon, tmp_path):
+    module = tmp_path / "slow_import.py"
+    module.write_text(textwrap.dedent("""
+        import time
+        import tuned
+
+        time.sleep(3)
+
+        @tuned.args(x=tuned.space.Real(0, 1))
+        def train(args, reporter):
+            reporter(accuracy=args.x)
+    """))
+    spec = _spec(tmp_path, "slow", f"""
+        name = "slow"
+        entry = "{module}:train"
+        num_trials = 2
+    """)
+    code = "import sys; from tuned.cli import tunectl_main; sys.argv[0] = 'x'; tunectl_main()"
+    submit = subprocess.Popen([sys.executable, "-c", code, "submit", spec],
+                              env={**os.environ, "TUNED_SOCKET": daemon.sock},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not (daemon.state / "logs" / "slow" / "template.log").exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        started = time.monotonic()
+        assert daemon.json("status")["experiments"] == []  # answered while it loads
+        again = daemon.ctl("submit", spec)
+        assert time.monotonic() - started < 2.5
+        assert again.returncode == 1 and "exists already" in again.stderr
+        out, err = submit.communicate(timeout=30)
+    finally:
+        submit.kill()
+    assert submit.returncode == 0, err
+    assert "submitted slow" in out
+    assert daemon.wait_state("slow", ("COMPLETED",))["trials"] == {"COMPLETED": 2}

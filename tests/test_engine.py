@@ -207,6 +207,12 @@ def test_time_out_stops_new_trials(tmp_path):
     s.run()
     assert time.monotonic() - start < 3
     assert 2 <= len(s.trials()) <= 6
+    # Resumed later, the experiment's time is up already: time_out counts from its first
+    # trial, not again from each start.
+    again = _sched(ag.scheduler.FIFOScheduler, fn, tmp_path, num_trials=None, time_out=1.0,
+                   time_attr=None, max_concurrent=1, resume=True)
+    again.run()
+    assert len(again.trials()) == len(s.trials())
 
 
 def test_bad_arguments_are_named(tmp_path):
@@ -282,3 +288,45 @@ def test_constants_that_json_cannot_hold_reach_the_trials(tmp_path):
     assert [h[0]["accuracy"] - 8 for h in s.training_history.values()] == [
         t.config["x"] for t in s.trials()]
     assert s.experiment.spec["constants"]["data"] == {"repr": "array([0, 1, 2, 3])"}
+
+
+@ag.args(x=ag.space.Real(0, 1), epochs=8)
+def checkpointing_fn(args, reporter):
+    """Keeps its progress in checkpoints; each report says where each run started."""
+    import json
+
+    state = reporter.load_checkpoint() or {"epoch": 0, "starts": []}
+    state["starts"].append(state["epoch"])
+    for epoch in range(state["epoch"] + 1, args.epochs + 1):
+        reporter(epoch=epoch, accuracy=args.x * epoch, starts=json.dumps(state["starts"]))
+        state["epoch"] = epoch
+        reporter.save_checkpoint(state)
+
+
+def test_hyperband_promotion_resumes_promoted_trials_from_their_checkpoints(tmp_path):
+    import json
+
+    s = _sched(ag.scheduler.HyperbandScheduler, checkpointing_fn, tmp_path, type="promotion",
+               num_trials=16, grace_period=2, reduction_factor=2,
+               resource={"num_cpus": 0.5, "num_gpus": 0})
+    s.run()
+    trials = s.trials()
+    assert {t.state for t in trials} <= {"COMPLETED", "STOPPED"}
+    assert any(t.state == "COMPLETED" and t.last_seq == 8 for t in trials)
+    with sqlite3.connect(tmp_path / "t.db") as c:
+        rows = c.execute("SELECT trial_id, seq, metrics FROM reports ORDER BY trial_id, seq")
+        by_trial: dict[int, list] = {}
+        for trial_id, seq, metrics in rows:
+            by_trial.setdefault(trial_id, []).append((seq, json.loads(metrics)))
+        rungs = c.execute("SELECT level, decision FROM rungs").fetchall()
+    promoted_past_a_rung = 0
+    for reports in by_trial.values():
+        assert [seq for seq, _ in reports] == list(range(1, len(reports) + 1))
+        starts = json.loads(reports[-1][1]["starts"])
+        # Every run after the first started from the checkpoint of the rung it paused at.
+        assert starts == [0] + [lv for lv in (2, 4) if lv < len(reports)], starts
+        promoted_past_a_rung += len(starts) > 1
+    assert promoted_past_a_rung >= 4
+    for level in (2, 4):
+        decisions = [d for lv, d in rungs if lv == level]
+        assert 0 < decisions.count("continue") <= len(decisions) // 2

@@ -289,3 +289,64 @@ def test_load_rungs_updates_a_trial_already_seen():
     assert sched.on_report(1, 0, 0.5, 0.2) is CONTINUE
     sched.load_rungs([RungEntry(0, 1, 1, 0.2, Decision.CONTINUE)])
     assert sched.on_report(1, 0, 1, 0.2) is CONTINUE  # rung 1 is not entered again
+
+
+# --- promotion variant ------------------------------------------------------------------
+
+
+def test_promotion_pauses_at_each_rung_and_promotes_the_top_fraction():
+    from tuned.schedulers.hyperband import HyperbandPromotion
+
+    sched = HyperbandPromotion(max_t=9, grace_period=1, reduction_factor=3)
+    assert sched.kind == "hyperband_promotion"
+    assert sched.on_report(1, 0, 0.5, 0.1) is CONTINUE  # below the first rung
+    out = sched.on_report(1, 0, 1, 0.5)
+    assert out.decision is Decision.PAUSE and out.rungs == (
+        RungEntry(0, 1, 1, 0.5, Decision.PAUSE),)
+    assert sched.holds(1) and not sched.can_promote()  # floor(1/3) = 0
+    sched.on_report(2, 0, 1, 0.9)
+    sched.on_report(3, 0, 1, 0.2)
+    assert sched.waiting() and sched.can_promote()  # floor(3/3) = 1: the best, trial 2
+    assert not sched.can_promote(busy={2})  # its process has not ended yet
+    entry = sched.promote()
+    assert entry == RungEntry(0, 1, 2, 0.9, Decision.CONTINUE)
+    assert not sched.holds(2) and sched.promote() is None  # only one of three goes on
+    out = sched.on_report(2, 0, 3, 0.95)  # the promoted trial pauses at the next rung
+    assert out.decision is Decision.PAUSE and out.rungs[0].level == 3
+    assert sched.on_report(2, 0, 9, 0.99).completed
+    for t, score in ((4, 0.7), (5, 0.6), (6, 0.3)):
+        sched.on_report(t, 0, 1, score)
+    promoted = [sched.promote().trial_id, sched.promote()]
+    assert promoted == [4, None]  # floor(6/3) = 2: trials 2 and 4
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 11), st.floats(0, 1)), min_size=1, max_size=120),
+       st.data())
+def test_promotion_replay_equals_live_and_never_promotes_twice(ops, data):
+    from tuned.schedulers.hyperband import HyperbandPromotion
+
+    live = HyperbandPromotion(max_t=27, grace_period=1, reduction_factor=3, brackets=2)
+    stored: dict[tuple[int, float, int], RungEntry] = {}
+    progress: dict[int, float] = defaultdict(float)
+    promoted: set[tuple[int, float, int]] = set()
+    for trial, score in ops:
+        if live.holds(trial):
+            continue
+        progress[trial] += data.draw(st.sampled_from([1, 2, 3]))
+        out = live.on_report(trial, live.assign_bracket(trial), progress[trial], score)
+        for e in out.rungs:
+            stored[(e.bracket, e.level, e.trial_id)] = e
+        if data.draw(st.booleans()) and (e := live.promote()) is not None:
+            key = (e.bracket, e.level, e.trial_id)
+            assert key not in promoted and stored[key].decision is Decision.PAUSE
+            promoted.add(key)
+            stored[key] = e
+            n = sum(1 for k in stored if k[:2] == key[:2])
+            assert sum(1 for k in promoted if k[:2] == key[:2]) <= math.floor(n / 3)
+    replayed = HyperbandPromotion(max_t=27, grace_period=1, reduction_factor=3, brackets=2)
+    replayed.load_rungs(stored.values())
+    assert sorted(replayed.waiting()) == sorted(live.waiting())
+    while (a := live.promote()) is not None:
+        assert replayed.promote() == a
+    assert replayed.promote() is None

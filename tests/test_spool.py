@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tuned.spec import SpecError
-from tuned.spool import Outcome, Spool
+from tuned.spool import Later, Outcome, Spool
 
 GOOD = 'name = "exp"\n'
 
@@ -258,3 +258,29 @@ def test_observer_ignores_temp_files(spool: Spool) -> None:
         assert not spool.pending()
     finally:
         spool.stop()
+
+
+def test_a_later_decision_keeps_the_file_in_the_inbox_until_settled(tmp_path: Path) -> None:
+    laters: list[Later] = []
+
+    def submit(path: Path) -> Later:
+        laters.append(Later())
+        return laters[-1]
+
+    sp = Spool(tmp_path / "state", submit, clock=FakeClock())
+    try:
+        drop(sp, "slow.toml")
+        drop(sp, "bad.toml")
+        assert [o.status for o in sp.scan()] == ["pending", "pending"]
+        assert sp.scan() == []  # waiting files are not submitted twice
+        assert len(laters) == 2 and (sp.inbox / "slow.toml").exists()
+        rejected = sp.settle(laters[0], "entry: import failed")
+        accepted = sp.settle(laters[1], None)
+        assert (rejected.name, rejected.status) == ("bad.toml", "rejected")
+        assert (accepted.name, accepted.status) == ("slow.toml", "accepted")
+        assert rejected.moved_to.with_name(rejected.moved_to.name + ".error").read_text() \
+            == "entry: import failed\n"
+        assert sp.settle(laters[1], None) is None  # settled once only
+        assert os.listdir(sp.inbox) == []
+    finally:
+        sp.close()

@@ -10,7 +10,9 @@ file descriptor `TUNED_REPORT_FD` names (the protocol: README, "The report chann
 - ``TUNED_TRIAL_CONFIG``: the trial's arguments (the spec's constants and the config), a
   JSON object;
 - ``TUNED_TRIAL_NUMBER``, ``TUNED_TRIAL_SEED``: the trial's number, and a seed for its
-  random streams, the same on every attempt.
+  random streams, the same on every attempt;
+- ``TUNED_CHECKPOINT_DIR``: the trial's checkpoint directory (`tuned.checkpoints` layout;
+  `tuned.report` writes and reads it).
 
 ``{name}`` in an argument is replaced by the argument `name` (a parameter of the space or a
 constant): ``["python", "train.py", "--lr={lr}"]``. ``{python}`` (unless a parameter has
@@ -32,6 +34,7 @@ REPORT_FD_ENV = "TUNED_REPORT_FD"
 CONFIG_ENV = "TUNED_TRIAL_CONFIG"
 NUMBER_ENV = "TUNED_TRIAL_NUMBER"
 SEED_ENV = "TUNED_TRIAL_SEED"
+CHECKPOINT_DIR_ENV = "TUNED_CHECKPOINT_DIR"
 # Exit code of a trial whose program could not be started (as a shell says it).
 EXIT_CANNOT_RUN = 127
 
@@ -90,7 +93,8 @@ def command_runner(command: list[str], workdir: str | None, constants: dict[str,
         os.set_inheritable(fd, True)
         os.environ.update({REPORT_FD_ENV: str(fd), CONFIG_ENV: json.dumps(args),
                            NUMBER_ENV: str(payload.get("number", "")),
-                           SEED_ENV: str(payload["seed"])})
+                           SEED_ENV: str(payload["seed"]),
+                           CHECKPOINT_DIR_ENV: payload.get("checkpoint_dir") or ""})
         try:
             argv = render(command, fields)
             if workdir:

@@ -24,21 +24,22 @@ Server (`ControlServer`), all methods called from the daemon's loop thread only:
 - Each request frame becomes `handler(op, args, conn)`; it returns the answer (a dict of
   fields, completed by `protocol.as_answer`: ``"v"`` and ``"ok": true`` added) or a
   `Subscribe` (the client becomes a watcher of some topics and gets `Subscribe.first` as
-  its answer) or a `Handoff` (the answer is sent, then the socket leaves the server for
-  the handler's taker). To answer with an error it raises `ProtocolError(code, message)`, or any
-  exception with a ``code`` from the table and a ``message`` attribute. Any other exception
-  (or an answer JSON cannot hold) is logged with its traceback and answered ``internal``;
-  the server goes on.
+  its answer), a `Handoff` (the answer is sent, then the socket leaves the server for the
+  handler's taker) or a `Deferred` (answered later by `resolve`). To answer with an error
+  it raises `ProtocolError(code, message)`, or any exception with a ``code`` from the
+  table and a ``message`` attribute. Any other exception (or an answer JSON cannot hold)
+  is logged with its traceback and answered ``internal``; the server goes on.
 - ``hello`` is always answered: with the server's `hello_response` (server, version,
   protocol, ops), updated by the handler's own hello answer when the handler serves hello
   (`ops` is None or names it; a handler raising ``unknown_op`` for it is fine).
 - `broadcast(event, topic)` sends ``{"v": 1, "topic": topic, **event}`` to every watcher
   whose topics match; `send(conn, obj)` sends one frame to one client.
 
-Client (`ControlClient`): blocking, one connection, `request(op, **args)` and
-`stream(op, **args)`; raises `DaemonNotRunning` (exit code 3) when nothing listens,
-`RemoteError` for error answers (exit code from the table), `ControlError` otherwise.
-Every exception of this module and of `tuned.protocol` carries an `exit_code`.
+Client (`ControlClient`, defined in `tuned.client` and re-exported here): blocking, one
+connection, `request(op, **args)` and `stream(op, **args)`; raises `DaemonNotRunning` (exit
+code 3) when nothing listens, `RemoteError` for error answers (exit code from the table),
+`ControlError` otherwise. Every exception of this module, of `tuned.client` and of
+`tuned.protocol` carries an `exit_code`.
 
 Linux only: SO_PEERCRED. Where it is missing every connection is refused (fail closed).
 """
@@ -56,26 +57,28 @@ import stat
 import struct
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from tuned import __version__
+from tuned.client import (  # noqa: F401 (re-exported: the client's home before tuned.client)
+    CLIENT_MAX_FRAME,
+    ConnectionClosed,
+    ControlClient,
+    ControlError,
+    DaemonNotRunning,
+)
 from tuned.protocol import (
     ERRORS,
-    EXIT_ERROR,
-    EXIT_NOT_RUNNING,
-    MAX_FRAME,
     PROTOCOL_VERSION,
     LineDecoder,
     ProtocolError,
     as_answer,
     check_request,
-    check_response,
     encode,
     error,
     hello_response,
-    request,
 )
 
 log = logging.getLogger(__name__)
@@ -84,27 +87,10 @@ OUTPUT_CAP = 4 << 20  # unsent bytes a client may hold before the next message d
 IDLE_TIMEOUT = 300.0  # seconds
 MAX_BAD_FRAMES = 32  # consecutive bad frames before a client is dropped
 MAX_CLIENTS = 128
-CLIENT_MAX_FRAME = 64 << 20  # the longest answer line a client accepts
 _READ_CHUNK = 64 << 10
 _ACCEPT_BATCH = 16
 _SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes with the terminating NUL
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
-
-
-class ControlError(Exception):
-    """A control-channel failure that is not an error answer. `exit_code` 1."""
-
-    exit_code = EXIT_ERROR
-
-
-class DaemonNotRunning(ControlError):
-    """No daemon listens at the socket path (missing, or a stale socket). `exit_code` 3."""
-
-    exit_code = EXIT_NOT_RUNNING
-
-
-class ConnectionClosed(ControlError):
-    """The daemon closed the connection before an answer (or a stream ended)."""
 
 
 class AlreadyRunning(ControlError):
@@ -168,7 +154,17 @@ class Handoff:
     take: Callable[[socket.socket, bytes], None]
 
 
-Answer = dict[str, Any] | Subscribe | Handoff
+class Deferred:
+    """A handler's answer that comes later (the daemon waits for a template process without
+    blocking its loop). The server answers nothing now and reads no further request of that
+    client, so that its answers stay in order, until `ControlServer.resolve(deferred,
+    answer)`. A client waiting for a deferred answer is not dropped for being idle."""
+
+    def __init__(self) -> None:
+        self.conn_id: int | None = None
+
+
+Answer = dict[str, Any] | Subscribe | Handoff | Deferred
 Handler = Callable[[str, dict[str, Any], Connection], Answer]
 
 
@@ -262,6 +258,8 @@ class _Client:
         self.closed = False
         self.bad_frames = 0
         self.last_active = now
+        self.deferred: Deferred | None = None
+        self.backlog: deque[Any] = deque()  # requests read while an answer was deferred
 
 
 class ControlServer:
@@ -405,7 +403,8 @@ class ControlServer:
         """
         now = self.clock() if now is None else now
         stale = [c for c in self._clients.values()
-                 if now - c.last_active > self.idle_timeout and (c.out or not c.conn.watching)]
+                 if now - c.last_active > self.idle_timeout and c.deferred is None
+                 and (c.out or not c.conn.watching)]
         for client in stale:
             self._drop(client, "idle timeout")
         return len(stale)
@@ -422,6 +421,29 @@ class ControlServer:
             if client.conn.watching and topic_matches(client.conn.topics, topic):
                 sent += self._queue(client, line)
         return sent
+
+    def resolve(self, deferred: Deferred, answer: dict[str, Any] | Exception) -> bool:
+        """Send the answer of a deferred request: a dict of fields, or an exception that
+        becomes an error answer as a handler's would. Then the client's next requests are
+        handled. False if the client is gone."""
+        client = self._clients.get(deferred.conn_id) if deferred.conn_id is not None else None
+        if client is None or client.deferred is not deferred:
+            return False
+        client.deferred = None
+        if isinstance(answer, Exception):
+            line = encode(self._error_answer("deferred", answer))
+        else:
+            try:
+                line = encode(as_answer(answer))
+            except (TypeError, ValueError) as exc:
+                line = encode(self._error_answer("deferred", exc))
+        client.last_active = self.clock()
+        if not self._queue(client, line):
+            return False
+        while client.backlog and client.deferred is None and not client.closed:
+            self._process(client, client.backlog.popleft())
+        self._set_events(client)
+        return True
 
     def send(self, conn: Connection, obj: dict[str, Any]) -> bool:
         """Queue one frame for the client `conn`; False if it is gone or got dropped.
@@ -494,6 +516,9 @@ class ControlServer:
         for item in items:
             if client.closed:
                 return
+            if client.deferred is not None:
+                client.backlog.append(item)
+                continue
             self._process(client, item)
         if not client.closed:
             self._set_events(client)
@@ -511,6 +536,8 @@ class ControlServer:
             return
         client.bad_frames = 0
         line, handoff = self._dispatch(client, op, args)
+        if client.deferred is not None:
+            return
         if self._queue(client, line) and handoff is not None:
             self._hand_off(client, handoff)
 
@@ -524,6 +551,9 @@ class ControlServer:
             return encode(error("unknown_op", f"no op {op!r}")), None
         try:
             answer = self.handler(op, args, client.conn)
+            if isinstance(answer, Deferred):
+                answer.conn_id, client.deferred = client.conn.id, answer
+                return b"", None
             sub = answer if isinstance(answer, Subscribe) else None
             handoff = answer if isinstance(answer, Handoff) else None
             if sub is not None:
@@ -617,8 +647,14 @@ class ControlServer:
         close the client when neither holds."""
         if client.closed:
             return
-        want = (0 if client.read_closed else selectors.EVENT_READ) | (
+        reading = not client.read_closed and client.deferred is None
+        want = (selectors.EVENT_READ if reading else 0) | (
             selectors.EVENT_WRITE if client.out else 0)
+        if want == 0 and client.deferred is not None:  # waits for its answer: watch nothing
+            if client.events:
+                self._forget(client.sock)
+                client.events = 0
+            return
         if want == 0:
             self._drop(client, None)
             return
@@ -647,144 +683,3 @@ class ControlServer:
         if self._selector is not None:
             with contextlib.suppress(KeyError, ValueError):
                 self._selector.unregister(sock)
-
-
-class ControlClient:
-    """A blocking client on one connection (opened on first use); a context manager.
-
-    `timeout` (seconds, None: wait forever) bounds the connect and each wait for an answer;
-    `stream_timeout` bounds each wait for the next frame of a stream (default: forever).
-    Not thread-safe.
-    """
-
-    def __init__(self, path: str | os.PathLike[str], timeout: float | None = 10.0, *,
-                 stream_timeout: float | None = None,
-                 max_frame: int = CLIENT_MAX_FRAME) -> None:
-        self.path = os.fspath(path)
-        self.timeout = timeout
-        self.stream_timeout = stream_timeout
-        self.max_frame = max_frame
-        self._sock: socket.socket | None = None
-        self._decoder = LineDecoder(max_frame)
-        self._frames: deque[Any] = deque()
-
-    def connect(self) -> None:
-        """Connect if not connected. Raises DaemonNotRunning, ControlError."""
-        if self._sock is not None:
-            return
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self.path)
-        except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as exc:
-            sock.close()
-            raise DaemonNotRunning(f"no daemon listens at {self.path} ({exc.strerror})") from None
-        except PermissionError:
-            sock.close()
-            raise ControlError(f"permission denied on {self.path}: the daemon runs as "
-                               "another user") from None
-        except (OSError, ValueError) as exc:
-            sock.close()
-            raise ControlError(f"cannot connect to {self.path}: {exc}") from None
-        self._sock = sock
-
-    def close(self) -> None:
-        """Close the connection (idempotent); a later request reconnects."""
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-        self._decoder = LineDecoder(self.max_frame)
-        self._frames.clear()
-
-    def __enter__(self) -> ControlClient:
-        self.connect()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def hello(self) -> dict[str, Any]:
-        """The ``hello`` answer (server, version, protocol, ops); raises as `request`."""
-        return self.request("hello")
-
-    def request(self, op: str, /, **args: Any) -> dict[str, Any]:
-        """Send one request, return its answer (an ``ok`` frame).
-
-        Raises DaemonNotRunning, RemoteError (an error answer), ProtocolError (the answer is
-        not a frame of this protocol version, or the request is over 1 MiB), ControlError
-        (timeout, connection lost).
-        """
-        self._send(op, args)
-        return check_response(self._next_frame(self.timeout))
-
-    def stream(self, op: str, /, **args: Any) -> Iterator[dict[str, Any]]:
-        """Send a streaming request; yield its first answer, then each event frame.
-
-        Ends when the daemon closes the connection; the connection is closed when the
-        generator ends or is closed. Raises as `request` (RemoteError for an error frame).
-        """
-        self._send(op, args)
-        try:
-            yield check_response(self._next_frame(self.timeout))
-            while True:
-                try:
-                    frame = self._next_frame(self.stream_timeout)
-                except ConnectionClosed:
-                    return
-                yield check_response(frame)
-        finally:
-            self.close()
-
-    def _send(self, op: str, args: dict[str, Any]) -> None:
-        line = encode(request(op, **args))
-        if len(line) > MAX_FRAME + 1:
-            raise ProtocolError("frame_too_large", f"the request is {len(line)} bytes")
-        self.connect()
-        assert self._sock is not None
-        try:
-            self._sock.settimeout(self.timeout)
-            self._sock.sendall(line)
-        except TimeoutError:
-            self.close()
-            raise ControlError(f"the daemon did not take the request within "
-                               f"{self.timeout}s") from None
-        except OSError as exc:
-            self._raise_refusal()
-            self.close()
-            raise ControlError(f"connection to the daemon lost: {exc}") from None
-
-    def _raise_refusal(self) -> None:
-        """After a failed send: if the daemon refused the connection (``forbidden``,
-        ``busy``: one error line, then it closes), raise that answer as a RemoteError."""
-        try:
-            frame = self._next_frame(0.5)
-        except (ControlError, ProtocolError):
-            return
-        self.close()
-        check_response(frame)
-
-    def _next_frame(self, timeout: float | None) -> Any:
-        """The next frame. Raises ProtocolError for a junk line, ConnectionClosed at the end
-        of the stream, ControlError on timeout."""
-        assert self._sock is not None
-        while not self._frames:
-            try:
-                self._sock.settimeout(timeout)
-                data = self._sock.recv(_READ_CHUNK)
-            except TimeoutError:
-                self.close()
-                raise ControlError(f"no answer from the daemon within {timeout}s") from None
-            except OSError as exc:
-                data = b""
-                log.debug("control connection: %s", exc)
-            if data:
-                self._frames.extend(self._decoder.feed(data))
-            else:
-                self._frames.extend(self._decoder.close())
-                if not self._frames:
-                    self.close()
-                    raise ConnectionClosed("the daemon closed the connection")
-        item = self._frames.popleft()
-        if isinstance(item, ProtocolError):
-            raise item
-        return item

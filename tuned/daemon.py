@@ -32,18 +32,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from tuned import __version__
-from tuned.control import ControlServer, Handoff, Subscribe
+from tuned.control import ControlServer, Deferred, Handoff, Subscribe
 from tuned.curves import curve_points
 from tuned.engine import Engine
 from tuned.executors.local import Exited, Message, process_start_time
-from tuned.executors.template import TemplateError, TemplateExecutor
+from tuned.executors.template import READY_TIMEOUT, TemplateError, TemplateExecutor
 from tuned.gpus import make_provider
 from tuned.notify import Notifier
 from tuned.reporter import ADOPT_SOCKET_ENV, ADOPT_TIMEOUT_ENV, DEFAULT_ADOPT_TIMEOUT
 from tuned.resources import ResourcePool
 from tuned.scheduler import available_cpus
 from tuned.spec import ExperimentSpec, SpecError, json_safe
-from tuned.spool import Spool
+from tuned.spool import Later, Spool
 from tuned.store import NameTaken, NotFound, Store
 
 log = logging.getLogger("tuned.daemon")
@@ -79,6 +79,17 @@ class Runner:
     executor: TemplateExecutor
 
 
+@dataclass
+class _Loading:
+    """A submitted experiment whose template is loading its entry; `finish` hears the
+    submit's answer (or its OpError) once it is known."""
+
+    spec: ExperimentSpec
+    executor: TemplateExecutor
+    finish: Callable[[dict[str, Any] | OpError], None]
+    deadline: float
+
+
 class Daemon:
     """The daemon; `serve()` runs it until SIGTERM or SIGINT (or `request_stop()`).
     `stop_trials`: stop the running trials when it leaves, rather than leave them to the
@@ -92,6 +103,8 @@ class Daemon:
         self.clock = clock
         # Reports that reconnecting trials sent with their adopt request, for the next step.
         self._adopted_events: dict[int, list[Message | Exited]] = {}
+        # Submits waiting for their template, by experiment name.
+        self._loading: dict[str, _Loading] = {}
         self.selector = selectors.DefaultSelector()
         self.runners: dict[int, Runner] = {}
         self.gpu_provider = make_provider()
@@ -252,6 +265,8 @@ class Daemon:
             self._poll_gpus()
         if now >= self._next_chores:
             self._next_chores = now + self._chore_interval
+            for name in [n for n, lo in self._loading.items() if now >= lo.deadline]:
+                self._loaded(name, timed_out=True)
             self.server.sweep()
             self.notifier.watchdog()
             self.notifier.status(self._status_line())
@@ -267,14 +282,21 @@ class Daemon:
         running = sum(len(r.engine.live) for r in self.runners.values())
         return f"{len(self.runners)} experiment(s) active, {running} trial(s) running"
 
-    def _submit_file(self, path) -> None:
-        """The spool's submit: ValueError (with the reason) rejects the file."""
+    def _submit_file(self, path) -> Later:
+        """The spool's submit: ValueError (with the reason) rejects the file at once; an
+        entry that fails to load rejects it later, through `Spool.settle`."""
         from tuned.specfile import load_spec_file
 
+        later = Later()
+
+        def finish(result: dict[str, Any] | OpError) -> None:
+            self.spool.settle(later, result.message if isinstance(result, OpError) else None)
+
         try:
-            self.submit(load_spec_file(path))
+            self.submit(load_spec_file(path), finish)
         except OpError as exc:
             raise ValueError(exc.message) from None
+        return later
 
     def request_stop(self) -> None:
         """Ask the loop to end (safe from a signal handler)."""
@@ -305,6 +327,9 @@ class Daemon:
     def _shutdown(self) -> None:
         """Leave the trials to the next daemon (or, with `stop_trials`, stop them: they run
         again on the next start) and close everything."""
+        for loading in self._loading.values():
+            loading.executor.close_template()
+        self._loading.clear()
         for runner in self.runners.values():
             if self.stop_trials:
                 runner.engine.abandon()
@@ -344,6 +369,9 @@ class Daemon:
                 self._drain_wake()
                 continue
             if key.data == "spool":
+                continue
+            if isinstance(key.data, tuple) and key.data[0] == "loading":
+                self._loaded(key.data[1])
                 continue
             if self.server is not None and self.server.handle(key, mask):
                 continue
@@ -426,51 +454,87 @@ class Daemon:
                         on_event=lambda event: self._publish(topic, exp.name, event),
                         trial_env={ADOPT_SOCKET_ENV: self.socket_path,
                                    ADOPT_TIMEOUT_ENV: f"{adopt_wait:g}"},
-                        adopt=True)
+                        adopt=True,
+                        checkpoint_dir=os.path.join(self.state_dir, "checkpoints", exp.name))
         engine.paused = exp.state == "PAUSED"
         engine.start()
         runner = Runner(engine, executor)
         self.runners[exp.id] = runner
         return runner
 
-    def _template(self, spec: ExperimentSpec, log_dir: str) -> TemplateExecutor:
-        """Start the experiment's template process; SpecError when it cannot load the entry."""
+    def _template(self, spec: ExperimentSpec, log_dir: str,
+                  wait: bool = True) -> TemplateExecutor:
+        """Start the experiment's template process; SpecError when it cannot load the entry
+        (with `wait`; without, see `TemplateExecutor.poll_ready`)."""
         os.makedirs(log_dir, exist_ok=True)
         try:
             return TemplateExecutor(spec.entry, spec.workdir, spec.constants,
                                     os.path.join(log_dir, "template.log"),
                                     start_method=spec.start_method, command=spec.command,
-                                    clock=self.clock, selector=self.selector)
+                                    clock=self.clock, selector=self.selector, wait=wait)
         except TemplateError as exc:
-            message = str(exc)
-            raise SpecError([message if message.startswith("entry") else f"entry: {message}"]
-                            ) from None
+            raise _entry_error(exc) from None
 
-    def submit(self, spec: ExperimentSpec) -> dict[str, Any]:
-        """Store a new experiment and start it; OpError `conflict` if the name is taken,
-        `invalid` if the spec is wrong or its entry cannot be loaded (by its template: the
-        daemon never imports user code)."""
-        from tuned.specfile import complete_spec
-
-        assert self.store is not None
+    def submit(self, spec: ExperimentSpec,
+               finish: Callable[[dict[str, Any] | OpError], None]) -> None:
+        """Start a new experiment's template; once it has loaded the entry (the loop goes on
+        meanwhile: the daemon never imports user code), store the experiment, start it, and
+        call `finish` with the answer. OpError now if the name is taken; `finish` gets an
+        OpError `invalid` if the spec is wrong or the entry cannot be loaded."""
         if spec.seed is None:
             # Chosen once and stored, so that a restart goes on with the same streams.
             spec.seed = int.from_bytes(os.urandom(4), "little")
-        executor = None
+        if self.store_has(spec.name) or spec.name in self._loading:
+            raise OpError("conflict", f"an experiment named {spec.name!r} exists already")
         try:
-            if self.store_has(spec.name):
-                raise OpError("conflict", f"an experiment named {spec.name!r} exists already")
-            executor = self._template(spec, os.path.join(self.state_dir, "logs", spec.name))
+            executor = self._template(spec, os.path.join(self.state_dir, "logs", spec.name),
+                                      wait=False)
+        except SpecError as exc:
+            raise OpError("invalid", str(exc)) from None
+        self._loading[spec.name] = _Loading(spec, executor, finish,
+                                            self.clock() + READY_TIMEOUT)
+        self.selector.register(executor.ctl, selectors.EVENT_READ, ("loading", spec.name))
+
+    def _loaded(self, name: str, timed_out: bool = False) -> None:
+        """The template of a submitted experiment spoke (or timed out): finish the submit."""
+        loading = self._loading[name]
+        executor = loading.executor
+        self.selector.unregister(executor.ctl)
+        try:
+            if timed_out:
+                executor.close_template()
+                raise TemplateError(f"the template did not load the entry within "
+                                    f"{READY_TIMEOUT:g} s")
+            if not executor.poll_ready():
+                self.selector.register(executor.ctl, selectors.EVENT_READ, ("loading", name))
+                return
+        except TemplateError as exc:
+            del self._loading[name]
+            loading.finish(OpError("invalid", str(_entry_error(exc))))
+            return
+        del self._loading[name]
+        try:
+            result = self._store_submitted(loading.spec, executor)
+        except OpError as exc:
+            loading.finish(exc)
+            return
+        loading.finish(result)
+
+    def _store_submitted(self, spec: ExperimentSpec,
+                         executor: TemplateExecutor) -> dict[str, Any]:
+        """Complete a spec with its loaded entry, store it and start it (or schedule it);
+        OpError `invalid` or `conflict` (the template closed then)."""
+        from tuned.specfile import complete_spec
+
+        assert self.store is not None
+        try:
             spec, _ = complete_spec(spec, resolve=_described_by(executor))
             record = spec.to_dict()
             record["constants"] = json_safe(record["constants"])
             state = "SCHEDULED" if spec.schedule else "RUNNING"
             exp = self.store.create_experiment(spec.name, record, state=state)
-        except (SpecError, NameTaken, OpError) as exc:
-            if executor is not None:
-                executor.close_template()
-            if isinstance(exc, OpError):
-                raise
+        except (SpecError, NameTaken) as exc:
+            executor.close_template()
             code = "conflict" if isinstance(exc, NameTaken) else "invalid"
             raise OpError(code, str(exc)) from None
         if spec.schedule:
@@ -599,7 +663,8 @@ class Daemon:
         return {"experiment": exp.name, "metric": metric, "time_attr": time_attr,
                 "curves": curves}
 
-    def op_submit(self, args: dict[str, Any]) -> dict[str, Any]:
+    def op_submit(self, args: dict[str, Any]) -> Deferred:
+        """Answered once the experiment's template has loaded its entry."""
         from tuned.specfile import parse_spec_text
 
         text, filename = args.get("text"), args.get("filename", "spec.toml")
@@ -609,9 +674,20 @@ class Daemon:
             spec = parse_spec_text(text, filename, args.get("workdir"))
         except SpecError as exc:
             raise OpError("invalid", str(exc)) from None
-        return self.submit(spec)
+        deferred = Deferred()
+        self.submit(spec, lambda result: self.server.resolve(deferred, result))
+        return deferred
 
     def op_stop(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Stop a running experiment, or cancel a scheduled one."""
+        exp = self._experiment(args)
+        if exp.state == "SCHEDULED" and exp.id not in self.runners:
+            assert self.store is not None
+            self.store.set_experiment_state(exp.id, "STOPPED")
+            if self.jobs is not None and self.jobs.get_job(f"start-{exp.id}") is not None:
+                self.jobs.remove_job(f"start-{exp.id}")
+            log.info("scheduled experiment %s cancelled", exp.name)
+            return {"experiment": exp.name, "state": "STOPPED"}
         runner = self._runner(args)
         runner.engine.stop()
         return {"experiment": runner.engine.experiment.name, "state": "STOPPED"}
@@ -663,6 +739,11 @@ class Daemon:
             raise OpError("not_found", f"no log for trial {number} of {exp.name!r}") from None
         return {"experiment": exp.name, "trial": number, "offset": offset + len(data),
                 "text": data.decode(errors="replace")}
+
+
+def _entry_error(exc: TemplateError) -> SpecError:
+    message = str(exc)
+    return SpecError([message if message.startswith("entry") else f"entry: {message}"])
 
 
 def _count(args: dict[str, Any], key: str) -> int | None:

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from tuned.checkpoints import TrialCheckpoints
 from tuned.decisions import Decision, TrialState
 from tuned.executors.local import Exited, LocalExecutor, Message, process_start_time
 from tuned.gpus import discover_gpus
@@ -48,13 +49,15 @@ def make_scheduler(spec: ExperimentSpec) -> TrialScheduler:
     options = dict(spec.scheduler_options)
     if spec.scheduler == "fifo":
         return FIFOScheduler(**options)
-    from tuned.schedulers.hyperband import HyperbandStopping
+    from tuned.schedulers.hyperband import HyperbandPromotion, HyperbandStopping
 
     if spec.seed is not None:
         options.setdefault("seed", spec.seed)
     if options.get("max_t") is None:
         raise ValueError("scheduler_options.max_t: Hyperband needs the maximum of time_attr "
                          "(give max_t, or an 'epochs' or 'max_t' argument)")
+    if spec.scheduler == "hyperband_promotion":
+        return HyperbandPromotion(**options)
     return HyperbandStopping(**options)
 
 
@@ -92,7 +95,10 @@ class Engine:
     `on_event(event)` hears each trial start, report and end once stored (a daemon's
     `watch`). `trial_env` is added to every trial's environment. `adopt`: on recovery,
     trials whose process still lives are adopted (the daemon, whose trials reconnect);
-    without it such processes are killed and their trials run again.
+    without it such processes are killed and their trials run again. Each trial keeps its
+    checkpoints in `checkpoint_dir`/trial-<number> (default: `log_dir`/checkpoints); once
+    a trial ends, its checkpoints are removed unless it ranks among the spec's
+    `keep_checkpoints` best (kept for every trial when that is None).
 
     `run()` drives the experiment to its end on its own. A daemon drives many instead:
     `start()`, then `step(events)` with the events of this experiment's trials, until
@@ -107,6 +113,7 @@ class Engine:
                  resources: ResourcePool | None = None,
                  on_event: Callable[[dict[str, Any]], None] | None = None,
                  trial_env: dict[str, str] | None = None, adopt: bool = False,
+                 checkpoint_dir: str | None = None,
                  clock: Callable[[], float] = time.monotonic):
         if spec.seed is None:
             raise ValueError("seed: the engine needs the experiment's seed (it is stored)")
@@ -123,6 +130,7 @@ class Engine:
         self.on_event = on_event
         self.trial_env = dict(trial_env or {})
         self.adopts = adopt
+        self.checkpoint_dir = checkpoint_dir or os.path.join(log_dir, "checkpoints")
         self.clock = clock
         self.searcher: Searcher = make_searcher(spec.searcher, spec.space, seed=spec.seed,
                                                 **spec.searcher_options)
@@ -166,21 +174,28 @@ class Engine:
         self.close()
 
     def start(self) -> None:
-        """Recover the stored trials and start the clock of `time_out`."""
+        """Recover the stored trials and set the `time_out` deadline: `time_out` seconds
+        after the first trial was created (store clock), so that a restart does not count
+        again from zero."""
         self.recover()
         if self.spec.time_out is not None:
-            self.deadline = self.clock() + self.spec.time_out
+            first = self.store.first_trial_created(self.experiment.id)
+            elapsed = 0.0 if first is None else max(0.0, self.store.clock() - first)
+            self.deadline = self.clock() + max(0.0, self.spec.time_out - elapsed)
 
     @property
     def wants_launch(self) -> bool:
         """Whether the experiment would start a trial if resources allowed."""
-        return (not self.paused and len(self.live) < self.slots
-                and bool(self.queue or self._may_create()))
+        return not self.paused and len(self.live) < self.slots and self._has_work()
+
+    def _has_work(self) -> bool:
+        return bool(self.queue or self.scheduler.can_promote(self.live)
+                    or self._may_create())
 
     @property
     def finished(self) -> bool:
         """Nothing runs and nothing more will start (a paused experiment is not finished)."""
-        return not self.live and not self.paused and not (self.queue or self._may_create())
+        return not self.live and not self.paused and not self._has_work()
 
     def close(self) -> None:
         """Mark a finished experiment COMPLETED and end its spare processes."""
@@ -258,11 +273,36 @@ class Engine:
                                                             self.spec.num_gpus):
             if self.queue:
                 self._launch(self.queue.popleft())
+            elif (promoted := self._promote()) is not None:
+                self._launch(promoted)
             else:
                 trial = self._create()
                 if trial is None:
-                    return
+                    break
                 self._launch(trial)
+        if not self.live and not self.paused and not self._has_work():
+            self._retire_waiting()
+
+    def _promote(self) -> Trial | None:
+        """The paused trial the scheduler promotes, made PENDING (its rung entry updated in
+        the same transaction), or None."""
+        entry = self.scheduler.promote(self.live)
+        if entry is None:
+            return None
+        self.store.update_rung(self.experiment.id, entry)
+        if not self.store.unpause_trial(entry.trial_id):
+            return None
+        trial = self.store.trial(entry.trial_id)
+        log.info("trial %d promoted at rung %g", trial.number, entry.level)
+        return trial
+
+    def _retire_waiting(self) -> None:
+        """Nothing runs and nothing more will: trials still waiting for a promotion that can
+        no longer come end STOPPED."""
+        for trial_id in self.scheduler.waiting():
+            trial = self.store.trial(trial_id)
+            if trial.state == "PAUSED":
+                self._end(trial, self._stopped_state(trial.last_time), None, trial.score)
 
     def _create(self) -> Trial | None:
         number = self.created
@@ -280,7 +320,8 @@ class Engine:
         grant = self.resources.take(self.spec.num_cpus, self.spec.num_gpus)
         assert grant is not None, "_launch_ready checked the resources"
         payload = {"config": trial.config, "seed": trial_seed(self.spec.seed, trial.number),
-                   "number": trial.number, "env": dict(self.trial_env)}
+                   "number": trial.number, "env": dict(self.trial_env),
+                   "checkpoint_dir": self._trial_checkpoint_dir(trial.number)}
         if grant.gpus:
             payload["env"]["CUDA_VISIBLE_DEVICES"] = ",".join(grant.gpus)
         log_path = os.path.join(self.log_dir, f"trial-{trial.number}.log")
@@ -330,11 +371,24 @@ class Engine:
         if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
             return self._fail(live, f"report without a valid sequence number: {seq!r}")
         if seq <= live.last_seq:
-            stored = self.store.stored_decision(trial.id, seq)
+            stored_report = self.store.stored_report(trial.id, seq)
+            stored = None if stored_report is None else stored_report[0]
+            try:
+                resent_time = _time_value(metrics if isinstance(metrics, dict) else {},
+                                          self.spec.time_attr, seq)
+            except (TypeError, ValueError):
+                resent_time = None
+            if None not in (stored_report, resent_time) and stored_report[1] is not None \
+                    and resent_time != stored_report[1]:
+                return self._fail(live, (
+                    f"report {seq} sent again with {self.spec.time_attr or 'time'} "
+                    f"{resent_time:g}, stored with {stored_report[1]:g}: a checkpoint must be "
+                    "saved after the report of the progress it holds"))
             if stored is not None:
                 # A rerun trial resending a stored report: the stored decision, once more,
                 # except a pause that a resume has lifted since.
-                if stored == Decision.PAUSE.value and not self.paused:
+                if stored == Decision.PAUSE.value and not self.paused \
+                        and not self.scheduler.holds(trial.id):
                     stored = Decision.CONTINUE.value
                 if stored == Decision.PAUSE.value:
                     live.stop = Outcome(Decision.PAUSE)
@@ -363,6 +417,10 @@ class Engine:
             self.experiment.id)
         live.last_seq = seq
         live.score = score
+        if self.searcher.wants_reports:
+            self.searcher.observe(trial.number, trial.config, score, final=False,
+                                  time=time_value)
+            self._searcher_dirty = True
         if decision != Decision.CONTINUE.value:
             live.stop = outcome
         self._answer(trial.id, {"seq": seq, "decision": decision})
@@ -392,6 +450,9 @@ class Engine:
                 return
         self._end(trial, state, error, live.score)
 
+    def _trial_checkpoint_dir(self, number: int) -> str:
+        return os.path.join(self.checkpoint_dir, f"trial-{number}")
+
     def _end(self, trial: Trial, state: TrialState, error: str | None,
              score: float | None) -> None:
         observed = None if state is TrialState.FAILED else score
@@ -399,12 +460,25 @@ class Engine:
         self.scheduler.on_trial_end(trial.id)
         self.store.finish_trial(trial.id, state, error)
         self._searcher_dirty = True
+        self._retain_checkpoints(trial)
         if self.on_trial_end is not None:
             self.on_trial_end(trial.number, state.value)
         if self.on_event is not None:
             self._notify({"event": "end", "trial": trial.number, "state": state.value,
                            "error": error, "reward": trial.last_reward if score is None
                            else self.spec.sign(score)})
+
+    def _retain_checkpoints(self, ended: Trial) -> None:
+        """Apply `keep_checkpoints` after `ended` finished: its checkpoints go unless it is
+        among the N best finished trials; a trial it pushed out of them loses its own."""
+        keep = self.spec.keep_checkpoints
+        if keep is None:
+            return
+        best = self.store.best_finished(self.experiment.id, keep + 1)
+        kept = {t.number for t in best[:keep]}
+        for number in {ended.number} | {t.number for t in best[keep:]}:
+            if number not in kept:
+                TrialCheckpoints(self._trial_checkpoint_dir(number)).remove()
 
     @staticmethod
     def _verdict(live: _Live, code: int | None,
@@ -494,7 +568,7 @@ class Engine:
         if stored == Decision.STOP.value:
             self._end(trial, self._stopped_state(trial.last_time), None, trial.score)
         elif trial.state == "PAUSED" or stored == Decision.PAUSE.value:
-            if self.paused:
+            if self.paused or self.scheduler.holds(trial.id):
                 self.store.pause_trial(trial.id)
             elif self.store.unpause_trial(trial.id) or trial.state == "PENDING":
                 self.queue.append(self.store.trial(trial.id))
@@ -541,7 +615,7 @@ class Engine:
         self.paused = False
         with self.store.transaction():
             for trial in self.store.trials(self.experiment.id, ("PAUSED",)):
-                if self.store.unpause_trial(trial.id):
+                if not self.scheduler.holds(trial.id) and self.store.unpause_trial(trial.id):
                     self.queue.append(self.store.trial(trial.id))
             self.store.set_experiment_state(self.experiment.id, "RUNNING")
 
@@ -557,6 +631,7 @@ class Engine:
         with self.store.transaction():
             for trial in self.store.trials(self.experiment.id, ("PENDING", "PAUSED")):
                 self.store.finish_trial(trial.id, TrialState.FAILED, "stopped by the user")
+                self.scheduler.on_trial_end(trial.id)
             self.store.set_experiment_state(self.experiment.id, "STOPPED")
 
     def sweep_stale(self) -> list[int]:

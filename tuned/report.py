@@ -13,7 +13,9 @@ decision. When the scheduler stops (or pauses) the trial, it exits the program w
 (SystemExit: `finally` blocks run), unless `exit_on_stop=False`, when it returns False
 instead. Outside a trial (no channel in the environment) it raises RuntimeError. If the
 daemon restarts meanwhile, the report waits for the next one and is sent again, as a
-training function's reporter does. When the program ends, the daemon is told whether it
+training function's reporter does. `save_checkpoint(obj)` after a report and
+`load_checkpoint()` at the start let a paused or restarted trial go on where it was. When
+the program ends, the daemon is told whether it
 returned normally or with an uncaught exception (which matters to a daemon that adopted it
 after a restart, and so cannot see its exit status).
 """
@@ -28,7 +30,7 @@ import sys
 import traceback
 from typing import Any
 
-from tuned.command import CONFIG_ENV, NUMBER_ENV, REPORT_FD_ENV, SEED_ENV
+from tuned.command import CHECKPOINT_DIR_ENV, CONFIG_ENV, NUMBER_ENV, REPORT_FD_ENV, SEED_ENV
 from tuned.reporter import Reconnect, Reporter, TrialStopped
 
 _reporter: Reporter | None = None
@@ -71,6 +73,17 @@ def report(exit_on_stop: bool = True, **metrics: Any) -> bool:
     return True
 
 
+def save_checkpoint(obj: Any) -> None:
+    """Commit a JSON-serialisable checkpoint for the reports sent so far (call it right after
+    a report); see `tuned.reporter.Reporter`."""
+    _channel().save_checkpoint(obj)
+
+
+def load_checkpoint() -> Any:
+    """The object of the checkpoint this trial resumed from, or None (a fresh start)."""
+    return _channel().load_checkpoint()
+
+
 def _channel() -> Reporter:
     global _reporter
     if _reporter is None:
@@ -80,7 +93,8 @@ def _channel() -> Reporter:
                                "(run this program through a spec's command)")
         sock = socket.socket(fileno=int(fd))
         os.set_inheritable(sock.fileno(), False)
-        _reporter = Reporter(sock, reconnect=Reconnect.from_env())
+        _reporter = Reporter(sock, reconnect=Reconnect.from_env(),
+                             checkpoint_dir=os.environ.get(CHECKPOINT_DIR_ENV) or None)
         _install_end_hooks()
     return _reporter
 

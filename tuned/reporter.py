@@ -6,8 +6,11 @@ The channel is a stream socket carrying JSON lines. The trial sends
 report and its decision before it answers, so a report acknowledged is a report kept.
 
 A STOP (or PAUSE) decision raises `TrialStopped` from the reporter call; the trial wrapper
-catches it, so user code needs nothing. An error answer (a rejected report) raises
-`ReportRejected`, which ends the trial as failed.
+catches it, so user code needs nothing. A trial that keeps checkpoints (it saved one in
+this run, or resumed from one) gets to save the checkpoint of that last report first: the
+reporter call returns, and the `save_checkpoint` that follows it raises TrialStopped once
+the checkpoint is committed (or the next reporter call does, sending nothing). An error
+answer (a rejected report) raises `ReportRejected`, which ends the trial as failed.
 
 When the engine goes away (a daemon restarted, killed or upgraded), a reporter given a
 `Reconnect` connects to the daemon's control socket again, asks to be adopted
@@ -18,13 +21,17 @@ number, so a report the old daemon stored gets its stored decision back.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+
+from tuned.checkpoints import Checkpoint, CheckpointError, TrialCheckpoints
 
 MAX_LINE = 1 << 20
 
@@ -139,15 +146,91 @@ class Reporter:
     Raises TrialStopped when the scheduler decides the trial ends, ReportRejected when the
     report is invalid, ChannelClosed when the engine is gone (and, given `reconnect`, no
     daemon took the trial back).
+
+    Checkpoints (`checkpoint_dir`: the trial's own directory, kept across its attempts):
+    `save_checkpoint(obj)` (JSON-serialisable), `save_checkpoint_bytes(data)` or
+    ``with reporter.checkpoint_file() as path:`` (write your framework's file there) commit
+    a checkpoint atomically, with a checksum (`tuned.checkpoints`). Save it right after the
+    report of the progress it holds: it belongs to that report. A trial that starts again
+    (paused and resumed, promoted, rerun after a crash) with a checkpoint finds it in
+    `load_checkpoint()` / `load_checkpoint_bytes()` / `resume_path`, `resume_from` is the
+    number of reports it covers, and its next report is numbered after them, so the
+    reports it had sent since are neither lost nor stored twice.
     """
 
     def __init__(self, sock: socket.socket, first_seq: int = 1,
-                 reconnect: Reconnect | None = None):
+                 reconnect: Reconnect | None = None, checkpoint_dir: str | None = None):
         self._sock = sock
         self._seq = first_seq - 1
         self._buffer = b""
         self._reconnect = reconnect
         self.last_decision = "continue"
+        self._checkpoints = TrialCheckpoints(checkpoint_dir) if checkpoint_dir else None
+        self._resumed: Checkpoint | None = (self._checkpoints.latest()
+                                            if self._checkpoints else None)
+        if self._resumed is not None:
+            self._seq = self._resumed.seq
+        self._keeps_checkpoints = self._resumed is not None
+        self._stop_pending: str | None = None
+
+    # -- checkpoints ---------------------------------------------------------------------
+
+    @property
+    def checkpoint_dir(self) -> str | None:
+        """The trial's checkpoint directory (None outside a trial run by tuned)."""
+        return None if self._checkpoints is None else self._checkpoints.directory
+
+    @property
+    def resume_from(self) -> int | None:
+        """The number of reports the checkpoint this trial resumed from covers, or None when
+        it started from scratch."""
+        return None if self._resumed is None else self._resumed.seq
+
+    @property
+    def resume_path(self) -> str | None:
+        """The data file of the checkpoint this trial resumed from (to hand to a framework's
+        loader), or None."""
+        return None if self._resumed is None else self._resumed.path
+
+    def load_checkpoint(self) -> Any:
+        """The object saved by `save_checkpoint` that this trial resumed from, or None."""
+        return None if self._resumed is None else self._resumed.load()
+
+    def load_checkpoint_bytes(self) -> bytes | None:
+        """The bytes of the checkpoint this trial resumed from, or None."""
+        return None if self._resumed is None else self._resumed.read_bytes()
+
+    def save_checkpoint(self, obj: Any) -> None:
+        """Commit a JSON-serialisable checkpoint (numpy values and arrays allowed) for the
+        reports sent so far; CheckpointError if it cannot be encoded or written; then
+        TrialStopped if the last report's answer ended the trial."""
+        self._trial_checkpoints().save(obj, self._seq)
+        self._saved()
+
+    def save_checkpoint_bytes(self, data: bytes) -> None:
+        """Commit `data` (e.g. a serialised state dict) as a checkpoint (then as
+        `save_checkpoint`)."""
+        self._trial_checkpoints().save_bytes(bytes(data), self._seq)
+        self._saved()
+
+    @contextlib.contextmanager
+    def checkpoint_file(self) -> Iterator[str]:
+        """``with reporter.checkpoint_file() as path: torch.save(state, path)``: the file
+        written at `path` is committed as a checkpoint when the block ends normally (then as
+        `save_checkpoint`)."""
+        with self._trial_checkpoints().writing(self._seq, "file") as path:
+            yield path
+        self._saved()
+
+    def _saved(self) -> None:
+        self._keeps_checkpoints = True
+        if self._stop_pending is not None:
+            raise TrialStopped(self._stop_pending)
+
+    def _trial_checkpoints(self) -> TrialCheckpoints:
+        if self._checkpoints is None:
+            raise CheckpointError("this trial has no checkpoint directory")
+        return self._checkpoints
 
     @property
     def seq(self) -> int:
@@ -155,6 +238,8 @@ class Reporter:
         return self._seq
 
     def __call__(self, **metrics: Any) -> None:
+        if self._stop_pending is not None:
+            raise TrialStopped(self._stop_pending)
         seq = self._seq + 1
         line = encode_report(seq, metrics)
         self._seq = seq
@@ -163,7 +248,9 @@ class Reporter:
             raise ReportRejected(answer["error"])
         self.last_decision = answer.get("decision", "continue")
         if self.last_decision != "continue":
-            raise TrialStopped(self.last_decision)
+            if not self._keeps_checkpoints:
+                raise TrialStopped(self.last_decision)
+            self._stop_pending = self.last_decision
 
     def _exchange(self, line: bytes) -> dict[str, Any]:
         """Send `line` and read its answer, over a new channel when the engine went away

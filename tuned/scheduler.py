@@ -69,6 +69,7 @@ class FIFOScheduler:
             raise ValueError("train_fn: decorate it with @tuned.args(...) to give its "
                              "search space")
         seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
+        options = self._scheduler_options(train_fn, scheduler_options)
         spec_data = {
             "name": name or getattr(train_fn, "__name__", "experiment"),
             "space": space,
@@ -76,7 +77,7 @@ class FIFOScheduler:
             "searcher": searcher,
             "searcher_options": dict(search_options or {}),
             "scheduler": self._scheduler,
-            "scheduler_options": self._scheduler_options(train_fn, scheduler_options),
+            "scheduler_options": options,
             "num_trials": num_trials,
             "time_out": time_out,
             "reward_attr": reward_attr,
@@ -234,14 +235,18 @@ def _infer_max_t(train_fn: Callable, max_t: int | None) -> int:
 class HyperbandScheduler(FIFOScheduler):
     """Asynchronous successive halving: at each rung (`grace_period` * `reduction_factor`**k
     epochs) a trial goes on only if it is among the best 1/`reduction_factor` of the trials
-    that reached that rung. `max_t` is inferred from `train_fn.args.epochs` or `.max_t`."""
+    that reached that rung. `type='stopping'` (default) stops the others there;
+    `type='promotion'` pauses every trial at each rung (its process ends, its slot is free)
+    and runs the best of them again, from their checkpoints, when they rank in the top
+    1/`reduction_factor`. `max_t` is inferred from `train_fn.args.epochs` or `.max_t`."""
 
     _scheduler = "hyperband_stopping"
 
     def _scheduler_options(self, train_fn: Callable, options: dict[str, Any]) -> dict[str, Any]:
         kind = options.pop("type", "stopping")
-        if kind != "stopping":
-            raise ValueError(f"type: {kind!r} is not available yet; use type='stopping'")
+        if kind not in ("stopping", "promotion"):
+            raise ValueError(f"type: must be 'stopping' or 'promotion', got {kind!r}")
+        self._scheduler = f"hyperband_{kind}"
         known = {"max_t", "grace_period", "reduction_factor", "brackets"}
         unknown = set(options) - known
         if unknown:

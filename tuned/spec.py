@@ -24,7 +24,7 @@ from typing import Any
 from tuned.space import Space
 
 SEARCHER_NAMES = ("random", "grid", "rl")
-SCHEDULER_NAMES = ("fifo", "hyperband_stopping")
+SCHEDULER_NAMES = ("fifo", "hyperband_stopping", "hyperband_promotion")
 #: Other names a spec may use for a scheduler; `from_dict` replaces them with the canonical one.
 SCHEDULER_ALIASES = {"hyperband": "hyperband_stopping"}
 MODES = ("max", "min")
@@ -68,6 +68,7 @@ class ExperimentSpec:
     workdir: str | None = None
     start_method: str = "fork"
     report_timeout: float | None = None
+    keep_checkpoints: int | None = None
     schedule: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -127,6 +128,10 @@ def _check_values(v: dict[str, Any], problems: list[str]) -> None:
             problems.append(f"{key}: must be a table, got {v[key]!r}")
     _positive_int(v, "num_trials", problems, optional=True)
     _positive_int(v, "max_concurrent", problems, optional=True)
+    keep = v.get("keep_checkpoints")
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 0):
+        problems.append(f"keep_checkpoints: must be an integer >= 0 (the best trials whose "
+                        f"checkpoints are kept once they end), got {keep!r}")
     if "max_retries" in v and (not isinstance(v["max_retries"], int) or v["max_retries"] < 0
                                or isinstance(v["max_retries"], bool)):
         problems.append(f"max_retries: must be an integer >= 0, got {v['max_retries']!r}")

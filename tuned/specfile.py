@@ -344,7 +344,7 @@ def _scheduler_options(spec: ExperimentSpec, constants: dict[str, Any],
                        problems: list[str]) -> dict[str, Any]:
     """The scheduler options, with Hyperband's `max_t` inferred from the constants."""
     options = dict(spec.scheduler_options)
-    if spec.scheduler != "hyperband_stopping" or options.get("max_t") is not None:
+    if not spec.scheduler.startswith("hyperband") or options.get("max_t") is not None:
         return options
     for key in ("epochs", "max_t"):
         value = constants.get(key)

@@ -20,9 +20,11 @@ Contract of `Spool.scan()`, for every entry of the inbox:
   `max_bytes`, holds a NUL byte, or is not UTF-8.
 - Otherwise `submit(path)` is called with the inbox path. It returns to accept the spec
   (the file is then moved to `accepted/`) or raises ValueError (e.g. `SpecError`), whose
-  text becomes the rejection reason. The inbox is 0700, so only the daemon's uid (or root)
-  can swap the file between the checks and `submit` reading it. Any other exception is
-  logged and the file is left in the inbox, to be tried again by a later scan.
+  text becomes the rejection reason; or it returns a `Later` and decides afterwards with
+  `settle(later, reason)` (None accepts), the file waiting in the inbox meanwhile. The
+  inbox is 0700, so only the daemon's uid (or root) can swap the file between the checks
+  and `submit` reading it. Any other exception is logged and the file is left in the
+  inbox, to be tried again by a later scan.
 - If the daemon dies after `submit` returned but before the move, the next scan submits the
   file again: `submit` should refuse a duplicate (an existing experiment name) with
   ValueError.
@@ -72,7 +74,7 @@ _FILE_KINDS = {
     stat.S_IFBLK: "a block device, not a regular file",
 }
 
-Status = Literal["accepted", "rejected", "retry"]
+Status = Literal["accepted", "rejected", "retry", "pending"]
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,8 @@ class Outcome:
     """What `scan` did with one inbox entry.
 
     `status` is "accepted" or "rejected" (then `moved_to` is the new path, None if the move
-    failed), or "retry" (submit failed unexpectedly; the file stays in the inbox).
+    failed), "retry" (submit failed unexpectedly; the file stays in the inbox), or "pending"
+    (submit will decide later, through `Spool.settle`).
     `reason` says why for "rejected" and "retry".
     """
 
@@ -159,6 +162,15 @@ def utc_stamp(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, tz=timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
 
 
+class Later:
+    """What `submit` returns to decide about a file later, without blocking the loop: the
+    file stays in the inbox, skipped by scans, until `Spool.settle(later, reason)`."""
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+        self.key: tuple[int, int] | None = None
+
+
 class _Rejection(Exception):
     """Internal: the entry is refused for `reason`."""
 
@@ -213,7 +225,8 @@ class Spool:
     exists as a non-directory or belongs to another uid.
     """
 
-    def __init__(self, state_dir: str | os.PathLike[str], submit: Callable[[Path], None],
+    def __init__(self, state_dir: str | os.PathLike[str],
+                 submit: Callable[[Path], Later | None],
                  max_bytes: int = DEFAULT_MAX_BYTES, clock: Callable[[], float] = time.monotonic,
                  *, scan_interval: float = DEFAULT_SCAN_INTERVAL,
                  wallclock: Callable[[], float] = time.time):
@@ -232,6 +245,7 @@ class Spool:
         self._uid = os.geteuid()
         self._last_scan: float | None = None
         self._stuck: set[tuple[int, int]] = set()
+        self._waiting: set[tuple[int, int]] = set()
         self._flag = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -339,7 +353,7 @@ class Spool:
             st = os.lstat(path)
         except FileNotFoundError:
             return None
-        if (st.st_dev, st.st_ino) in self._stuck:
+        if (st.st_dev, st.st_ino) in self._stuck | self._waiting:
             return None
         try:
             self._check(path, st)
@@ -348,12 +362,35 @@ class Spool:
         except _Rejection as rejection:
             return self._reject(name, st, rejection.reason)
         try:
-            self._submit(path)
+            later = self._submit(path)
         except ValueError as exc:
             return self._reject(name, st, str(exc) or type(exc).__name__)
         except Exception as exc:  # one bad file must not stop the daemon
             log.exception("spool: submitting %s failed; left in the inbox to retry", name)
             return Outcome(name, "retry", f"{type(exc).__name__}: {exc}")
+        if isinstance(later, Later):
+            later.name, later.key = name, (st.st_dev, st.st_ino)
+            self._waiting.add(later.key)
+            return Outcome(name, "pending")
+        return self._accept(name, st)
+
+    def settle(self, later: Later, reason: str | None) -> Outcome | None:
+        """Decide about a file whose `submit` returned `later`: accept it (reason None) or
+        reject it for `reason`. None when it is no longer in the inbox as it was."""
+        if later.name is None or later.key not in self._waiting:
+            return None
+        self._waiting.discard(later.key)
+        try:
+            st = os.lstat(self.inbox / later.name)
+        except FileNotFoundError:
+            return None
+        if (st.st_dev, st.st_ino) != later.key:
+            return None
+        if reason is None:
+            return self._accept(later.name, st)
+        return self._reject(later.name, st, reason)
+
+    def _accept(self, name: str, st: os.stat_result) -> Outcome:
         moved = self._move(name, st, self.accepted)
         log.info("spool: accepted %s%s", name, f" -> {moved}" if moved else "")
         return Outcome(name, "accepted", None, moved)

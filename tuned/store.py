@@ -4,6 +4,8 @@ Contract
 --------
 - One SQLite file in WAL mode with ``synchronous=FULL``: when a method returns, what it wrote
   is durable. Both pragmas are read back after being set; `StoreError` when they differ.
+  A store opened with ``durable=False`` (simulations only) runs with ``synchronous=OFF``:
+  nothing it writes is durable.
 - The schema version is ``PRAGMA user_version``. Opening a file of an older version runs each
   migration step in its own transaction together with the version bump, so a step killed
   halfway leaves the old version or the new one, never a mix. A newer version than this code
@@ -192,11 +194,13 @@ class Store:
     """A tuned database. See the module docstring for the contract."""
 
     def __init__(self, path: str | os.PathLike, timeout: float = 10.0,
-                 clock: Callable[[], float] = time.time, preallocate: bool = True):
+                 clock: Callable[[], float] = time.time, preallocate: bool = True,
+                 durable: bool = True):
         self.path = os.fspath(path)
         self.clock = clock
+        self.durable = durable
         self._depth = 0
-        self._sync_level = 2
+        self._sync_level = 2 if durable else 0
         # Per experiment, a copy of each searcher-state part as last written.
         self._written_parts: dict[int, dict[str, Any]] = {}
         self._after_commit: list[Callable[[], None]] = []
@@ -226,10 +230,11 @@ class Store:
     def _configure(self) -> None:
         self.conn.execute("PRAGMA foreign_keys = ON")
         mode = self.conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        self.conn.execute("PRAGMA synchronous = FULL")
+        want = "FULL" if self.durable else "OFF"
+        self.conn.execute(f"PRAGMA synchronous = {want}")
         sync = self.conn.execute("PRAGMA synchronous").fetchone()[0]
-        if str(mode).lower() != "wal" or sync != 2:
-            raise StoreError(f"{self.path}: needs journal_mode=wal and synchronous=FULL, "
+        if str(mode).lower() != "wal" or sync != self._sync_level:
+            raise StoreError(f"{self.path}: needs journal_mode=wal and synchronous={want}, "
                              f"got journal_mode={mode} synchronous={sync}")
 
     def _migrate(self) -> None:
@@ -243,7 +248,7 @@ class Store:
                 self.conn.execute(f"PRAGMA user_version = {step}")
 
     def _set_synchronous(self, level: int) -> None:
-        if level != self._sync_level:
+        if self.durable and level != self._sync_level:
             self.conn.execute(f"PRAGMA synchronous = {level}")
             self._sync_level = level
 
@@ -503,12 +508,35 @@ class Store:
             params += [limit, offset]
         return [_trial(r) for r in self.conn.execute(sql, params)]
 
+    def update_rung(self, experiment_id: int, entry: RungEntry) -> None:
+        """Store `entry`'s decision in place of the one its (bracket, level, trial) had (a
+        promotion); KeyError when there is no such entry."""
+        with self.transaction() as c:
+            cur = c.execute(
+                "UPDATE rungs SET decision = ? WHERE experiment_id = ? AND bracket = ? "
+                "AND level = ? AND trial_id = ?",
+                (Decision(entry.decision).value, experiment_id, entry.bracket, entry.level,
+                 entry.trial_id))
+        if cur.rowcount != 1:
+            raise KeyError(f"no rung entry for trial {entry.trial_id} at {entry.level}")
+
+    def best_finished(self, experiment_id: int, n: int) -> list[Trial]:
+        """The `n` finished trials with the highest scores, best first (ties: earliest)."""
+        rows = self.conn.execute(
+            f"SELECT {_TRIAL_COLUMNS} FROM trials WHERE experiment_id = ? AND score IS NOT NULL "
+            f"AND state IN {FINISHED_STATES} ORDER BY score DESC, number ASC LIMIT ?",
+            (experiment_id, n))
+        return [_trial(r) for r in rows]
+
+    def first_trial_created(self, experiment_id: int) -> float | None:
+        """When the experiment's first trial was created (store clock), or None."""
+        row = self.conn.execute("SELECT MIN(created) FROM trials WHERE experiment_id = ?",
+                                (experiment_id,)).fetchone()
+        return row[0]
+
     def count_trials(self, experiment_id: int) -> dict[str, int]:
         """Trials by state, e.g. {'COMPLETED': 12, 'RUNNING': 2}."""
-        rows = self.conn.execute(
-            "SELECT state, COUNT(*) FROM trials WHERE experiment_id = ? GROUP BY state",
-            (experiment_id,))
-        return dict(rows.fetchall())
+        return dict(self.conn.execute(_COUNT_BY_STATE, (experiment_id,)).fetchall())
 
     def best_trial(self, experiment_id: int) -> Trial | None:
         """The trial with the highest score (its last report's reward, signed by mode);
@@ -524,6 +552,12 @@ class Store:
         row = self.conn.execute("SELECT decision FROM reports WHERE trial_id = ? AND seq = ?",
                                 (trial_id, seq)).fetchone()
         return row[0] if row else None
+
+    def stored_report(self, trial_id: int, seq: int) -> tuple[str, float | None] | None:
+        """(decision, time value) of a stored report, or None."""
+        row = self.conn.execute("SELECT decision, time_value FROM reports "
+                                "WHERE trial_id = ? AND seq = ?", (trial_id, seq)).fetchone()
+        return (row[0], row[1]) if row else None
 
     def record_report(self, trial_id: int, seq: int, time_value: float | None,
                       reward: float | None, score: float | None, metrics_json: str,
@@ -614,6 +648,20 @@ def _remember(written: dict[str, Any], changed: list[tuple[int, str, str, Any]],
 
 _TRIAL_COLUMNS = ("id, experiment_id, number, config, state, bracket, attempt, pid, last_seq, "
                   "last_time, last_reward, score, error, created, started, ended")
+
+
+# Trials by state, from the covering index trials_by_state (experiment_id, state): the
+# distinct states by a skip-scan (one index seek each), then a COUNT(*) of each state's range
+# of the index, about twice as fast as GROUP BY state, which compares each entry's state with
+# the previous one's (50,000 trials: 5 ms against 9 ms here).
+_COUNT_BY_STATE = """
+    WITH RECURSIVE states(state) AS (
+        SELECT MIN(state) FROM trials WHERE experiment_id = ?1
+        UNION ALL
+        SELECT (SELECT MIN(state) FROM trials WHERE experiment_id = ?1 AND state > s.state)
+        FROM states AS s WHERE s.state IS NOT NULL)
+    SELECT state, (SELECT COUNT(*) FROM trials WHERE experiment_id = ?1 AND state = s.state)
+    FROM states AS s WHERE s.state IS NOT NULL"""
 
 
 def _trial(row: tuple) -> Trial:

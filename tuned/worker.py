@@ -34,10 +34,10 @@ def seed_trial(seed: int) -> None:
 
 
 def run_trial(fn: Callable[[Args, Reporter], Any], args: Args, seed: int,
-              channel: socket.socket) -> int:
+              channel: socket.socket, checkpoint_dir: str | None = None) -> int:
     """Run `fn(args, reporter)` in this process; return the exit code described above."""
     seed_trial(seed)
-    reporter = Reporter(channel, reconnect=Reconnect.from_env())
+    reporter = Reporter(channel, reconnect=Reconnect.from_env(), checkpoint_dir=checkpoint_dir)
     try:
         fn(args, reporter)
     except TrialStopped:
@@ -54,12 +54,13 @@ def run_trial(fn: Callable[[Args, Reporter], Any], args: Args, seed: int,
 
 def make_runner(fn: Callable[[Args, Reporter], Any],
                 constants: dict[str, Any]) -> Callable[[dict[str, Any], socket.socket], int]:
-    """The executor's runner for `fn`: a payload ``{"config": ..., "seed": ..., "env": ...}``
-    becomes ``fn(Args(constants + config), reporter)`` with `env` added to os.environ."""
+    """The executor's runner for `fn`: a payload ``{"config", "seed", "env",
+    "checkpoint_dir"}`` becomes ``fn(Args(constants + config), reporter)`` with `env` added
+    to os.environ and the reporter keeping its checkpoints in `checkpoint_dir`."""
 
     def runner(payload: dict[str, Any], channel: socket.socket) -> int:
         os.environ.update(payload.get("env", {}))
         args = Args({**constants, **payload["config"]})
-        return run_trial(fn, args, payload["seed"], channel)
+        return run_trial(fn, args, payload["seed"], channel, payload.get("checkpoint_dir"))
 
     return runner

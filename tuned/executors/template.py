@@ -42,7 +42,7 @@ class TemplateExecutor(LocalExecutor):
     def __init__(self, entry: str | None, workdir: str | None, constants: dict[str, Any],
                  log_path: str, start_method: str = "fork", command: list[str] | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 selector: selectors.BaseSelector | None = None):
+                 selector: selectors.BaseSelector | None = None, wait: bool = True):
         super().__init__(runner=_no_runner, kill_with_parent=False, spares=0, clock=clock,
                          selector=selector)
         self._pending: list[dict[str, Any]] = []
@@ -57,12 +57,42 @@ class TemplateExecutor(LocalExecutor):
         self.ctl = ours
         self._send(entry=entry, command=command, workdir=workdir, constants=constants,
                    start_method=start_method)
-        answer = self._wait_for(("ready", "error"), READY_TIMEOUT)
+        self.ready = False
+        self.entry_space: dict[str, Any] | None = None
+        self.entry_constants: dict[str, Any] = {}
+        if wait:
+            self._loaded(self._wait_for(("ready", "error"), READY_TIMEOUT))
+
+    def poll_ready(self) -> bool:
+        """For an executor made with ``wait=False``: True once the template has loaded the
+        entry, False while it is loading (never blocks); TemplateError (the template
+        closed) when it failed. Until it is ready, `ctl` is the caller's to watch."""
+        if self.ready:
+            return True
+        try:
+            data = self.ctl.recv(1 << 20, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except OSError:
+            data = b""
+        if not data:
+            self.close_template()
+            raise TemplateError("the template process died (see its template.log)")
+        body = json.loads(data)
+        if body.get("op") not in ("ready", "error"):
+            self._pending.append(body)
+            return False
+        self._loaded(body)
+        return True
+
+    def _loaded(self, answer: dict[str, Any]) -> None:
+        """The template's answer to the experiment: ready (its entry described) or error."""
         if answer["op"] == "error":
             self.close_template()
             raise TemplateError(answer["message"])
-        self.entry_space: dict[str, Any] | None = answer.get("space")
-        self.entry_constants: dict[str, Any] = answer.get("constants", {})
+        self.entry_space = answer.get("space")
+        self.entry_constants = answer.get("constants", {})
+        self.ready = True
         self._sel.register(self.ctl, selectors.EVENT_READ, (self, "template", None))
 
     def _send(self, fds: list[int] | None = None, **body: Any) -> None:

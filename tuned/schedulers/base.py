@@ -11,7 +11,7 @@ Scores are "higher is better": the engine negates rewards when the mode is 'min'
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
 from tuned.decisions import Decision
@@ -64,6 +64,27 @@ class TrialScheduler:
 
     def load_rungs(self, entries: Iterable[RungEntry]) -> None:
         """Rebuild the scheduler's memory from stored rung entries, in their stored order."""
+
+    # A scheduler that pauses trials and runs them again later (promotion) overrides these.
+
+    def can_promote(self, busy: Collection[int] = ()) -> bool:
+        """Whether a paused trial not in `busy` should run again now."""
+        return False
+
+    def promote(self, busy: Collection[int] = ()) -> RungEntry | None:
+        """Pick a paused trial to run again, not one in `busy` (told to pause, its process
+        not ended yet): its rung entry as it must now be stored (the engine stores it in
+        place of the old one, then runs the trial), or None."""
+        return None
+
+    def holds(self, trial_id: int) -> bool:
+        """Whether the scheduler keeps this trial paused (an experiment's resume must not
+        run it again; only `promote` does)."""
+        return False
+
+    def waiting(self) -> list[int]:
+        """The trials the scheduler holds paused."""
+        return []
 
 
 class FIFOScheduler(TrialScheduler):

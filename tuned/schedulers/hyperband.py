@@ -16,9 +16,10 @@ returned in `Outcome.rungs`, which `load_rungs` turns back into the same memory.
 
 from __future__ import annotations
 
+import heapq
 import math
 from bisect import bisect_right
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from numbers import Integral, Real
 
 import numpy as np
@@ -78,6 +79,14 @@ class _SortedScores:
             self._split(i)
         return above
 
+    def count_above(self, x: float) -> int:
+        """How many stored values are strictly greater than `x`."""
+        i = bisect_right(self._maxes, x)
+        if i == len(self._maxes):
+            return 0
+        bucket = self._buckets[i]
+        return len(bucket) - bisect_right(bucket, x) + self._size - self._prefix(i + 1)
+
     def _split(self, i: int) -> None:
         bucket = self._buckets[i]
         half = len(bucket) // 2
@@ -113,12 +122,16 @@ class _Rung:
     """The entries of one rung: their scores, who entered with what decision, and how many
     were told to continue."""
 
-    __slots__ = ("scores", "members", "continued")
+    __slots__ = ("scores", "members", "continued", "waiting", "waiting_scores")
 
     def __init__(self) -> None:
         self.scores = _SortedScores()
         self.members: dict[int, Decision] = {}
         self.continued = 0
+        # Promotion variant: trials paused here, awaiting promotion, best first:
+        # (-rank key, trial_id); `waiting_scores` holds their rank keys.
+        self.waiting: list[tuple[float, int]] = []
+        self.waiting_scores: dict[int, float] = {}
 
 
 def _rank_key(score: float) -> float:
@@ -320,3 +333,145 @@ class HyperbandStopping(TrialScheduler):
             if decision is Decision.CONTINUE:
                 rung.continued += 1
             self._next.pop(e.trial_id, None)
+
+
+class HyperbandPromotion(HyperbandStopping):
+    """Asynchronous successive halving with promotion (ASHA; AutoGluon's
+    `HyperbandScheduler`, `type='promotion'`; Li et al., "A System for Massively Parallel
+    Hyperparameter Tuning", MLSys 2020).
+
+    Brackets, levels and `assign_bracket` are those of `HyperbandStopping`. A trial that
+    reaches a rung of its bracket enters it and is told PAUSE: it checkpoints, its process
+    ends and its slot is free. `promote()` picks, from the highest rung down, the best trial
+    waiting at a rung that ranks within the top ``floor(n / reduction_factor)`` of that
+    rung's `n` entries (the trial's own entry counted, ties going to the lower trial id),
+    while fewer than that many of the rung were promoted;
+    the engine runs it again, from its checkpoint, up to the next rung. A report at or past
+    `max_t` is told STOP with `completed=True`.
+
+    The rung entries are the memory: a waiting trial's entry has decision PAUSE, a promoted
+    one's CONTINUE (`promote` returns the entry to store in its place), so `load_rungs`
+    rebuilds the scheduler.
+    """
+
+    kind = "hyperband_promotion"
+
+    def on_report(self, trial_id: int, bracket: int, time_value: float,
+                  score: float) -> Outcome:
+        """PAUSE at the next rung the report reaches (one rung per run), STOP at max_t."""
+        if not 0 <= bracket < self.brackets:
+            self._check_bracket(bracket)
+        nxt = self._next.get(trial_id)
+        if nxt is None:
+            nxt = self._next[trial_id] = self._restore_progress(trial_id, bracket)
+        levels = self._levels[bracket]
+        if time_value >= self.max_t:
+            return Outcome(Decision.STOP, self._max_t_reason(), completed=True)
+        if nxt < len(levels) and levels[nxt] <= time_value:
+            level = levels[nxt]
+            rung = self._rungs[bracket][nxt]
+            key = _rank_key(score)
+            rung.scores.add(key)
+            rung.members[trial_id] = Decision.PAUSE
+            heapq.heappush(rung.waiting, (-key, trial_id))
+            rung.waiting_scores[trial_id] = key
+            self._next[trial_id] = nxt + 1
+            entry = RungEntry(bracket, level, trial_id, score, Decision.PAUSE)
+            return Outcome(Decision.PAUSE, f"rung {level:g}: waits for promotion", (entry,))
+        return CONTINUE
+
+    def can_promote(self, busy: Collection[int] = ()) -> bool:
+        """Whether `promote(busy)` would promote a trial now."""
+        return self._candidate(busy) is not None
+
+    def promote(self, busy: Collection[int] = ()) -> RungEntry | None:
+        """Promote the best promotable waiting trial that is not in `busy` (trials told to
+        pause whose process has not ended yet); its rung entry, now CONTINUE (to store in
+        place of the PAUSE one), or None when no waiting trial is promotable."""
+        found = self._candidate(busy)
+        if found is None:
+            return None
+        bracket, k, neg_key, trial_id = found
+        rung = self._rungs[bracket][k]
+        rung.waiting.remove((neg_key, trial_id))
+        heapq.heapify(rung.waiting)
+        del rung.waiting_scores[trial_id]
+        rung.members[trial_id] = Decision.CONTINUE
+        rung.continued += 1
+        return RungEntry(bracket, self._levels[bracket][k], trial_id, -neg_key,
+                         Decision.CONTINUE)
+
+    def _candidate(self, busy: Collection[int]) -> tuple[int, int, float, int] | None:
+        """(bracket, rung index, -rank key, trial id) of the trial `promote` would pick."""
+        best: tuple[float, int, int, float, int] | None = None
+        for bracket, rungs in enumerate(self._rungs):
+            for k in range(len(rungs) - 1, -1, -1):
+                found = self._promotable(rungs[k], busy)
+                if found is not None:
+                    # Higher rungs first; across brackets, the higher level wins.
+                    order = (-self._levels[bracket][k], bracket, k, *found)
+                    if best is None or order < best:
+                        best = order
+                    break
+        return None if best is None else best[1:]
+
+    def _promotable(self, rung: _Rung, busy: Collection[int]) -> tuple[float, int] | None:
+        """The best waiting entry of `rung` not in `busy`, if it ranks in the top
+        floor(n / reduction_factor) of the rung."""
+        top = math.floor(len(rung.scores) / self.reduction_factor)
+        if not rung.waiting or rung.continued >= top:
+            return None
+        for neg_key, trial_id in heapq.nsmallest(len(busy) + 1, rung.waiting):
+            if rung.scores.count_above(-neg_key) >= top:
+                return None
+            if trial_id not in busy:
+                return neg_key, trial_id
+        return None
+
+    def holds(self, trial_id: int) -> bool:
+        """Whether the trial is paused at a rung, waiting for promotion."""
+        return any(trial_id in rung.waiting_scores
+                   for rungs in self._rungs for rung in rungs)
+
+    def waiting(self) -> list[int]:
+        """The trials waiting at rungs, in no particular order."""
+        return [t for rungs in self._rungs for rung in rungs for t in rung.waiting_scores]
+
+    def on_trial_end(self, trial_id: int) -> None:
+        """A trial that ends (stopped by the user, failed, retired) waits no more."""
+        super().on_trial_end(trial_id)
+        for rungs in self._rungs:
+            for rung in rungs:
+                if rung.waiting_scores.pop(trial_id, None) is not None:
+                    rung.waiting = [w for w in rung.waiting if w[1] != trial_id]
+                    heapq.heapify(rung.waiting)
+
+    def load_rungs(self, entries: Iterable[RungEntry]) -> None:
+        """Replay stored rung entries: PAUSE entries wait, CONTINUE ones were promoted."""
+        for e in entries:
+            self._check_bracket(e.bracket)
+            k = self._level_index[e.bracket].get(e.level)
+            if k is None:
+                raise ValueError(f"level {e.level!r} is not a rung of bracket {e.bracket}")
+            rung = self._rungs[e.bracket][k]
+            if e.trial_id in rung.members:
+                raise ValueError(f"trial {e.trial_id} entered rung {e.level!r} of bracket "
+                                 f"{e.bracket} twice")
+            decision = Decision(e.decision)
+            key = _rank_key(e.score)
+            rung.scores.add(key)
+            rung.members[e.trial_id] = decision
+            if decision is Decision.CONTINUE:
+                rung.continued += 1
+            else:
+                heapq.heappush(rung.waiting, (-key, e.trial_id))
+                rung.waiting_scores[e.trial_id] = key
+            self._next.pop(e.trial_id, None)
+
+    def _restore_progress(self, trial_id: int, bracket: int) -> int:
+        k = 0
+        for rung in self._rungs[bracket]:
+            if trial_id not in rung.members:
+                break
+            k += 1
+        return k

@@ -27,13 +27,18 @@ class Searcher:
 
     `suggest(trial_id)` returns a configuration (a dict in the space's order) or None when the
     searcher has nothing more to propose (a grid walked to its end, a finite space exhausted).
-    `observe(trial_id, config, score, final)` reports a result; `score` is None for a trial that
-    failed. `state_dict()` is JSON-serialisable and versioned; `load_state_dict()` raises
-    SearcherStateError for a state of another kind or version.
+    `observe(trial_id, config, score, final, time)` reports a result; `score` is None for a
+    trial that failed. The engine calls it with ``final=True`` once per trial, when it ends
+    (`time` None); a searcher whose class sets `wants_reports` also hears every stored report,
+    with ``final=False`` and the report's `time` (the value of `time_attr`, the resource
+    used so far), as multi-fidelity methods need. `state_dict()` is JSON-serialisable and
+    versioned; `load_state_dict()` raises SearcherStateError for a state of another kind or
+    version.
     """
 
     kind = "base"
     version = 1
+    wants_reports = False
 
     def __init__(self, space: Space, seed: int | None = None):
         self.space = space
@@ -44,7 +49,7 @@ class Searcher:
         raise NotImplementedError
 
     def observe(self, trial_id: int, config: dict[str, Any], score: float | None,
-                final: bool = True) -> None:
+                final: bool = True, time: float | None = None) -> None:
         """Learn from a result; the base searcher ignores it."""
 
     def state_dict(self) -> dict[str, Any]:

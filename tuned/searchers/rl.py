@@ -274,7 +274,7 @@ class RLSearcher(Searcher):
         return {names[k]: self.values[k][a] for k, a in enumerate(actions)}
 
     def observe(self, trial_id: int, config: dict[str, Any], score: float | None,
-                final: bool = True) -> None:
+                final: bool = True, time: float | None = None) -> None:
         """Learn from a trial's final result; intermediate results are ignored.
 
         The trial's actions are those this searcher suggested under `trial_id` (`config` is
