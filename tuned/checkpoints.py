@@ -167,6 +167,14 @@ class TrialCheckpoints:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
 
+    def copy_latest_to(self, other: TrialCheckpoints) -> Checkpoint | None:
+        """Commit this trial's latest good checkpoint into `other` (a trial that starts from
+        it), same seq and kind; None when there is none."""
+        latest = self.latest()
+        if latest is None:
+            return None
+        return other.save_bytes(latest.read_bytes(), latest.seq, kind=latest.kind)
+
     def remove(self) -> None:
         """Delete the trial's directory and everything in it."""
         shutil.rmtree(self.directory, ignore_errors=True)

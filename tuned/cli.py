@@ -113,7 +113,7 @@ def trials_cmd(db: str, as_json: bool, experiment: str) -> None:
     store = _open(db)
     exp = _experiment(store, experiment)
     rows = [{"trial": t.number, "state": t.state, "attempt": t.attempt, "reports": t.last_seq,
-             "reward": t.last_reward, "config": t.config, "error": t.error}
+             "reward": t.last_reward, "config": t.config, "error": t.error, "parent": t.parent}
             for t in store.trials(exp.id)]
     text = "\n".join(f"{r['trial']:>5} {r['state']:<10} reports={r['reports']:<4} "
                      f"reward={r['reward']} {json.dumps(r['config'])}"
@@ -253,6 +253,7 @@ def ctl_trials(ctl: Ctl, experiment: str, limit: int | None, offset: int) -> Non
     ctl.emit(data, "\n".join(
         f"{t['trial']:>5} {t['state']:<10} attempt={t['attempt']} reports={t['reports']:<4} "
         f"reward={t['reward']} {json.dumps(t['config'])}"
+        + (f"  from trial {t['parent']}" if t.get("parent") is not None else "")
         + (f"  error: {t['error']}" if t["error"] else "") for t in data["trials"]))
 
 

@@ -642,7 +642,7 @@ class Daemon:
                 "offset": offset, "trials": [
                     {"trial": t.number, "state": t.state, "attempt": t.attempt,
                      "reports": t.last_seq, "reward": t.last_reward, "config": t.config,
-                     "error": t.error, "pid": t.pid} for t in rows]}
+                     "error": t.error, "pid": t.pid, "parent": t.parent} for t in rows]}
 
     def op_curves(self, args: dict[str, Any]) -> dict[str, Any]:
         assert self.store is not None

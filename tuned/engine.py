@@ -34,7 +34,7 @@ from tuned.executors.local import Exited, LocalExecutor, Message, process_start_
 from tuned.gpus import discover_gpus
 from tuned.interrupts import sigint_guard
 from tuned.resources import Grant, ResourcePool
-from tuned.schedulers.base import FIFOScheduler, Outcome, TrialScheduler
+from tuned.schedulers.base import Clone, FIFOScheduler, Outcome, TrialScheduler
 from tuned.searchers import Searcher, make_searcher
 from tuned.spec import ExperimentSpec
 from tuned.store import Experiment, Store, Trial
@@ -54,10 +54,14 @@ def make_scheduler(spec: ExperimentSpec) -> TrialScheduler:
     if spec.seed is not None:
         options.setdefault("seed", spec.seed)
     if options.get("max_t") is None:
-        raise ValueError("scheduler_options.max_t: Hyperband needs the maximum of time_attr "
-                         "(give max_t, or an 'epochs' or 'max_t' argument)")
+        raise ValueError(f"scheduler_options.max_t: {spec.scheduler} needs the maximum of "
+                         "time_attr (give max_t, or an 'epochs' or 'max_t' argument)")
     if spec.scheduler == "hyperband_promotion":
         return HyperbandPromotion(**options)
+    if spec.scheduler == "pbt":
+        from tuned.schedulers.pbt import PopulationBasedTraining
+
+        return PopulationBasedTraining(spec.space, **options)
     return HyperbandStopping(**options)
 
 
@@ -139,6 +143,11 @@ class Engine:
             self.searcher.load_state_dict(searcher_state)
         self.scheduler = make_scheduler(spec)
         self.scheduler.load_rungs(store.rungs(experiment.id))
+        if self.scheduler.needs_configs:
+            for trial in store.trials(experiment.id):
+                self.scheduler.on_trial_add(trial.id, trial.config)
+                if TrialState(trial.state).finished:
+                    self.scheduler.on_trial_end(trial.id)
         self.live: dict[int, _Live] = {}
         self.queue: deque[Trial] = deque()
         self.created = len(store.trials(experiment.id))
@@ -312,9 +321,33 @@ class Engine:
             return None
         bracket = self.scheduler.assign_bracket(number)
         trial_id = self.store.add_trial(self.experiment.id, number, config, bracket)
+        self.scheduler.on_trial_add(trial_id, config)
         self._searcher_dirty = True
         self.created += 1
         return self.store.trial(trial_id)
+
+    def _clone(self, clone: Clone) -> None:
+        """Start a trial from `clone.source`'s latest checkpoint with `clone.config` (its
+        parent is the source), queued in this transaction."""
+        source = self.store.trial(clone.source)
+        number = self.created
+        trial_id = self.store.add_trial(self.experiment.id, number, clone.config, 0,
+                                        parent=source.number)
+        self.created += 1
+        copied = TrialCheckpoints(self._trial_checkpoint_dir(source.number)).copy_latest_to(
+            TrialCheckpoints(self._trial_checkpoint_dir(number)))
+        start = 0.0
+        if copied is None:
+            log.warning("trial %d has no checkpoint: its clone %d starts from scratch",
+                        source.number, number)
+        else:
+            self.store.start_after(trial_id, copied.seq)
+            report = self.store.stored_report(source.id, copied.seq)
+            start = (report[1] or 0.0) if report is not None else 0.0
+        self.scheduler.on_trial_add(trial_id, clone.config, time=start)
+        self.queue.append(self.store.trial(trial_id))
+        self._notify({"event": "clone", "trial": number, "parent": source.number,
+                      "config": clone.config})
 
     def _launch(self, trial: Trial) -> None:
         grant = self.resources.take(self.spec.num_cpus, self.spec.num_gpus)
@@ -423,6 +456,8 @@ class Engine:
             self._searcher_dirty = True
         if decision != Decision.CONTINUE.value:
             live.stop = outcome
+        if outcome.clone is not None:
+            self._clone(outcome.clone)
         self._answer(trial.id, {"seq": seq, "decision": decision})
         if self.on_event is not None:
             self._notify({"event": "report", "trial": trial.number, "seq": seq,

@@ -24,7 +24,8 @@ from tuned.spec import ExperimentSpec, json_safe
 from tuned.store import NotFound, Store
 from tuned.trial_args import Args
 
-__all__ = ["FIFOScheduler", "HyperbandScheduler", "RLScheduler", "DEFAULT_CHECKPOINT"]
+__all__ = ["FIFOScheduler", "HyperbandScheduler", "PBTScheduler", "RLScheduler",
+           "DEFAULT_CHECKPOINT"]
 
 log = logging.getLogger("tuned.scheduler")
 
@@ -251,6 +252,29 @@ class HyperbandScheduler(FIFOScheduler):
         unknown = set(options) - known
         if unknown:
             raise TypeError(f"HyperbandScheduler got unexpected argument(s) {sorted(unknown)}")
+        out = {k: v for k, v in options.items() if v is not None}
+        out["max_t"] = _infer_max_t(train_fn, options.get("max_t"))
+        return out
+
+
+class PBTScheduler(FIFOScheduler):
+    """Population based training (`tuned.schedulers.pbt`): the first `num_trials` trials are
+    the population; every `perturbation_interval` units of `time_attr`, a trial in the
+    bottom `quantile_fraction` is replaced by a clone of a top one (its checkpoint, its
+    config perturbed or resampled with `resample_probability`). The training function must
+    save checkpoints (`reporter.save_checkpoint`). `max_t` as for HyperbandScheduler."""
+
+    _scheduler = "pbt"
+
+    def _scheduler_options(self, train_fn: Callable, options: dict[str, Any]) -> dict[str, Any]:
+        known = {"max_t", "perturbation_interval", "quantile_fraction",
+                 "resample_probability"}
+        unknown = set(options) - known
+        if unknown:
+            raise TypeError(f"PBTScheduler got unexpected argument(s) {sorted(unknown)}")
+        if options.get("perturbation_interval") is None:
+            raise ValueError("perturbation_interval: PBTScheduler needs it (in units of "
+                             "time_attr)")
         out = {k: v for k, v in options.items() if v is not None}
         out["max_t"] = _infer_max_t(train_fn, options.get("max_t"))
         return out

@@ -344,14 +344,14 @@ def _scheduler_options(spec: ExperimentSpec, constants: dict[str, Any],
                        problems: list[str]) -> dict[str, Any]:
     """The scheduler options, with Hyperband's `max_t` inferred from the constants."""
     options = dict(spec.scheduler_options)
-    if not spec.scheduler.startswith("hyperband") or options.get("max_t") is not None:
+    if spec.scheduler == "fifo" or options.get("max_t") is not None:
         return options
     for key in ("epochs", "max_t"):
         value = constants.get(key)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             options["max_t"] = value
             return options
-    problems.append("scheduler_options: hyperband needs max_t (the largest value of "
+    problems.append(f"scheduler_options: {spec.scheduler} needs max_t (the largest value of "
                     "time_attr); give max_t, or an integer 'epochs' or 'max_t' constant")
     return options
 

@@ -41,7 +41,7 @@ import sqlite_utils
 from tuned.decisions import FINISHED_STATES, Decision, TrialState
 from tuned.schedulers.base import RungEntry
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # Bytes of WAL written once when a store is opened; about the WAL's size between automatic
 # checkpoints (1000 pages).
 WAL_PREALLOCATE = 4 << 20
@@ -103,6 +103,7 @@ class Trial:
     created: float
     started: float | None
     ended: float | None
+    parent: int | None = None
 
 
 @dataclass(frozen=True)
@@ -186,8 +187,15 @@ def _v3(db: sqlite_utils.Database) -> None:
     db["trials"].add_column("gpus", str)
 
 
+def _v4(db: sqlite_utils.Database) -> None:
+    """A trial may descend from another (population based training: it starts from the
+    parent's checkpoint with a changed config): `parent` is the parent's trial number."""
+    db["trials"].add_column("parent", int)
+
+
 # Step n turns a database of version n - 1 into version n. Append; never edit a shipped step.
-MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _v1, 2: _v2, 3: _v3}
+MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
+    1: _v1, 2: _v2, 3: _v3, 4: _v4}
 
 
 class Store:
@@ -413,16 +421,18 @@ class Store:
     # -- trials --------------------------------------------------------------------------
 
     def add_trial(self, experiment_id: int, number: int, config: dict[str, Any],
-                  bracket: int, searcher_state: dict[str, Any] | None = None) -> int:
+                  bracket: int, searcher_state: dict[str, Any] | None = None,
+                  parent: int | None = None) -> int:
         """Store a new PENDING trial and (when given) the searcher state that suggested it,
         atomically. Callers grouping several steps in one transaction may save the state once
-        at its end instead (`save_searcher_state`)."""
+        at its end instead (`save_searcher_state`). `parent`: the number of the trial it
+        descends from."""
         now = self.clock()
         with self.transaction() as c:
             cur = c.execute(
-                "INSERT INTO trials (experiment_id, number, config, state, bracket, created) "
-                "VALUES (?, ?, ?, 'PENDING', ?, ?)",
-                (experiment_id, number, _dumps(config), bracket, now))
+                "INSERT INTO trials (experiment_id, number, config, state, bracket, created, "
+                "parent) VALUES (?, ?, ?, 'PENDING', ?, ?, ?)",
+                (experiment_id, number, _dumps(config), bracket, now, parent))
             if searcher_state is not None:
                 self.save_searcher_state(experiment_id, searcher_state)
         return cur.lastrowid
@@ -507,6 +517,13 @@ class Store:
             sql += " LIMIT ? OFFSET ?"
             params += [limit, offset]
         return [_trial(r) for r in self.conn.execute(sql, params)]
+
+    def start_after(self, trial_id: int, seq: int) -> None:
+        """A trial that starts from another's checkpoint covering `seq` reports: its own
+        reports are numbered from seq + 1 (only for a trial with no report yet)."""
+        with self.transaction() as c:
+            c.execute("UPDATE trials SET last_seq = ? WHERE id = ? AND last_seq = 0",
+                      (seq, trial_id))
 
     def update_rung(self, experiment_id: int, entry: RungEntry) -> None:
         """Store `entry`'s decision in place of the one its (bracket, level, trial) had (a
@@ -647,7 +664,7 @@ def _remember(written: dict[str, Any], changed: list[tuple[int, str, str, Any]],
 
 
 _TRIAL_COLUMNS = ("id, experiment_id, number, config, state, bracket, attempt, pid, last_seq, "
-                  "last_time, last_reward, score, error, created, started, ended")
+                  "last_time, last_reward, score, error, created, started, ended, parent")
 
 
 # Trials by state, from the covering index trials_by_state (experiment_id, state): the

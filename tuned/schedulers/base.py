@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from tuned.decisions import Decision
 
@@ -29,18 +30,29 @@ class RungEntry:
 
 
 @dataclass(frozen=True)
+class Clone:
+    """Start a new trial from trial `source`'s latest checkpoint with `config` (population
+    based training's exploit and explore)."""
+
+    source: int
+    config: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class Outcome:
     """A scheduler's answer to one report.
 
     `rungs` are the new rung entries to store in the same transaction as the report.
     `completed` is True when the trial has used its whole budget (`max_t`): it is told to
-    stop, and it ends COMPLETED rather than STOPPED.
+    stop, and it ends COMPLETED rather than STOPPED. `clone`: a new trial to start in the
+    same transaction (the reporting trial is told to stop).
     """
 
     decision: Decision
     reason: str = ""
     rungs: tuple[RungEntry, ...] = field(default_factory=tuple)
     completed: bool = False
+    clone: Clone | None = None
 
 
 CONTINUE = Outcome(Decision.CONTINUE)
@@ -50,6 +62,12 @@ class TrialScheduler:
     """Base class: every trial runs to its end (FIFO)."""
 
     kind = "fifo"
+    # Whether the engine must tell `on_trial_add` about every trial (population based
+    # training, which copies configs); others never need it.
+    needs_configs = False
+
+    def on_trial_add(self, trial_id: int, config: dict[str, Any], time: float = 0.0) -> None:
+        """A trial joined (created, or found in the store); `time`: where it starts."""
 
     def assign_bracket(self, trial_number: int) -> int:
         """The bracket of the trial numbered `trial_number` (0-based, per experiment)."""
