@@ -334,15 +334,16 @@ class Engine:
         trial_id = self.store.add_trial(self.experiment.id, number, clone.config, 0,
                                         parent=source.number)
         self.created += 1
-        copied = TrialCheckpoints(self._trial_checkpoint_dir(source.number)).copy_latest_to(
-            TrialCheckpoints(self._trial_checkpoint_dir(number)))
+        copied = self.executor.clone_checkpoint(
+            source.id, self._trial_checkpoint_dir(source.number), trial_id,
+            self._trial_checkpoint_dir(number))
         start = 0.0
         if copied is None:
             log.warning("trial %d has no checkpoint: its clone %d starts from scratch",
                         source.number, number)
         else:
-            self.store.start_after(trial_id, copied.seq)
-            report = self.store.stored_report(source.id, copied.seq)
+            self.store.start_after(trial_id, copied)
+            report = self.store.stored_report(source.id, copied)
             start = (report[1] or 0.0) if report is not None else 0.0
         self.scheduler.on_trial_add(trial_id, clone.config, time=start)
         self.queue.append(self.store.trial(trial_id))

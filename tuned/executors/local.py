@@ -210,6 +210,16 @@ class LocalExecutor:
     def running(self) -> int:
         return len(self._children)
 
+    def clone_checkpoint(self, source_id: int, source_dir: str, trial_id: int,
+                         trial_dir: str) -> int | None:
+        """Give trial `trial_id` a copy of trial `source_id`'s latest checkpoint (files in
+        `source_dir`, copied to `trial_dir`); the number of reports it covers, or None when
+        the source has none."""
+        from tuned.checkpoints import TrialCheckpoints
+
+        copied = TrialCheckpoints(source_dir).copy_latest_to(TrialCheckpoints(trial_dir))
+        return None if copied is None else copied.seq
+
     def pid_of(self, trial_id: int) -> int | None:
         """The pid of running trial `trial_id`, or None."""
         child = self._children.get(trial_id)
