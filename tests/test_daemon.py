@@ -34,18 +34,28 @@ class Daemon:
         # Unix socket paths are short: keep this one under /tmp.
         self.sock = os.path.join(tempfile.mkdtemp(prefix="td", dir="/tmp"), "run", "c.sock")
         self.proc: subprocess.Popen | None = None
+        self.starts = 0
+        self.log_path: Path | None = None
+
+    def log(self) -> str:
+        """What the last daemon started wrote to stdout and stderr."""
+        return self.log_path.read_text() if self.log_path else ""
 
     def start(self, wait: bool = True, env: dict[str, str] | None = None,
               args: tuple[str, ...] = ()) -> subprocess.Popen:
         code = "import sys; from tuned.cli import tuned_main; sys.argv[0] = 'tuned'; tuned_main()"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", code, "serve", "--state-dir", str(self.state),
-             "--socket", self.sock, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, env={**os.environ, **(env or {})})
+        # Its log goes to a file, never to a pipe nobody reads (a full pipe would block it).
+        self.log_path = self.root / f"daemon-{self.starts}.log"
+        self.starts += 1
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", code, "serve", "--state-dir", str(self.state),
+                 "--socket", self.sock, *args], stdout=log, stderr=log, text=True,
+                env={**os.environ, **(env or {})})
         if wait:
             deadline = time.monotonic() + 20
             while _cli("tunectl_main", "status", sock=self.sock).returncode != 0:
-                assert self.proc.poll() is None, self.proc.stderr.read()
+                assert self.proc.poll() is None, self.log()
                 assert time.monotonic() < deadline, "the daemon did not come up"
                 time.sleep(0.05)
         return self.proc
@@ -206,7 +216,7 @@ def test_one_daemon_per_state_dir(daemon):
     proc = second.start(wait=False)
     proc.wait(timeout=20)
     assert proc.returncode != 0
-    assert "another tuned daemon" in proc.stderr.read()
+    assert "another tuned daemon" in second.log()
     assert daemon.ctl("status").returncode == 0
 
 

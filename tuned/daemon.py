@@ -587,8 +587,8 @@ class Daemon:
     def _experiment(self, args: dict[str, Any]):
         assert self.store is not None
         name = args.get("experiment")
-        if not isinstance(name, str):
-            raise OpError("bad_request", "this op needs an 'experiment' name")
+        if not isinstance(name, str) or not _is_text(name):
+            raise OpError("bad_request", "this op needs an 'experiment' name (valid Unicode)")
         try:
             return self.store.experiment(name)
         except NotFound:
@@ -649,6 +649,8 @@ class Daemon:
         exp = self._experiment(args)
         reward_attr = exp.spec.get("reward_attr", "accuracy")
         metric = args.get("metric") or reward_attr
+        if not isinstance(metric, str):
+            raise OpError("bad_request", f"metric must be a metric name, got {metric!r}")
         time_attr = exp.spec.get("time_attr")
         if metric == reward_attr:
             top = _count(args, "top")
@@ -668,10 +670,14 @@ class Daemon:
         from tuned.specfile import parse_spec_text
 
         text, filename = args.get("text"), args.get("filename", "spec.toml")
-        if not isinstance(text, str):
+        workdir = args.get("workdir")
+        if not isinstance(text, str) or not _is_text(text):
             raise OpError("bad_request", "submit needs the spec's 'text'")
+        if not isinstance(filename, str) or not _is_text(filename) or \
+                (workdir is not None and (not isinstance(workdir, str) or not _is_text(workdir))):
+            raise OpError("bad_request", "submit: 'filename' and 'workdir' must be strings")
         try:
-            spec = parse_spec_text(text, filename, args.get("workdir"))
+            spec = parse_spec_text(text, filename, workdir)
         except SpecError as exc:
             raise OpError("invalid", str(exc)) from None
         deferred = Deferred()
@@ -727,7 +733,9 @@ class Daemon:
         if not isinstance(number, int):
             raise OpError("bad_request", "logs needs a trial number")
         path = os.path.join(self.state_dir, "logs", exp.name, f"trial-{number}.log")
-        offset = int(args.get("offset", 0))
+        offset = args.get("offset", 0)
+        if isinstance(offset, bool) or not isinstance(offset, int):
+            raise OpError("bad_request", f"offset must be an integer, got {offset!r}")
         try:
             with open(path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
@@ -739,6 +747,15 @@ class Daemon:
             raise OpError("not_found", f"no log for trial {number} of {exp.name!r}") from None
         return {"experiment": exp.name, "trial": number, "offset": offset + len(data),
                 "text": data.decode(errors="replace")}
+
+
+def _is_text(value: str) -> bool:
+    """Whether `value` is valid Unicode (JSON's \\ud800 escapes decode to lone surrogates)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _entry_error(exc: TemplateError) -> SpecError:
