@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from tuned import failpoints
 from tuned.checkpoints import TrialCheckpoints
 from tuned.decisions import Decision, TrialState
 from tuned.executors.local import Exited, LocalExecutor, Message, process_start_time
@@ -160,6 +161,7 @@ class Engine:
         self.paused = False
         self._searcher_dirty = False
         self._outbox: list[tuple[int, dict[str, Any]]] = []
+        self._to_start: list[tuple[int, dict[str, Any], str]] = []
         self._news: list[dict[str, Any]] = []
         os.makedirs(log_dir, exist_ok=True)
 
@@ -231,6 +233,7 @@ class Engine:
         disk; the next durable commit carries it to the disk too."""
         self._outbox = []
         self._news = []
+        self._to_start = []
         acknowledging = any(isinstance(e, Message) and e.body and "seq" in e.body
                             for e in events)
         with self.store.transaction(durable=acknowledging):
@@ -238,7 +241,12 @@ class Engine:
                 self._handle(event)
             self._launch_ready()
             self._save_searcher()
+        failpoints.hit("claimed")
+        for trial_id, payload, log_path in self._to_start:
+            self.executor.start(trial_id, payload, log_path)
         self._flush_news()
+        if self._outbox:
+            failpoints.hit("reported")
         for trial_id, body in self._outbox:
             if not self.executor.send(trial_id, body) and trial_id in self.live:
                 self._fail(self.live[trial_id], "stopped reading its report channel")
@@ -302,6 +310,7 @@ class Engine:
         if not self.store.unpause_trial(entry.trial_id):
             return None
         trial = self.store.trial(entry.trial_id)
+        failpoints.hit("promoted")
         log.info("trial %d promoted at rung %g", trial.number, entry.level)
         return trial
 
@@ -321,6 +330,7 @@ class Engine:
             return None
         bracket = self.scheduler.assign_bracket(number)
         trial_id = self.store.add_trial(self.experiment.id, number, config, bracket)
+        failpoints.hit("suggested")
         self.scheduler.on_trial_add(trial_id, config)
         self._searcher_dirty = True
         self.created += 1
@@ -359,11 +369,13 @@ class Engine:
         if grant.gpus:
             payload["env"]["CUDA_VISIBLE_DEVICES"] = ",".join(grant.gpus)
         log_path = os.path.join(self.log_dir, f"trial-{trial.number}.log")
-        pid = self.executor.launch(trial.id, payload, log_path)
+        pid = self.executor.reserve(trial.id)
         if not self.store.claim_trial(trial.id, pid, process_start_time(pid), grant.gpus):
             self.executor.kill(trial.id)
             self.resources.give(grant)
             raise RuntimeError(f"trial {trial.number} was claimed by someone else")
+        # Started once the claim is committed: a trial never runs unknown to the store.
+        self._to_start.append((trial.id, payload, log_path))
         self.live[trial.id] = _Live(trial, last_seq=trial.last_seq, grant=grant,
                                     last_seen=self.clock())
         if self.on_event is not None:

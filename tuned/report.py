@@ -94,7 +94,8 @@ def _channel() -> Reporter:
         sock = socket.socket(fileno=int(fd))
         os.set_inheritable(sock.fileno(), False)
         _reporter = Reporter(sock, reconnect=Reconnect.from_env(),
-                             checkpoint_dir=os.environ.get(CHECKPOINT_DIR_ENV) or None)
+                             checkpoint_dir=os.environ.get(CHECKPOINT_DIR_ENV) or None,
+                             trial_number=trial_number())
         _install_end_hooks()
     return _reporter
 

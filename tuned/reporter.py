@@ -159,7 +159,9 @@ class Reporter:
     """
 
     def __init__(self, sock: socket.socket, first_seq: int = 1,
-                 reconnect: Reconnect | None = None, checkpoint_dir: str | None = None):
+                 reconnect: Reconnect | None = None, checkpoint_dir: str | None = None,
+                 trial_number: int | None = None):
+        self.trial_number = trial_number
         self._sock = sock
         self._seq = first_seq - 1
         self._buffer = b""

@@ -34,10 +34,13 @@ def seed_trial(seed: int) -> None:
 
 
 def run_trial(fn: Callable[[Args, Reporter], Any], args: Args, seed: int,
-              channel: socket.socket, checkpoint_dir: str | None = None) -> int:
-    """Run `fn(args, reporter)` in this process; return the exit code described above."""
+              channel: socket.socket, checkpoint_dir: str | None = None,
+              number: int | None = None) -> int:
+    """Run `fn(args, reporter)` in this process; return the exit code described above.
+    `number` (the trial's, in its experiment) is `reporter.trial_number`."""
     seed_trial(seed)
-    reporter = Reporter(channel, reconnect=Reconnect.from_env(), checkpoint_dir=checkpoint_dir)
+    reporter = Reporter(channel, reconnect=Reconnect.from_env(), checkpoint_dir=checkpoint_dir,
+                        trial_number=number)
     try:
         fn(args, reporter)
     except TrialStopped:
@@ -61,6 +64,7 @@ def make_runner(fn: Callable[[Args, Reporter], Any],
     def runner(payload: dict[str, Any], channel: socket.socket) -> int:
         os.environ.update(payload.get("env", {}))
         args = Args({**constants, **payload["config"]})
-        return run_trial(fn, args, payload["seed"], channel, payload.get("checkpoint_dir"))
+        return run_trial(fn, args, payload["seed"], channel, payload.get("checkpoint_dir"),
+                         payload.get("number"))
 
     return runner

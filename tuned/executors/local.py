@@ -101,17 +101,28 @@ class LocalExecutor:
         """Start trial `trial_id`: a spare (or a fresh fork) runs `runner(payload, channel)`
         with stdout and stderr appended to `log_path`, and exits with its return value.
 
-        Returns the trial's pid.
+        Returns the trial's pid. (`reserve` then `start`, in one go.)
         """
+        pid = self.reserve(trial_id)
+        self.start(trial_id, payload, log_path)
+        return pid
+
+    def reserve(self, trial_id: int) -> int:
+        """Give trial `trial_id` a process (a spare, or a fresh fork) that waits for its
+        order; its pid. The engine stores the pid before `start`, so that a trial never runs
+        without the store knowing its process."""
         child = self._spare.pop() if self._spare else self._fork()
         child.trial_id = trial_id
         self._children[trial_id] = child
         self._sel.register(child.sock, selectors.EVENT_READ, (self, "msg", child))
         if child.pidfd is not None:
             self._sel.register(child.pidfd, selectors.EVENT_READ, (self, "exit", child))
+        return child.pid
+
+    def start(self, trial_id: int, payload: dict[str, Any], log_path: str) -> None:
+        """Send a reserved process its order: it runs `runner(payload, channel)`."""
         if not self.send(trial_id, {"payload": payload, "log": log_path}):
             self.kill(trial_id)
-        return child.pid
 
     def adopt(self, trial_id: int, pid: int, start: int) -> bool:
         """Follow a trial process this executor did not start (a dead daemon's), identified

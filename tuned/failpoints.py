@@ -1,0 +1,41 @@
+"""Named points where a crash test can have this process killed.
+
+``TUNED_FAILPOINTS="reported:3,claimed"`` makes the process send itself SIGKILL the 3rd time
+it reaches `hit("reported")`, and the first time it reaches `hit("claimed")`. Unset (always,
+outside tests), `hit` is one dictionary test. The points (see `tuned.engine`):
+
+- ``suggested``: a new trial and the searcher state that suggested it are written, not
+  committed;
+- ``claimed``: the step's transaction (new trials claimed by their reserved processes) is
+  committed, no trial told to start yet;
+- ``reported``: a report and its decision are committed, the trial not answered yet;
+- ``promoted``: a paused trial's promotion is written, not committed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+ENV = "TUNED_FAILPOINTS"
+
+
+def _parse(text: str) -> dict[str, int]:
+    points: dict[str, int] = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        name, _, count = item.partition(":")
+        points[name] = int(count) if count else 1
+    return points
+
+
+_ARMED = _parse(os.environ.get(ENV, ""))
+_REACHED: dict[str, int] = {}
+
+
+def hit(name: str) -> None:
+    """Count a pass through point `name`; SIGKILL this process on the armed pass."""
+    if not _ARMED or name not in _ARMED:
+        return
+    _REACHED[name] = _REACHED.get(name, 0) + 1
+    if _REACHED[name] == _ARMED[name]:
+        os.kill(os.getpid(), signal.SIGKILL)
