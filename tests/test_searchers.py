@@ -193,18 +193,36 @@ def test_random_tiny_spaces() -> None:
                                                                     None]
 
 
-def test_random_state_lists_seen_configurations() -> None:
+def test_random_state_lists_seen_configurations_in_parts() -> None:
+    from tuned.searchers.random import CHUNK
+
+    searcher = RandomSearcher(MIXED, seed=0)
+    configs = run(searcher, CHUNK + 3)
+    state = searcher.state_dict()
+    keys = [json.dumps(c, sort_keys=True) for c in configs]
+    assert (state["seen.0"], state["seen.1"]) == (keys[:CHUNK], keys[CHUNK:])
+    # One more suggestion changes the RNG and the last part only.
+    run(searcher, 1)
+    after = searcher.state_dict()
+    assert {k for k in after if after[k] != state.get(k)} == {"rng", "seen.1"}
+
+
+def test_random_loads_a_version_1_state() -> None:
     searcher = RandomSearcher(FINITE, seed=0)
     configs = run(searcher, 3)
-    state = searcher.state_dict()
-    assert state["seen"] == sorted(json.dumps(c, sort_keys=True) for c in configs)
+    old = {"v": 1, "kind": "random", "rng": searcher.rng.bit_generator.state,
+           "seen": sorted(json.dumps(c, sort_keys=True) for c in configs)}
+    loaded = RandomSearcher(FINITE, seed=5)
+    loaded.load_state_dict(old)
+    assert run(loaded, 4) == run(searcher, 4)
 
 
 def test_random_rejects_a_bad_seen_list() -> None:
     searcher = RandomSearcher(FINITE, seed=0)
+    run(searcher, 2)
     state = searcher.state_dict()
     with pytest.raises(SearcherStateError, match="seen"):
-        searcher.load_state_dict({**state, "seen": [1, 2]})
+        searcher.load_state_dict({**state, "seen.0": [1, 2]})
 
 
 # ---------------------------------------------------------------- grid

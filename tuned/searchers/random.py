@@ -21,6 +21,9 @@ __all__ = ["RandomSearcher", "config_key"]
 MAX_TRIES = 100
 #: Finite spaces with at most this many configurations may be enumerated.
 ENUMERATE_LIMIT = 100_000
+#: Suggested keys per part of the state ("seen.0", "seen.1", ...): the store rewrites only
+#: the parts that changed, so a suggestion costs one part, not the whole history.
+CHUNK = 512
 
 
 def config_key(config: dict[str, Any]) -> str:
@@ -41,11 +44,12 @@ class RandomSearcher(Searcher):
     """
 
     kind = "random"
-    version = 1
+    version = 2
 
     def __init__(self, space: Space, seed: int | None = None):
         super().__init__(space, seed)
         self._seen: set[str] = set()
+        self._order: list[str] = []  # the keys of `_seen`, in the order suggested
         # (key, configuration) of those not yet suggested, in grid order: derived from the
         # space and `_seen` (so not part of the state), built when first needed.
         self._left: list[tuple[str, dict[str, Any]]] | None = None
@@ -67,21 +71,31 @@ class RandomSearcher(Searcher):
         return config
 
     def state_dict(self) -> dict[str, Any]:
-        """`{"v", "kind", "rng", "seen"}`; `seen` is the sorted list of suggested keys."""
+        """`{"v": 2, "kind", "rng", "seen.0", "seen.1", ...}`: the suggested keys in the
+        order suggested, `CHUNK` per part."""
         state = super().state_dict()
-        state["seen"] = sorted(self._seen)
+        for i in range(0, len(self._order), CHUNK):
+            state[f"seen.{i // CHUNK}"] = self._order[i:i + CHUNK]
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a `state_dict()`; SearcherStateError (and nothing changed) when it is not a
-        valid one."""
+        """Restore a `state_dict()` (or a version 1 one, whose `seen` is one sorted list);
+        SearcherStateError (and nothing changed) when it is not a valid one."""
+        if state.get("kind") == self.kind and state.get("v") == 1:
+            state = {**{k: v for k, v in state.items() if k != "seen"}, "v": 2,
+                     "seen.0": state.get("seen")}
         rng_before = self.rng.bit_generator.state
         super().load_state_dict(state)
-        seen = state.get("seen")
-        if not isinstance(seen, list) or not all(isinstance(k, str) for k in seen):
-            self.rng.bit_generator.state = rng_before
-            raise SearcherStateError("random searcher state: 'seen' must be a list of strings")
-        self._seen = set(seen)
+        order: list[str] = []
+        for i in range(sum(1 for k in state if k.startswith("seen."))):
+            part = state.get(f"seen.{i}")
+            if not isinstance(part, list) or not all(isinstance(k, str) for k in part):
+                self.rng.bit_generator.state = rng_before
+                raise SearcherStateError(f"random searcher state: 'seen.{i}' must be a list "
+                                         "of strings")
+            order += part
+        self._order = order
+        self._seen = set(order)
         self._left = None
 
     def _n_left(self) -> int:
@@ -117,4 +131,6 @@ class RandomSearcher(Searcher):
         return self._left.pop(int(self.rng.integers(len(self._left))))[1]
 
     def _remember(self, config: dict[str, Any]) -> None:
-        self._seen.add(config_key(config))
+        key = config_key(config)
+        self._seen.add(key)
+        self._order.append(key)
