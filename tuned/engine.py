@@ -38,7 +38,7 @@ from tuned.resources import Grant, ResourcePool
 from tuned.schedulers.base import Clone, FIFOScheduler, Outcome, TrialScheduler
 from tuned.searchers import Searcher, make_searcher
 from tuned.spec import ExperimentSpec
-from tuned.store import Experiment, Store, Trial
+from tuned.store import Experiment, Store, StoreError, Trial
 from tuned.trial_args import Args
 from tuned.worker import make_runner
 
@@ -178,7 +178,10 @@ class Engine:
                     interrupt.check()
                     self.step(events)
         except BaseException:
-            self.abandon()
+            try:
+                self.abandon()
+            except StoreError as exc:  # the store failed first: its error is the one to see
+                log.error("could not requeue the running trials (%s); a resume will", exc)
             raise
         finally:
             self.executor.close_spares()

@@ -9,8 +9,9 @@ Contract
 - The schema version is ``PRAGMA user_version``. Opening a file of an older version runs each
   migration step in its own transaction together with the version bump, so a step killed
   halfway leaves the old version or the new one, never a mix. A newer version than this code
-  knows raises `SchemaTooNew`; a file that is not a database (or is damaged) raises
-  `StoreCorrupt`, and the file is never written to.
+  knows raises `SchemaTooNew`; a file that is not a database (or is damaged), or a SQLite
+  database of another program (tables but no schema version), raises `StoreCorrupt`, and
+  the file is never written to.
 - A suggestion is stored in the same transaction as the searcher state that produced it
   (`add_trial`); a report is stored with its decision and its rung entries in one
   transaction (`record_report`), and reports are unique per ``(trial_id, seq)``: storing a
@@ -20,6 +21,9 @@ Contract
   the state they expect.
 - A database locked by another process is waited for up to ``timeout`` seconds, then
   `StoreLocked`.
+- A write that fails for want of space (disk or quota full, the file size limit reached) or
+  with an I/O error raises `StoreWriteError` naming the cause; the transaction is rolled back
+  and what was committed before is intact. The store can be used again once space returns.
 
 Scores are rewards made "higher is better" (negated when the experiment's mode is 'min').
 """
@@ -28,7 +32,9 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
+import resource
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -45,6 +51,8 @@ SCHEMA_VERSION = 4
 # Bytes of WAL written once when a store is opened; about the WAL's size between automatic
 # checkpoints (1000 pages).
 WAL_PREALLOCATE = 4 << 20
+# A failed write with less free space than this on the file system is put down to it.
+_DISK_FULL_BELOW = 1 << 20
 
 
 class StoreError(RuntimeError):
@@ -57,6 +65,12 @@ class StoreCorrupt(StoreError):
 
 class StoreLocked(StoreError):
     """Another process held the database longer than the timeout."""
+
+
+class StoreWriteError(StoreError):
+    """A write failed: the disk (or a quota) is full, the file size limit was reached, or an
+    I/O error. The transaction was rolled back, unless only the checkpoint that follows a
+    commit failed (the commit then stands); what was committed before is intact."""
 
 
 class SchemaTooNew(StoreError):
@@ -125,6 +139,16 @@ class Report:
     metrics: dict[str, Any]
     decision: str
     created: float
+
+
+def _write_failed(exc: sqlite3.Error) -> bool:
+    """Whether SQLite failed to write: SQLITE_FULL (no space) or an SQLITE_IOERR (EFBIG past
+    the file size limit, EDQUOT, EIO). Python before 3.11 gives only the message."""
+    name = getattr(exc, "sqlite_errorname", None)
+    if name is not None:
+        return name == "SQLITE_FULL" or name.startswith("SQLITE_IOERR")
+    text = str(exc)
+    return "disk is full" in text or "disk I/O error" in text
 
 
 def _dumps(value: Any) -> str:
@@ -218,10 +242,11 @@ class Store:
             self.conn = sqlite3.connect(self.path, timeout=timeout, isolation_level=None,
                                         check_same_thread=False)
             self.db = sqlite_utils.Database(self.conn)
+            self._refuse_unusable(writes=preallocate)
             self._configure()
             self._migrate()
             if preallocate:
-                self._preallocate_wal()
+                self._try_preallocate_wal()
         except sqlite3.DatabaseError as exc:
             self._close_quietly()
             raise self._translate(exc) from exc
@@ -232,8 +257,47 @@ class Store:
         text = str(exc)
         if "locked" in text or "busy" in text:
             return StoreLocked(f"{self.path}: the database is locked by another process ({text})")
+        if _write_failed(exc):
+            return StoreWriteError(f"{self.path}: cannot write to the database: "
+                                   f"{self._write_failure_cause(exc)} ({text}); the write was "
+                                   "rolled back, what was stored before is intact")
         return StoreCorrupt(f"{self.path}: not a usable tuned database ({text}); "
                             "it was left untouched")
+
+    def _write_failure_cause(self, exc: sqlite3.Error) -> str:
+        """The likely cause of a failed write: the file size limit (RLIMIT_FSIZE: SQLite
+        sees EFBIG as an I/O error), a full file system, or else any of those or EIO."""
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        full = getattr(exc, "sqlite_errorname", None) == "SQLITE_FULL"
+        if not full and limit != resource.RLIM_INFINITY:
+            return f"the file size limit was reached (RLIMIT_FSIZE is {limit} bytes)"
+        try:
+            fs = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
+        except OSError:
+            fs = None
+        if fs is not None and fs.f_bavail * fs.f_frsize < _DISK_FULL_BELOW:
+            return f"the disk is full ({fs.f_bavail * fs.f_frsize} bytes free)"
+        return "the disk or a quota is full, or an I/O error"
+
+    def _refuse_unusable(self, writes: bool) -> None:
+        """StoreCorrupt, before anything is written to it, for a SQLite database another
+        program made (tables but no schema version) and for a damaged one (``PRAGMA
+        quick_check``, some ms per MB, run when this open writes: `writes` or a
+        migration). Reading the version already refuses a file that is not a database."""
+        version = self.schema_version()
+        tables = [r[0] for r in self.conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' "
+            "ORDER BY name")]
+        if version == 0 and tables:
+            raise StoreCorrupt(f"{self.path}: a SQLite database but not a tuned one (tables "
+                               f"{', '.join(tables)} and no schema version); it was left "
+                               "untouched")
+        if tables and (writes or version < SCHEMA_VERSION):
+            problems = [" ".join(r[0].split()) for r in
+                        self.conn.execute("PRAGMA quick_check(3)")]
+            if problems != ["ok"]:
+                raise StoreCorrupt(f"{self.path}: the database is damaged "
+                                   f"({'; '.join(problems)}); it was left untouched")
 
     def _configure(self) -> None:
         self.conn.execute("PRAGMA foreign_keys = ON")
@@ -259,6 +323,16 @@ class Store:
         if self.durable and level != self._sync_level:
             self.conn.execute(f"PRAGMA synchronous = {level}")
             self._sync_level = level
+
+    def _try_preallocate_wal(self) -> None:
+        """`_preallocate_wal`, best effort: a disk too full for it must not keep a daemon
+        from starting (its commits append to the WAL then, a little slower)."""
+        try:
+            self._preallocate_wal()
+        except (StoreWriteError, sqlite3.OperationalError) as exc:
+            logging.getLogger("tuned.store").warning(
+                "WAL not preallocated (%s); going on without", exc)
+            self._set_synchronous(2)
 
     def _preallocate_wal(self) -> None:
         """Grow the WAL file to its working size once, so that later commits overwrite it
@@ -318,22 +392,32 @@ class Store:
         self._depth = 1
         try:
             yield self.conn
-        except BaseException:
+        except BaseException as exc:
             self._depth = 0
             self._after_commit.clear()
-            self.conn.execute("ROLLBACK")
+            self._rollback()
+            if isinstance(exc, sqlite3.OperationalError) and _write_failed(exc):
+                raise self._translate(exc) from exc
             raise
         self._depth = 0
         try:
             self.conn.execute("COMMIT")
         except sqlite3.OperationalError as exc:
             self._after_commit.clear()
-            if self.conn.in_transaction:
-                self.conn.execute("ROLLBACK")
+            self._rollback()
             raise self._translate(exc) from exc
         callbacks, self._after_commit = self._after_commit, []
         for callback in callbacks:
             callback()
+
+    def _rollback(self) -> None:
+        """Roll back the open transaction, if SQLite has not done so already (it does after
+        some I/O errors); a rollback that fails leaves the error being raised to speak."""
+        if self.conn.in_transaction:
+            try:
+                self.conn.execute("ROLLBACK")
+            except sqlite3.OperationalError:
+                pass
 
     # -- experiments ---------------------------------------------------------------------
 
