@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/tutorial.py
+
+# The crash-safety tests at the issue's full counts, with their figures printed.
+soak: $(STAMP)
+	TUNED_KILLS=50 TUNED_EQUIVALENCE_KILLS=20 TUNED_SOAK_TRIALS=1000 TUNED_FUZZ_FRAMES=10000 \
+		$(PY) -m pytest -s -q tests/test_crash_loop.py tests/test_faulty_trials.py \
+		tests/test_hostile_input.py tests/test_adoption.py
 
 clean:
 	rm -rf $(VENV) demo-output tuned-runs .pytest_cache .hypothesis
