@@ -9,7 +9,11 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,plot]'
+	# "compat": the package's folder on sys.path through a .pth line, not an import hook
+	# (about 30 ms less at every start of tunectl); the default mode where it is gone.
+	$(PY) -m pip install --quiet -e '.[test,plot]' --config-settings editable_mode=compat \
+		2>/dev/null || $(PY) -m pip install --quiet -e '.[test,plot]'
+	$(PY) -m compileall -q tuned
 	rm -f $(VENV)/.installed-* && touch $@
 
 demo: $(STAMP)

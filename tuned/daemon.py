@@ -123,6 +123,8 @@ class Daemon:
         self.jobs: Any = None
         self._tasks: deque[Any] = deque()
         self._next_chores = 0.0
+        # When to give memory back to the system after a large answer (trials, curves).
+        self._trim_due: float | None = None
         # systemd wants a ping every half of WatchdogSec at the least.
         self._chore_interval = min(CHORE_INTERVAL,
                                    self.notifier.watchdog_interval() or CHORE_INTERVAL)
@@ -263,6 +265,9 @@ class Daemon:
         if now >= self._next_gpu_poll and self.resources.gpus.order:
             self._next_gpu_poll = now + GPU_POLL_SECONDS
             self._poll_gpus()
+        if self._trim_due is not None and now >= self._trim_due:
+            self._trim_due = None
+            _release_memory()
         if now >= self._next_chores:
             self._next_chores = now + self._chore_interval
             for name in [n for n, lo in self._loading.items() if now >= lo.deadline]:
@@ -399,6 +404,9 @@ class Daemon:
             batch = events.get(exp_id, [])
             if batch or runner.engine.wants_launch:
                 runner.engine.step(batch)
+            if runner.executor.spare_count < runner.executor.spares and \
+                    runner.engine.may_launch_later:
+                runner.executor.prefork()
             if runner.engine.finished:
                 runner.engine.close()
                 runner.executor.close_template()
@@ -471,7 +479,8 @@ class Daemon:
             return TemplateExecutor(spec.entry, spec.workdir, spec.constants,
                                     os.path.join(log_dir, "template.log"),
                                     start_method=spec.start_method, command=spec.command,
-                                    clock=self.clock, selector=self.selector, wait=wait)
+                                    clock=self.clock, selector=self.selector, wait=wait,
+                                    spares=1)
         except TemplateError as exc:
             raise _entry_error(exc) from None
 
@@ -638,6 +647,7 @@ class Daemon:
         exp = self._experiment(args)
         limit, offset = _count(args, "limit"), _count(args, "offset") or 0
         rows = self.store.trials(exp.id, limit=limit, offset=offset)
+        self._trim_due = self.clock() + 2.0
         return {"experiment": exp.name, "total": sum(self.store.count_trials(exp.id).values()),
                 "offset": offset, "trials": [
                     {"trial": t.number, "state": t.state, "attempt": t.attempt,
@@ -652,6 +662,7 @@ class Daemon:
         if not isinstance(metric, str):
             raise OpError("bad_request", f"metric must be a metric name, got {metric!r}")
         time_attr = exp.spec.get("time_attr")
+        self._trim_due = self.clock() + 2.0
         if metric == reward_attr:
             top = _count(args, "top")
             curves = {str(n): c for n, c in self.store.reward_curves(exp.id, top).items()}
@@ -747,6 +758,19 @@ class Daemon:
             raise OpError("not_found", f"no log for trial {number} of {exp.name!r}") from None
         return {"experiment": exp.name, "trial": number, "offset": offset + len(data),
                 "text": data.decode(errors="replace")}
+
+
+def _release_memory() -> None:
+    """Collect garbage and hand the freed heap back to the system (glibc's malloc_trim):
+    a large answer would otherwise leave the daemon's RSS high for good."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _is_text(value: str) -> bool:

@@ -202,6 +202,11 @@ class Engine:
         """Whether the experiment would start a trial if resources allowed."""
         return not self.paused and len(self.live) < self.slots and self._has_work()
 
+    @property
+    def may_launch_later(self) -> bool:
+        """Whether a trial may still start (a spare process made now would be used)."""
+        return not self.paused and self._has_work()
+
     def _has_work(self) -> bool:
         return bool(self.queue or self.scheduler.can_promote(self.live)
                     or self._may_create())

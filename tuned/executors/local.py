@@ -278,7 +278,10 @@ class LocalExecutor:
             child.sock.close()
             if child.pidfd is not None:
                 os.close(child.pidfd)
-            os.waitpid(child.pid, 0)
+            try:
+                os.waitpid(child.pid, 0)
+            except ChildProcessError:  # a template's child: the template reaps it
+                pass
 
     @staticmethod
     def _signal_group(child: _Child, sig: int) -> None:

@@ -35,6 +35,8 @@ class TemplateExecutor(LocalExecutor):
     Raises TemplateError when the template cannot import the entry. `entry_space` and
     `entry_constants` describe the entry function (its @tuned.args space, JSON, or None).
     With `command` instead of `entry`, each trial execs that program (`tuned.command`).
+    `spares`: children the template forks ahead (`prefork`), so that a launch only sends
+    the order (about 1 ms, against 10 for a fork on demand).
     """
 
     _polls_exits = False
@@ -42,8 +44,9 @@ class TemplateExecutor(LocalExecutor):
     def __init__(self, entry: str | None, workdir: str | None, constants: dict[str, Any],
                  log_path: str, start_method: str = "fork", command: list[str] | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 selector: selectors.BaseSelector | None = None, wait: bool = True):
-        super().__init__(runner=_no_runner, kill_with_parent=False, spares=0, clock=clock,
+                 selector: selectors.BaseSelector | None = None, wait: bool = True,
+                 spares: int = 0):
+        super().__init__(runner=_no_runner, kill_with_parent=False, spares=spares, clock=clock,
                          selector=selector)
         self._pending: list[dict[str, Any]] = []
         self._by_pid: dict[int, _Child] = {}
