@@ -163,13 +163,14 @@ class Ctl:
         self.socket_path = socket_path
         self.as_json = as_json
 
-    def call(self, op: str, **args: Any) -> dict[str, Any]:
-        """One request; on failure print the error and exit with its code."""
+    def call(self, op: str, timeout: float = 10.0, **args: Any) -> dict[str, Any]:
+        """One request, answered within `timeout` seconds; on failure print the error and
+        exit with its code."""
         from tuned.client import ControlClient, ControlError, DaemonNotRunning
         from tuned.protocol import ProtocolError
 
         try:
-            with ControlClient(self.socket_path) as client:
+            with ControlClient(self.socket_path, timeout=timeout) as client:
                 return client.request(op, **args)
         except DaemonNotRunning as exc:
             click.echo(f"error: no tuned daemon at {self.socket_path} ({exc})", err=True)
@@ -288,7 +289,8 @@ def ctl_submit(ctl: Ctl, spec: str) -> None:
     """Submit an experiment spec (TOML or JSON)."""
     with open(spec, encoding="utf-8", errors="replace") as f:
         text = f.read(2 << 20)
-    data = ctl.call("submit", text=text, filename=os.path.basename(spec),
+    # Answered once the experiment's template has loaded the entry (up to 120 s).
+    data = ctl.call("submit", timeout=130.0, text=text, filename=os.path.basename(spec),
                     workdir=os.path.dirname(os.path.abspath(spec)))
     ctl.emit(data, f"submitted {data['experiment']}")
 
