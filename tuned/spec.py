@@ -23,7 +23,7 @@ from typing import Any
 
 from tuned.space import Space
 
-SEARCHER_NAMES = ("random", "grid", "rl")
+SEARCHER_NAMES = ("random", "grid", "rl", "bayesopt")
 SCHEDULER_NAMES = ("fifo", "hyperband_stopping", "hyperband_promotion", "pbt")
 #: Other names a spec may use for a scheduler; `from_dict` replaces them with the canonical one.
 SCHEDULER_ALIASES = {"hyperband": "hyperband_stopping"}

@@ -82,6 +82,9 @@ class PopulationBasedTraining(TrialScheduler):
     def on_report(self, trial_id: int, bracket: int, time_value: float,
                   score: float) -> Outcome:
         if time_value >= self.max_t:
+            # Done training: no longer a member to copy from (a clone of it would start at
+            # max_t, with nothing left to do).
+            self._alive.discard(trial_id)
             return Outcome(Decision.STOP, f"reached max_t={self.max_t:g}", completed=True)
         level = self._boundary(time_value)
         last = self._last.get(trial_id)

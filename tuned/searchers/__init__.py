@@ -16,6 +16,7 @@ _REGISTRY = {
     "random": ("tuned.searchers.random", "RandomSearcher"),
     "grid": ("tuned.searchers.grid", "GridSearcher"),
     "rl": ("tuned.searchers.rl", "RLSearcher"),
+    "bayesopt": ("tuned.searchers.bayesopt", "BayesOptSearcher"),
 }
 SEARCHERS = tuple(_REGISTRY)
 
