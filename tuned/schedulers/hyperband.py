@@ -332,7 +332,12 @@ class HyperbandStopping(TrialScheduler):
             rung.members[e.trial_id] = decision
             if decision is Decision.CONTINUE:
                 rung.continued += 1
+            self._replayed(rung, e, decision)
             self._next.pop(e.trial_id, None)
+
+    def _replayed(self, rung: _Rung, entry: RungEntry, decision: Decision) -> None:
+        """What a subclass remembers beyond the rung's scores and members of a replayed
+        entry; nothing here."""
 
 
 class HyperbandPromotion(HyperbandStopping):
@@ -446,27 +451,12 @@ class HyperbandPromotion(HyperbandStopping):
                     rung.waiting = [w for w in rung.waiting if w[1] != trial_id]
                     heapq.heapify(rung.waiting)
 
-    def load_rungs(self, entries: Iterable[RungEntry]) -> None:
-        """Replay stored rung entries: PAUSE entries wait, CONTINUE ones were promoted."""
-        for e in entries:
-            self._check_bracket(e.bracket)
-            k = self._level_index[e.bracket].get(e.level)
-            if k is None:
-                raise ValueError(f"level {e.level!r} is not a rung of bracket {e.bracket}")
-            rung = self._rungs[e.bracket][k]
-            if e.trial_id in rung.members:
-                raise ValueError(f"trial {e.trial_id} entered rung {e.level!r} of bracket "
-                                 f"{e.bracket} twice")
-            decision = Decision(e.decision)
-            key = _rank_key(e.score)
-            rung.scores.add(key)
-            rung.members[e.trial_id] = decision
-            if decision is Decision.CONTINUE:
-                rung.continued += 1
-            else:
-                heapq.heappush(rung.waiting, (-key, e.trial_id))
-                rung.waiting_scores[e.trial_id] = key
-            self._next.pop(e.trial_id, None)
+    def _replayed(self, rung: _Rung, entry: RungEntry, decision: Decision) -> None:
+        """A replayed PAUSE entry waits for promotion; a CONTINUE one was promoted."""
+        if decision is not Decision.CONTINUE:
+            key = _rank_key(entry.score)
+            heapq.heappush(rung.waiting, (-key, entry.trial_id))
+            rung.waiting_scores[entry.trial_id] = key
 
     def _restore_progress(self, trial_id: int, bracket: int) -> int:
         k = 0
