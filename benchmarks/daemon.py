@@ -1,8 +1,12 @@
-"""The daemon at scale: tunectl latency against the size of the store, and the idle footprint.
+"""The daemon at scale: tunectl latency against the size of the store, and the footprint.
 
-    python benchmarks/daemon.py [--sizes 1000,10000,100000] [--reports-per-trial 10]
-                                [--repeat 15] [--quick] [--state-dir D] [--idle-seconds 10]
-                                [--op-budget 10] [--baseline DIR]
+    python benchmarks/daemon.py [--sizes 1000,10000,100000] [--reports-per-trial 50]
+                                [--repeat 15] [--quick] [--state-dir D] [--idle-seconds 5]
+                                [--op-budget 10] [--no-dumps] [--baseline DIR]
+
+The defaults are the issue's scale point: 100,000 trials with 5,000,000 reports (and 1,000
+and 10,000 trials to judge the growth). A 5M-report store takes about 0.5 GB: the script
+checks the free space first and builds in a temporary folder it deletes at the end.
 
 For each size N it builds a state directory of N finished trials (COMPLETED or STOPPED, with
 last_seq/last_reward/score set) of R reports each (metrics {"epoch": e, "accuracy": a}),
@@ -15,8 +19,9 @@ and prints:
 
 - build time and DB bytes per report;
 - the daemon's start-up time (until the socket answers);
-- median and p90 wall time of whole `tunectl` processes (status, status EXP, best EXP,
-  trials EXP --json, curves EXP; output to /dev/null), beside `python -c pass`,
+- median and p90 wall time of whole `tunectl` processes as a user runs them (status,
+  status EXP, best EXP, trials EXP and curves EXP with their default page: the last 50
+  trials, the 20 best curves; output to /dev/null), beside `python -c pass`,
   `tunectl --version` (the client's own start-up, no request) and a stdlib-only client
   (json + socket) making the status and best requests, for scale; the processes run in
   interleaved rounds, so that a moment of load elsewhere slows every row alike. Where
@@ -24,16 +29,22 @@ and prints:
   with a bytecode cache, as after a usual install; with --baseline DIR they run again with
   DIR/tuned (another version of the package) first on PYTHONPATH. Notes say what an
   editable install's finder costs every interpreter start;
-- the same ops in-process through `tuned.control.ControlClient` (connect, request, answer:
-  the daemon's latency without Python start-up), with each answer's size, and how each op
-  grows: the exponent k of time ~ N^k between the smallest and the largest size;
-- on the largest store: the daemon's RSS (VmRSS) idle after start and after the ops, and the
-  CPU time (utime + stime) and wake-ups it used over --idle-seconds idle seconds;
+- the same requests in-process through `tuned.control.ControlClient` (connect, request,
+  answer: the daemon's latency without Python start-up), with each answer's size, plus a
+  page from the middle (--offset N/4) and, unless --no-dumps, the whole listings
+  (`trials --all`, `curves --all`), whose answers grow with the store by nature;
+- how each op grows: the exponent k of time ~ N^k from the smallest to the largest size
+  and between the two largest (0: flat, 1: linear);
+- at each size: the daemon's RSS (VmRSS) idle after start and after the ops, and the CPU
+  time (utime + stime) and wake-ups it used over --idle-seconds idle seconds;
 - "targets": tunectl status and best <= 150 ms at 100,000 trials (the largest size when
-  100,000 is not measured), idle CPU ~0, RSS <= 80 MB; PASS or FAIL with the value.
+  100,000 is not measured), the default trials/curves flat (k <= 0.2), idle CPU ~0,
+  RSS <= 80 MB; PASS or FAIL with the value.
 
-With --state-dir D the stores are built in D/n<N> and kept; one this script completed with
-the same N and R is reused. An op slower than --op-budget seconds (default 10) in all gets
+An op that fails (an error exit, a timeout: e.g. a client of another version that lacks an
+option) is shown as failed with its reason and left out of the later rounds. With
+--state-dir D the stores are built in D/n<N> and kept; one this script completed with the
+same N and R is reused. An op slower than --op-budget seconds (default 10) in all gets
 fewer runs (at least 3), marked '*'.
 """
 
@@ -64,6 +75,9 @@ MARKER = "benchmark-store"  # in each store this script builds: "building" or "c
 TARGET_MS = 150.0
 TARGET_RSS_MB = 80.0
 TARGET_IDLE_CPU = 0.01  # of one CPU: "about nothing"
+TARGET_FLAT_K = 0.2  # growth exponent of the default trials/curves pages: flat (log n at most)
+PAGE_OPS = ("trials EXP", "curves EXP")  # the default pages whose growth is a target
+BYTES_PER_REPORT = 110  # about what a report takes in the file (for the free-space check)
 
 
 # -- building a store ------------------------------------------------------------------------
@@ -261,9 +275,18 @@ def wakeups(pid: int) -> int:
 # -- measuring -------------------------------------------------------------------------------
 
 
+class Failed(list):
+    """The runs of an op that failed: the times of the runs before, and why."""
+
+    def __init__(self, times: list[float], reason: str):
+        super().__init__(times)
+        self.reason = reason
+
+
 def timed_runs(fn, repeat: int, budget: float) -> list[float]:
     """Seconds of each of `repeat` calls, after one call not counted (warm-up); fewer (but at
-    least min(3, repeat)) when the calls have used `budget` seconds."""
+    least min(3, repeat)) when the calls have used `budget` seconds; `Failed` when a call
+    raised."""
     return timed_rounds({"": fn}, repeat, budget)[""]
 
 
@@ -271,21 +294,25 @@ def timed_rounds(fns: dict[str, Any], repeat: int, budget: float) -> dict[str, l
     """Like `timed_runs` for several calls at once, interleaved: one warm-up round, then
     `repeat` rounds of one call each, so that a machine busier at some moment slows every
     call alike. A call that has used `budget` seconds leaves the rounds once it has
-    min(3, repeat) runs."""
+    min(3, repeat) runs; one that raises leaves them at once, its times a `Failed`."""
     times: dict[str, list[float]] = {label: [] for label in fns}
-    spent: dict[str, float] = {}
-    for label, fn in fns.items():
-        t = time.perf_counter()
-        fn()
-        spent[label] = time.perf_counter() - t
-    for _ in range(repeat):
+    spent = {label: 0.0 for label in fns}
+    for round_ in range(repeat + 1):
         for label, fn in fns.items():
-            if len(times[label]) >= min(3, repeat) and spent[label] >= budget:
+            done = times[label]
+            if isinstance(done, Failed) or (
+                    len(done) >= min(3, repeat) and spent[label] >= budget):
                 continue
             t = time.perf_counter()
-            fn()
-            times[label].append(time.perf_counter() - t)
-            spent[label] += times[label][-1]
+            try:
+                fn()
+            except Exception as exc:  # noqa: BLE001 - shown in the table, not fatal
+                times[label] = Failed(done, f"{type(exc).__name__}: {exc}"[:300])
+                continue
+            elapsed = time.perf_counter() - t
+            spent[label] += elapsed
+            if round_:  # round 0 is the warm-up
+                done.append(elapsed)
     return times
 
 
@@ -323,7 +350,7 @@ def process_ops(socket_path: str, work: str, baseline: str | None) -> list[Op]:
         ("tunectl status", ctl + ["status"], None),
         ("tunectl status EXP", ctl + ["status", EXP], None),
         ("tunectl best EXP", ctl + ["best", EXP], None),
-        ("tunectl --json trials EXP", ctl + ["--json", "trials", EXP], None),
+        ("tunectl trials EXP", ctl + ["trials", EXP], None),
         ("tunectl curves EXP", ctl + ["curves", EXP], None),
     ]
     if bytecode_note() is not None:
@@ -367,13 +394,26 @@ def editable_finder_ms(runs: int = 5) -> float | None:
     return statistics.median(found) / 1e3 if any(found) else None
 
 
-CLIENT_OPS: list[tuple[str, str, dict[str, Any]]] = [
-    ("status", "status", {}),
-    ("status EXP", "status", {"experiment": EXP}),
-    ("best EXP", "best", {"experiment": EXP}),
-    ("trials EXP", "trials", {"experiment": EXP}),
-    ("curves EXP", "curves", {"experiment": EXP}),
-]
+def client_ops(n: int, dumps: bool) -> list[tuple[str, str, dict[str, Any]]]:
+    """The in-process requests: what tunectl sends for status, best and the default pages
+    (the last 50 trials, the 20 best curves: tuned.cli.PAGE and TOP_CURVES), a page from
+    the middle, and with `dumps` the whole listings (--all)."""
+    middle = _split(n)[EXP] // 4
+    ops: list[tuple[str, str, dict[str, Any]]] = [
+        ("status", "status", {}),
+        ("status EXP", "status", {"experiment": EXP}),
+        ("best EXP", "best", {"experiment": EXP}),
+        ("trials EXP", "trials", {"experiment": EXP, "limit": 50, "offset": -50}),
+        ("trials EXP, page at 1/4", "trials",
+         {"experiment": EXP, "limit": 50, "offset": middle}),
+        ("curves EXP", "curves", {"experiment": EXP, "top": 20}),
+        ("curves EXP --metric epoch", "curves",
+         {"experiment": EXP, "top": 20, "metric": "epoch"}),
+    ]
+    if dumps:
+        ops += [("trials EXP --all", "trials", {"experiment": EXP}),
+                ("curves EXP --all", "curves", {"experiment": EXP})]
+    return ops
 
 
 def run_process(argv: list[str], env: dict[str, str] | None = None) -> None:
@@ -405,7 +445,8 @@ def _write(path: str, text: str) -> None:
         f.write(text + "\n")
 
 
-def measure_size(n: int, cli, work: str, sock_dir: str, is_largest: bool) -> dict[str, Any]:
+def prepare_store(n: int, cli, work: str) -> tuple[str, dict[str, Any]]:
+    """(the state directory of size `n`, its figures): built, or reused from --state-dir."""
     out: dict[str, Any] = {"n": n, "exp_trials": _split(n)[EXP]}
     state_dir = os.path.join(cli.state_dir or work, f"n{n}")
     db = os.path.join(state_dir, "tuned.db")
@@ -430,7 +471,12 @@ def measure_size(n: int, cli, work: str, sock_dir: str, is_largest: bool) -> dic
     out["reports"] = n * cli.reports_per_trial
     out["db_bytes"] = os.path.getsize(db)
     out["reports_bytes"], out["free_bytes"] = page_stats(db)
+    return state_dir, out
 
+
+def measure_size(n: int, cli, work: str, sock_dir: str) -> dict[str, Any]:
+    """Every figure of size `n`: the store's, then the daemon's on it."""
+    state_dir, out = prepare_store(n, cli, work)
     socket_path = os.path.join(sock_dir, f"n{n}.sock")
     daemon = Daemon(state_dir, socket_path, os.path.join(work, f"daemon-n{n}.log"))
     try:
@@ -442,24 +488,33 @@ def measure_size(n: int, cli, work: str, sock_dir: str, is_largest: bool) -> dic
             {label: (lambda a=argv, e=env: run_process(a, e)) for label, argv, env in ops},
             cli.repeat, cli.op_budget)
         out["client"], out["answer_bytes"] = {}, {}
-        for label, op, args in CLIENT_OPS:
-            answer = client_request(socket_path, op, args)
-            out["answer_bytes"][label] = len(json.dumps(answer, separators=(",", ":")))
+        for label, op, args in client_ops(n, not cli.no_dumps):
             out["client"][label] = timed_runs(
-                lambda o=op, a=args: client_request(socket_path, o, a), cli.repeat,
-                cli.op_budget)
-        if is_largest:
-            time.sleep(1.0)
-            out["rss_after_mb"] = rss_mb(daemon.pid)
-            cpu0, wake0, t0 = cpu_seconds(daemon.pid), wakeups(daemon.pid), time.perf_counter()
-            time.sleep(cli.idle_seconds)
-            elapsed = time.perf_counter() - t0
-            out["idle_cpu_s"] = cpu_seconds(daemon.pid) - cpu0
-            out["idle_wakeups_per_s"] = (wakeups(daemon.pid) - wake0) / elapsed
-            out["idle_s"] = elapsed
+                lambda o=op, a=args, lb=label: _sized_request(socket_path, o, a, lb, out),
+                cli.repeat, cli.op_budget)
+        time.sleep(3.0)  # the daemon gives memory back 2 s after a large answer
+        out["rss_after_mb"] = rss_mb(daemon.pid)
+        out.update(idle_footprint(daemon.pid, cli.idle_seconds))
     finally:
         daemon.stop()
     return out
+
+
+def _sized_request(socket_path: str, op: str, args: dict[str, Any], label: str,
+                   out: dict[str, Any]) -> None:
+    """`client_request`, noting the answer's JSON size in out["answer_bytes"][label]."""
+    answer = client_request(socket_path, op, args)
+    if label not in out["answer_bytes"]:
+        out["answer_bytes"][label] = len(json.dumps(answer, separators=(",", ":")))
+
+
+def idle_footprint(pid: int, seconds: float) -> dict[str, float]:
+    """CPU seconds and wake-ups per second of process `pid` over `seconds` idle seconds."""
+    cpu0, wake0, t0 = cpu_seconds(pid), wakeups(pid), time.perf_counter()
+    time.sleep(seconds)
+    elapsed = time.perf_counter() - t0
+    return {"idle_cpu_s": cpu_seconds(pid) - cpu0, "idle_s": elapsed,
+            "idle_wakeups_per_s": (wakeups(pid) - wake0) / elapsed}
 
 
 # -- printing --------------------------------------------------------------------------------
@@ -470,7 +525,10 @@ def p90(values: list[float]) -> float:
 
 
 def cell(values: list[float], repeat: int) -> str:
-    """'median / p90' in ms; '*' when fewer than `repeat` runs fitted the op's budget."""
+    """'median / p90' in ms; '*' when fewer than `repeat` runs fitted the op's budget;
+    'failed (k)' for an op that failed (see the notes below the table, k)."""
+    if isinstance(values, Failed):
+        return "failed"
     mark = "*" if len(values) < repeat else " "
     return f"{statistics.median(values) * 1e3:8.1f} /{p90(values) * 1e3:7.1f}{mark}"
 
@@ -483,15 +541,40 @@ def fmt_bytes(n: float) -> str:
     return str(n)
 
 
+def exponent(a: dict[str, Any], b: dict[str, Any], group: str, label: str) -> float | None:
+    """k in time ~ N^k between results `a` and `b` (None when either has no time)."""
+    va, vb = a[group].get(label), b[group].get(label)
+    if not va or not vb or isinstance(va, Failed) or isinstance(vb, Failed):
+        return None
+    ta, tb = statistics.median(va), statistics.median(vb)
+    if ta <= 0 or tb <= 0 or a["n"] == b["n"]:
+        return None
+    return math.log(tb / ta) / math.log(b["n"] / a["n"])
+
+
 def growth(results: list[dict[str, Any]], group: str, label: str) -> str:
-    """k in time ~ N^k between the smallest and the largest size (0: flat, 1: linear)."""
+    """'k_all k_last': the exponent k of time ~ N^k from the smallest to the largest size,
+    and between the two largest (0: flat, 1: linear); '-' where not measured."""
     if len(results) < 2:
-        return "   -"
-    a, b = results[0], results[-1]
-    ta, tb = statistics.median(a[group][label]), statistics.median(b[group][label])
-    if ta <= 0 or tb <= 0:
-        return "   -"
-    return f"{math.log(tb / ta) / math.log(b['n'] / a['n']):5.2f}"
+        return f"{'-':>6}{'-':>6}"
+    ks = (exponent(results[0], results[-1], group, label),
+          exponent(results[-2], results[-1], group, label))
+    return "".join(f"{'-':>6}" if k is None else f"{k:6.2f}" for k in ks)
+
+
+def print_ops(results: list[dict[str, Any]], group: str, repeat: int) -> None:
+    """One row per op of `group` ("process" or "client"), a column per size, the growth,
+    then the reasons of the ops that failed."""
+    head = "".join(f"{'N=' + format(r['n'], ','):>18}" for r in results)
+    print(f"  {'':<34}{head}{'k all':>6}{'k last':>7}")
+    failures = []
+    for label in results[0][group]:
+        cells = "".join(f"{cell(r[group][label], repeat):>18}" for r in results)
+        print(f"  {label:<34}{cells}{growth(results, group, label)}")
+        failures += [(label, r["n"], r[group][label].reason) for r in results
+                     if isinstance(r[group][label], Failed)]
+    for label, n, reason in failures:
+        print(f"  failed: {label} at N={n:,}: " + textwrap.shorten(reason, 160))
 
 
 def print_startup_notes(cli) -> None:
@@ -533,39 +616,46 @@ def print_tables(results: list[dict[str, Any]], cli) -> None:
 
     print(f"\nWhole processes, ms (median / p90 of {cli.repeat}, interleaved; output to "
           "/dev/null):")
-    print(f"  {'':<34}{head}{'growth k':>10}")
-    for label in results[0]["process"]:
-        cells = "".join(f"{cell(r['process'][label], cli.repeat):>{w}}" for r in results)
-        print(f"  {label:<34}{cells}{growth(results, 'process', label):>10}")
+    print_ops(results, "process", cli.repeat)
     print_startup_notes(cli)
 
     print(f"\nIn-process ControlClient, ms (connect + request + answer; median / p90 of "
           f"{cli.repeat}):")
-    print(f"  {'':<34}{head}{'growth k':>10}")
-    for label in results[0]["client"]:
-        cells = "".join(f"{cell(r['client'][label], cli.repeat):>{w}}" for r in results)
-        print(f"  {label:<34}{cells}{growth(results, 'client', label):>10}")
+    print_ops(results, "client", cli.repeat)
     print("  answer size (JSON bytes)")
-    for label in results[0]["answer_bytes"]:
-        print(f"    {label:<32}" + "".join(f"{fmt_bytes(r['answer_bytes'][label]):>{w}}"
-                                             for r in results))
-    print("  growth k: time ~ N^k from the smallest to the largest size "
-          "(0: independent of N, 1: linear)")
+    for label in results[0]["client"]:
+        print(f"    {label:<32}" + "".join(
+            f"{fmt_bytes(r['answer_bytes'][label]) if label in r['answer_bytes'] else '-':>18}"
+            for r in results))
+    print("  k all, k last: time ~ N^k from the smallest to the largest size, and between "
+          "the two largest (0: independent of N, 1: linear)")
     short = sorted({len(v) for r in results for g in ("process", "client")
-                    for v in r[g].values() if len(v) < cli.repeat})
+                    for v in r[g].values() if len(v) < cli.repeat and not isinstance(v, Failed)})
     if short:
         print(f"  *: fewer runs ({', '.join(map(str, short))}) within --op-budget "
               f"{cli.op_budget:g} s")
+    print_footprint(results)
+    print_targets(results)
 
+
+def print_footprint(results: list[dict[str, Any]]) -> None:
+    """The daemon's RSS and idle CPU at each size."""
+    head = "".join(f"{'N=' + format(r['n'], ','):>18}" for r in results)
+    print(f"\nDaemon footprint:\n  {'':<34}{head}")
+    rows = [
+        ("RSS idle after start (MB)", lambda r: f"{r['rss_start_mb']:.1f}"),
+        ("RSS idle after the ops (MB)", lambda r: f"{r['rss_after_mb']:.1f}"),
+        ("CPU while idle (ms in s)", lambda r: f"{r['idle_cpu_s'] * 1e3:.0f} in "
+                                               f"{r['idle_s']:.0f}"),
+        ("wake-ups while idle (/s)", lambda r: f"{r['idle_wakeups_per_s']:.1f}"),
+    ]
+    for name, fn in rows:
+        print(f"  {name:<34}" + "".join(f"{fn(r):>18}" for r in results))
+
+
+def print_targets(results: list[dict[str, Any]]) -> None:
+    """PASS or FAIL for each target, with the value."""
     big = results[-1]
-    print(f"\nDaemon footprint (N={big['n']:,}):")
-    print(f"  RSS idle after start                  {big['rss_start_mb']:7.1f} MB")
-    print(f"  RSS idle after the ops above          {big['rss_after_mb']:7.1f} MB")
-    share = big["idle_cpu_s"] / big["idle_s"]
-    print(f"  CPU used over {big['idle_s']:.0f} idle seconds           "
-          f"{big['idle_cpu_s'] * 1e3:7.0f} ms  ({share:.2%} of one CPU)")
-    print(f"  wake-ups while idle (all threads)     {big['idle_wakeups_per_s']:7.1f} /s")
-
     target = next((r for r in results if r["n"] == 100_000), big)
     print(f"\nTargets (N={target['n']:,}" + ("" if target["n"] == 100_000
                                           else "; 100,000 not measured") + "):")
@@ -574,16 +664,30 @@ def print_tables(results: list[dict[str, Any]], cli) -> None:
         print(f"  {'PASS' if ok else 'FAIL'}  {text}")
 
     for label in ("tunectl status", "tunectl best EXP"):
-        m = statistics.median(target["process"][label]) * 1e3
+        values = target["process"][label]
+        m = statistics.median(values) * 1e3 if values else float("nan")
         line(m <= TARGET_MS, f"{label:<22} median {m:6.1f} ms   (<= {TARGET_MS:.0f} ms)")
+    for label in PAGE_OPS:
+        k = exponent(results[0], big, "client", label)
+        line(k is not None and k <= TARGET_FLAT_K,
+             f"{label + ' (default)':<22} k = {'-' if k is None else f'{k:.2f}':>5}"
+             f"        (flat: <= {TARGET_FLAT_K:g}, in-process)")
+    share = big["idle_cpu_s"] / big["idle_s"]
     line(share <= TARGET_IDLE_CPU, f"{'idle daemon CPU':<22} {share:11.2%}      "
          f"(~0: <= {TARGET_IDLE_CPU:.0%} of one CPU)")
-    line(big["rss_start_mb"] <= TARGET_RSS_MB,
-         f"{'RSS idle after start':<22} {big['rss_start_mb']:8.1f} MB   "
-         f"(<= {TARGET_RSS_MB:.0f} MB)")
-    line(big["rss_after_mb"] <= TARGET_RSS_MB,
-         f"{'RSS idle after the ops':<22} {big['rss_after_mb']:8.1f} MB   "
-         f"(<= {TARGET_RSS_MB:.0f} MB)")
+    for key, name in (("rss_start_mb", "RSS idle after start"),
+                      ("rss_after_mb", "RSS idle after the ops")):
+        line(big[key] <= TARGET_RSS_MB,
+             f"{name:<22} {big[key]:8.1f} MB   (<= {TARGET_RSS_MB:.0f} MB)")
+
+
+def check_space(folder: str, sizes: list[int], reports: int) -> None:
+    """Exit with a message when `folder`'s file system has not room for the stores (with a
+    margin of a half), before anything is built."""
+    need = int(sum(sizes) * max(reports, 1) * BYTES_PER_REPORT * 1.5)
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        sys.exit(f"{folder}: {fmt_bytes(free)} free, the stores need about {fmt_bytes(need)}")
 
 
 def _interrupt(signum, frame) -> None:
@@ -594,12 +698,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1000,10000,100000",
                         help="trials per store, comma-separated")
-    parser.add_argument("--reports-per-trial", type=int, default=10)
+    parser.add_argument("--reports-per-trial", type=int, default=50)
     parser.add_argument("--repeat", type=int, default=15, help="runs per op (median, p90)")
     parser.add_argument("--quick", action="store_true", help="sizes 1000,10000")
     parser.add_argument("--state-dir", default=None,
                         help="build (or reuse) the stores in D/n<N> and keep them")
-    parser.add_argument("--idle-seconds", type=float, default=10.0)
+    parser.add_argument("--idle-seconds", type=float, default=5.0,
+                        help="idle seconds over which the daemon's CPU is measured, per size")
+    parser.add_argument("--no-dumps", action="store_true",
+                        help="leave out the whole listings (trials --all, curves --all)")
     parser.add_argument("--baseline", default=None, metavar="DIR",
                         help="also time tunectl status and best with DIR first on PYTHONPATH "
                              "(DIR/tuned: another version, e.g. `git archive HEAD tuned | "
@@ -618,6 +725,7 @@ def main() -> None:
 
     # SIGTERM cleans up like Ctrl-C.
     signal.signal(signal.SIGTERM, _interrupt)
+    check_space(cli.state_dir or tempfile.gettempdir(), sizes, cli.reports_per_trial)
     work = tempfile.mkdtemp(prefix="tuned-bench-")
     sock_dir = tempfile.mkdtemp(prefix="tdb-", dir="/tmp")  # 0700, short: sun_path <= 107
     print(f"machine: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}; "
@@ -626,7 +734,7 @@ def main() -> None:
     started = time.perf_counter()
     try:
         for n in sizes:
-            results.append(measure_size(n, cli, work, sock_dir, n == sizes[-1]))
+            results.append(measure_size(n, cli, work, sock_dir))
         print_tables(results, cli)
         print(f"\n(this benchmark took {time.perf_counter() - started:.0f} s)")
     except KeyboardInterrupt:

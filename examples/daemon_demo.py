@@ -81,7 +81,7 @@ def main() -> None:
             print(f"== tunectl best {name}")
             print(tunectl(sock, "best", name).stdout)
             png = os.path.join(cli.out, f"{name}.png")
-            tunectl(sock, "curves", name, "--png", png)
+            tunectl(sock, "curves", name, "--all", "--png", png)  # every trial's curve
         print(f"== curves: {', '.join(f'{n}.png' for n in names)} in {os.path.abspath(cli.out)}")
         print("\n== tunectl curves tutorial_hyperband")
         print(tunectl(sock, "curves", "tutorial_hyperband").stdout)

@@ -1,7 +1,7 @@
 """Make the frozen databases of tests/fixtures/: one per schema version, each written by the
 tuned of a commit that shipped that version.
 
-    .venv/bin/python tests/make_fixtures.py [--out tests/fixtures]
+    .venv/bin/python tests/make_fixtures.py [--out tests/fixtures] [--versions N,...]
 
 For each version, the commit below is checked out in a temporary git worktree and the
 experiment in GENERATOR runs there (in-process API, that commit's code only: PYTHONPATH is
@@ -23,7 +23,8 @@ tests/test_storage_faults.py compares with what today's Store reads after migrat
 
 Version 1 shipped on its own (commits c1d6f5f..64a90d8; from 3daf72e on made through
 sqlite-utils, as `MIGRATIONS[1]` still is); the last commit of each older version is used,
-and for version 4 the commit that was HEAD when the fixtures were made. The top-level
+for version 4 the commit that was HEAD when the fixtures were made, and for each later
+version the commit that introduced it (made with --versions N, the others kept). The top-level
 .gitignore ignores *.db; tests/fixtures/.gitignore lets these in.
 """
 
@@ -126,7 +127,8 @@ def compact(db: Path) -> None:
 
 def schema(conn: sqlite3.Connection) -> dict[str, Any]:
     """Tables -> their columns (name, type, not null, default, pk), indexes -> their table,
-    columns and uniqueness: what a schema version is made of."""
+    columns and uniqueness, and (only where there are some, as from version 5 on) triggers
+    -> their table and SQL, whitespace folded: what a schema version is made of."""
     out: dict[str, Any] = {"tables": {}, "indexes": {}}
     rows = conn.execute("SELECT type, name, tbl_name FROM sqlite_master "
                         "WHERE name NOT LIKE 'sqlite_%' ORDER BY name").fetchall()
@@ -140,6 +142,11 @@ def schema(conn: sqlite3.Connection) -> dict[str, Any]:
             out["indexes"][name] = [table, [r[2] for r in
                                             conn.execute(f"PRAGMA index_info('{name}')")],
                                     unique]
+    triggers = conn.execute("SELECT name, tbl_name, sql FROM sqlite_master "
+                            "WHERE type = 'trigger' ORDER BY name").fetchall()
+    if triggers:
+        out["triggers"] = {name: [table, " ".join(sql.split())]
+                           for name, table, sql in triggers}
     return out
 
 
@@ -183,11 +190,20 @@ def record(db: Path) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "tests" / "fixtures")
+    parser.add_argument("--versions", default=None, metavar="N,M",
+                        help="make only these versions (e.g. a new one), keeping the others' "
+                             "files and manifest entries as they are [default: all]")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    wanted = (sorted(COMMITS) if args.versions is None
+              else [int(v) for v in args.versions.split(",")])
     manifest: dict[str, Any] = {"sqlite_version": sqlite3.sqlite_version, "versions": {}}
+    kept = args.out / "manifest.json"
+    if args.versions is not None and kept.exists():
+        manifest["versions"] = json.loads(kept.read_text())["versions"]
     with tempfile.TemporaryDirectory(prefix="tuned-fx-out-") as tmp:
-        for version, commit in COMMITS.items():
+        for version in wanted:
+            commit = COMMITS[version]
             db = Path(tmp) / f"schema-v{version}.db"
             generate(commit, db)
             compact(db)

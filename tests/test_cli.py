@@ -46,6 +46,12 @@ def test_experiments_and_trials(db):
     assert json.loads(out.stdout)[0]["trials"] == {"COMPLETED": 2}
     out = _run("tuned", "trials", "--db", db, "exp")
     assert out.returncode == 0 and "COMPLETED" in out.stdout and '{"x": 1}' in out.stdout
+    assert out.stderr == ""  # every trial fits the default page
+    out = _run("tuned", "trials", "--db", db, "--limit", "1", "exp")
+    assert out.returncode == 0 and '{"x": 1}' in out.stdout and '{"x": 0}' not in out.stdout
+    assert "1 of 2 trials shown: positions 1-1" in out.stderr
+    out = _run("tuned", "trials", "--db", db, "--json", "--all", "exp")
+    assert [t["trial"] for t in json.loads(out.stdout)] == [0, 1]
 
 
 def test_unknown_experiment_exits_4(db):

@@ -453,11 +453,27 @@ def test_trials_pages_and_best_curves(daemon, tmp_path):
     daemon.wait_state("paged", ("COMPLETED",))
     page = daemon.json("trials", "paged", "--limit", "3", "--offset", "2")
     assert [t["trial"] for t in page["trials"]] == [2, 3, 4] and page["total"] == 8
-    everything = daemon.json("trials", "paged")["trials"]
+    everything = daemon.json("trials", "paged", "--all")["trials"]
+    assert [t["trial"] for t in everything] == list(range(8))
+    # Without --all a page: the last ones (--limit of them), said on stderr in text.
+    last = daemon.json("trials", "paged", "--limit", "3")
+    assert [t["trial"] for t in last["trials"]] == [5, 6, 7] and last["offset"] == 5
+    text = daemon.ctl("trials", "paged", "--limit", "3")
+    assert text.returncode == 0 and len(text.stdout.splitlines()) == 3
+    assert "3 of 8 trials shown: positions 5-7" in text.stderr and "--all" in text.stderr
+    assert daemon.ctl("trials", "paged").stderr == ""  # 8 trials fit the default page
     best_two = sorted(everything, key=lambda t: -t["reward"])[:2]
-    curves = daemon.json("curves", "paged", "--top", "2")["curves"]
-    assert set(curves) == {str(t["trial"]) for t in best_two}
+    curves = daemon.json("curves", "paged", "--top", "2")
+    assert set(curves["curves"]) == {str(t["trial"]) for t in best_two}
+    assert curves["total"] == 8
+    text = daemon.ctl("curves", "paged", "--top", "2")
+    assert "the curves of the 2 best of 8 trials" in text.stderr
+    epochs = daemon.json("curves", "paged", "--top", "2", "--metric", "epoch")["curves"]
+    assert set(epochs) == set(curves["curves"])
+    assert len(daemon.json("curves", "paged")["curves"]) == 8
     assert daemon.ctl("--json", "trials", "paged", "--limit", "-1").returncode == 2
+    assert daemon.ctl("trials", "paged", "--all", "--limit", "2").returncode == 2
+    assert daemon.ctl("curves", "paged", "--all", "--top", "2").returncode == 2
 
 
 def test_a_start_missed_while_no_daemon_ran_happens_on_restart(tmp_path):

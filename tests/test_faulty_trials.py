@@ -119,7 +119,7 @@ def test_each_fault_fails_its_trial_with_its_reason_and_is_retried(daemon, tmp_p
         num_cpus = 0.25
     """)).returncode == 0
     daemon.wait_state("faults", ("COMPLETED",), timeout=120)
-    trials = {t["config"]["kind"]: t for t in daemon.json("trials", "faults")["trials"]}
+    trials = {t["config"]["kind"]: t for t in daemon.json("trials", "faults", "--all")["trials"]}
     assert set(trials) == set(kinds)
     for kind, (state, error) in FAULTS.items():
         t = trials[kind]
@@ -153,7 +153,7 @@ def test_a_soak_of_short_trials_with_faulty_ones_accounts_for_every_trial(daemon
     """)).returncode == 0
     done = daemon.wait_state("soak", ("COMPLETED",), timeout=300)
     assert sum(done["trials"].values()) == count
-    trials = daemon.json("trials", "soak")["trials"]
+    trials = daemon.json("trials", "soak", "--all")["trials"]
     for t in trials:
         expected = _expected(t["config"]["kind"])
         assert t["state"] == expected[0] and (expected[1] or "") in (t["error"] or "")

@@ -32,6 +32,10 @@ finally:
         gc.enable()
 
 EXIT_ERROR, EXIT_NO_DAEMON, EXIT_NOT_FOUND = 1, 3, 4
+# What `trials` and `curves` show without --all: a page whose size does not grow with the
+# experiment, like a pager's first screen (the last PAGE trials; the TOP_CURVES best curves).
+PAGE = 50
+TOP_CURVES = 20
 
 db_option = click.option("--db", default=DEFAULT_CHECKPOINT, show_default=True,
                          type=click.Path(dir_okay=False),
@@ -104,21 +108,61 @@ def best_cmd(db: str, as_json: bool, experiment: str) -> None:
                          f"config {json.dumps(best.config)}")
 
 
+def page_options(command: Any) -> Any:
+    """--limit, --offset and --all of a command listing trials (see `page`)."""
+    command = click.option("--all", "show_all", is_flag=True,
+                           help="Every trial (the output grows with the experiment).")(command)
+    command = click.option("--offset", type=click.IntRange(min=0), default=None,
+                           help="Start at this position (trials by number) instead of "
+                                "showing the last ones.")(command)
+    return click.option("--limit", type=click.IntRange(min=0), default=None,
+                        help=f"At most this many trials [default: {PAGE}].")(command)
+
+
+def page(limit: int | None, offset: int | None, show_all: bool) -> tuple[int | None, int]:
+    """(limit, offset) of the trials to list: by default the last PAGE trials (offset
+    -limit, from the end), as `tail` shows the end of a log; `--offset` pages from the
+    start; `--all` lists every one (no limit). A usage error for --all with --limit."""
+    if show_all:
+        if limit is not None:
+            raise click.UsageError("--all and --limit exclude each other")
+        return None, offset or 0
+    limit = PAGE if limit is None else limit
+    return limit, (-limit if offset is None else offset)
+
+
+def page_note(shown: int, first: int, total: int) -> None:
+    """On stderr, when the page is not every trial: which trials it holds and how to see
+    the others (stdout keeps only the listing)."""
+    if shown < total:
+        last = first + shown - 1
+        where = f"positions {first}-{last}" if shown else f"none from position {first}"
+        click.echo(f"({shown} of {total} trials shown: {where}; --all lists every trial, "
+                   "--limit and --offset another page)", err=True)
+
+
 @tuned_main.command("trials")
 @db_option
 @json_option
+@page_options
 @click.argument("experiment")
-def trials_cmd(db: str, as_json: bool, experiment: str) -> None:
-    """The trials of EXPERIMENT: state, attempts, reports, last reward, error."""
+def trials_cmd(db: str, as_json: bool, experiment: str, limit: int | None,
+               offset: int | None, show_all: bool) -> None:
+    """The trials of EXPERIMENT: state, attempts, reports, last reward, error (by default
+    the last 50)."""
+    limit, offset = page(limit, offset, show_all)
     store = _open(db)
     exp = _experiment(store, experiment)
     rows = [{"trial": t.number, "state": t.state, "attempt": t.attempt, "reports": t.last_seq,
              "reward": t.last_reward, "config": t.config, "error": t.error, "parent": t.parent}
-            for t in store.trials(exp.id)]
+            for t in store.trials(exp.id, limit=limit, offset=offset)]
     text = "\n".join(f"{r['trial']:>5} {r['state']:<10} reports={r['reports']:<4} "
                      f"reward={r['reward']} {json.dumps(r['config'])}"
                      + (f"  error: {r['error']}" if r["error"] else "") for r in rows)
     _emit(rows, as_json, text or "no trials")
+    if not as_json:
+        total = sum(store.count_trials(exp.id).values())
+        page_note(len(rows), offset if offset >= 0 else max(0, total + offset), total)
 
 
 @tuned_main.command("serve")
@@ -242,20 +286,22 @@ def ctl_best(ctl: Ctl, experiment: str) -> None:
 
 @tunectl_main.command("trials")
 @click.argument("experiment")
-@click.option("--limit", type=click.IntRange(min=0), default=None,
-              help="At most this many trials [default: all].")
-@click.option("--offset", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Skip the first trials (by number).")
+@page_options
 @click.pass_obj
-def ctl_trials(ctl: Ctl, experiment: str, limit: int | None, offset: int) -> None:
-    """The trials: state, attempt, reports, last reward, config, error."""
-    page = {"limit": limit} if limit is not None else {}
-    data = ctl.call("trials", experiment=experiment, offset=offset, **page)
+def ctl_trials(ctl: Ctl, experiment: str, limit: int | None, offset: int | None,
+               show_all: bool) -> None:
+    """The trials: state, attempt, reports, last reward, config, error (by default the last
+    50; the JSON answer's "offset" and "total" say which)."""
+    limit, offset = page(limit, offset, show_all)
+    page_args = {"limit": limit} if limit is not None else {}
+    data = ctl.call("trials", experiment=experiment, offset=offset, **page_args)
     ctl.emit(data, "\n".join(
         f"{t['trial']:>5} {t['state']:<10} attempt={t['attempt']} reports={t['reports']:<4} "
         f"reward={t['reward']} {json.dumps(t['config'])}"
         + (f"  from trial {t['parent']}" if t.get("parent") is not None else "")
         + (f"  error: {t['error']}" if t["error"] else "") for t in data["trials"]))
+    if not ctl.as_json:
+        page_note(len(data["trials"]), data["offset"], data["total"])
 
 
 @tunectl_main.command("curves")
@@ -264,22 +310,30 @@ def ctl_trials(ctl: Ctl, experiment: str, limit: int | None, offset: int) -> Non
 @click.option("--png", type=click.Path(dir_okay=False), default=None,
               help="Also save the chart as a PNG (needs matplotlib).")
 @click.option("--top", type=click.IntRange(min=0), default=None,
-              help="Only the N best trials (for the reward metric) [default: all].")
+              help=f"The N trials of highest score [default: {TOP_CURVES}].")
+@click.option("--all", "show_all", is_flag=True,
+              help="Every trial's curve (the answer grows with the experiment).")
 @click.pass_obj
 def ctl_curves(ctl: Ctl, experiment: str, metric: str | None, png: str | None,
-               top: int | None) -> None:
-    """Learning curves: a chart in the terminal, a PNG with --png."""
+               top: int | None, show_all: bool) -> None:
+    """Learning curves of the best trials: a chart in the terminal, a PNG with --png."""
     from tuned.curves import draw_curves_png, text_chart
 
+    if show_all and top is not None:
+        raise click.UsageError("--all and --top exclude each other")
     args: dict[str, Any] = {"metric": metric} if metric else {}
-    if top is not None:
-        args["top"] = top
+    if not show_all:
+        args["top"] = TOP_CURVES if top is None else top
     data = ctl.call("curves", experiment=experiment, **args)
     curves = {int(k): v for k, v in data["curves"].items()}
     if png:
         draw_curves_png(curves, data["metric"], data["time_attr"], png)
     ctl.emit(data, text_chart(curves, data["metric"], data["time_attr"])
              + (f"\nsaved {png}" if png else ""))
+    total = data.get("total")
+    if not ctl.as_json and not show_all and total is not None and total > len(curves):
+        click.echo(f"(the curves of the {len(curves)} best of {total} trials; --top N for "
+                   "more, --all for every one)", err=True)
 
 
 @tunectl_main.command("submit")

@@ -19,6 +19,9 @@ Contract
 - Finished trials (COMPLETED, STOPPED, FAILED) are immutable: `finish_trial` and
   `claim_trial` are compare-and-set operations that return False when the trial is not in
   the state they expect.
+- `count_trials` (trials by state) is read from counts that triggers on `trials` keep in
+  the transaction of every insert and state change (schema v5): constant time, and exact
+  after any commit or rollback, whatever statement changed a trial.
 - A database locked by another process is waited for up to ``timeout`` seconds, then
   `StoreLocked`.
 - A write that fails for want of space (disk or quota full, the file size limit reached) or
@@ -36,18 +39,20 @@ import logging
 import os
 import resource
 import sqlite3
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
-
-import sqlite_utils
+from typing import TYPE_CHECKING, Any
 
 from tuned.decisions import FINISHED_STATES, Decision, TrialState
 from tuned.schedulers.base import RungEntry
 
-SCHEMA_VERSION = 4
+if TYPE_CHECKING:
+    import sqlite_utils
+
+SCHEMA_VERSION = 5
 # Bytes of WAL written once when a store is opened; about the WAL's size between automatic
 # checkpoints (1000 pages).
 WAL_PREALLOCATE = 4 << 20
@@ -151,6 +156,27 @@ def _write_failed(exc: sqlite3.Error) -> bool:
     return "disk is full" in text or "disk I/O error" in text
 
 
+def _sqlite_utils() -> Any:
+    """The sqlite_utils module, which the migration steps are written with; imported only
+    when a step runs (a store of the current version never loads it).
+
+    sqlite_utils imports pandas whenever pandas is installed (for one column type tuned
+    never stores): about a second and 90 MB of RSS that a daemon would carry for good. Its
+    import here keeps pandas out (for sqlite_utils, pandas is then missing) unless the
+    process had imported pandas already."""
+    if "sqlite_utils" in sys.modules:
+        return sys.modules["sqlite_utils"]
+    hide = "pandas" not in sys.modules
+    if hide:
+        sys.modules["pandas"] = None  # type: ignore[assignment]  # import pandas: ImportError
+    try:
+        import sqlite_utils
+    finally:
+        if hide:
+            del sys.modules["pandas"]
+    return sqlite_utils
+
+
 def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), allow_nan=False)
 
@@ -217,9 +243,44 @@ def _v4(db: sqlite_utils.Database) -> None:
     db["trials"].add_column("parent", int)
 
 
+def _v5(db: sqlite_utils.Database) -> None:
+    """Trials by state, kept per experiment in `trial_counts` by triggers on `trials`: every
+    statement that adds a trial or changes its state updates the counts in its own
+    transaction, so `count_trials` (read by every status) is a lookup of a few rows instead
+    of a scan of the experiment's trials. The counts of the trials already stored are
+    taken once, here."""
+    db.execute("""
+        CREATE TABLE trial_counts (
+            experiment_id INTEGER NOT NULL REFERENCES experiments(id),
+            state TEXT NOT NULL,
+            n INTEGER NOT NULL,
+            PRIMARY KEY (experiment_id, state)
+        ) WITHOUT ROWID""")
+    for sql in _COUNT_TRIGGERS:
+        db.execute(sql)
+    db.execute("INSERT INTO trial_counts (experiment_id, state, n) "
+               "SELECT experiment_id, state, COUNT(*) FROM trials GROUP BY experiment_id, state")
+
+
+# One more trial in (experiment, state); one fewer. Zero counts stay (count_trials skips them).
+_COUNT_UP = ("INSERT INTO trial_counts (experiment_id, state, n) VALUES ({row}.experiment_id, "
+             "{row}.state, 1) ON CONFLICT (experiment_id, state) DO UPDATE SET n = n + 1;")
+_COUNT_DOWN = ("UPDATE trial_counts SET n = n - 1 "
+               "WHERE experiment_id = {row}.experiment_id AND state = {row}.state;")
+_COUNT_TRIGGERS = (
+    f"CREATE TRIGGER trial_counts_insert AFTER INSERT ON trials BEGIN "
+    f"{_COUNT_UP.format(row='NEW')} END",
+    f"CREATE TRIGGER trial_counts_update AFTER UPDATE OF experiment_id, state ON trials "
+    f"WHEN OLD.state IS NOT NEW.state OR OLD.experiment_id IS NOT NEW.experiment_id BEGIN "
+    f"{_COUNT_DOWN.format(row='OLD')} {_COUNT_UP.format(row='NEW')} END",
+    f"CREATE TRIGGER trial_counts_delete AFTER DELETE ON trials BEGIN "
+    f"{_COUNT_DOWN.format(row='OLD')} END",
+)
+
+
 # Step n turns a database of version n - 1 into version n. Append; never edit a shipped step.
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
-    1: _v1, 2: _v2, 3: _v3, 4: _v4}
+    1: _v1, 2: _v2, 3: _v3, 4: _v4, 5: _v5}
 
 
 class Store:
@@ -241,7 +302,6 @@ class Store:
         try:
             self.conn = sqlite3.connect(self.path, timeout=timeout, isolation_level=None,
                                         check_same_thread=False)
-            self.db = sqlite_utils.Database(self.conn)
             self._refuse_unusable(writes=preallocate)
             self._configure()
             self._migrate()
@@ -314,9 +374,12 @@ class Store:
         if version > SCHEMA_VERSION:
             raise SchemaTooNew(f"{self.path}: schema version {version} is newer than this "
                                f"tuned understands ({SCHEMA_VERSION}); upgrade tuned")
+        if version == SCHEMA_VERSION:
+            return
+        db = _sqlite_utils().Database(self.conn)
         for step in range(version + 1, SCHEMA_VERSION + 1):
             with self.transaction():
-                MIGRATIONS[step](self.db)
+                MIGRATIONS[step](db)
                 self.conn.execute(f"PRAGMA user_version = {step}")
 
     def _set_synchronous(self, level: int) -> None:
@@ -590,17 +653,26 @@ class Store:
     def trials(self, experiment_id: int, states: tuple[str, ...] | None = None,
                limit: int | None = None, offset: int = 0) -> list[Trial]:
         """The experiment's trials by number, optionally only those in `states`, optionally
-        a page of them (`limit` trials from `offset`)."""
+        a page of them: `limit` trials (None: all) from position `offset`. A negative
+        `offset` counts from the end, as a Python index does: the page is the trials at
+        positions [count + offset, count + offset + limit) that exist, e.g. ``offset=-50``
+        the last 50. Either way the cost grows with the page and its distance from the end
+        it is counted from, not with the number of trials."""
         sql = f"SELECT {_TRIAL_COLUMNS} FROM trials WHERE experiment_id = ?"
         params: list[Any] = [experiment_id]
         if states:
             sql += f" AND state IN ({','.join('?' * len(states))})"
             params += list(states)
-        sql += " ORDER BY number"
-        if limit is not None:
-            sql += " LIMIT ? OFFSET ?"
-            params += [limit, offset]
-        return [_trial(r) for r in self.conn.execute(sql, params)]
+        if offset >= 0:
+            sql += " ORDER BY number LIMIT ? OFFSET ?"
+            params += [-1 if limit is None else limit, offset]
+            return [_trial(r) for r in self.conn.execute(sql, params)]
+        # From the end: the same page read backwards, then turned round.
+        back = -offset
+        take = back if limit is None else min(back, limit)
+        sql += " ORDER BY number DESC LIMIT ? OFFSET ?"
+        params += [take, back - take]
+        return [_trial(r) for r in reversed(self.conn.execute(sql, params).fetchall())]
 
     def start_after(self, trial_id: int, seq: int) -> None:
         """A trial that starts from another's checkpoint covering `seq` reports: its own
@@ -636,8 +708,12 @@ class Store:
         return row[0]
 
     def count_trials(self, experiment_id: int) -> dict[str, int]:
-        """Trials by state, e.g. {'COMPLETED': 12, 'RUNNING': 2}."""
-        return dict(self.conn.execute(_COUNT_BY_STATE, (experiment_id,)).fetchall())
+        """Trials by state, e.g. {'COMPLETED': 12, 'RUNNING': 2}, states in sorted order and
+        only those with trials. Constant time in the number of trials: read from the counts
+        the triggers of `trials` keep (schema v5)."""
+        return dict(self.conn.execute(
+            "SELECT state, n FROM trial_counts WHERE experiment_id = ? AND n > 0 "
+            "ORDER BY state", (experiment_id,)).fetchall())
 
     def best_trial(self, experiment_id: int) -> Trial | None:
         """The trial with the highest score (its last report's reward, signed by mode);
@@ -698,16 +774,23 @@ class Store:
             "FROM reports WHERE trial_id = ? ORDER BY seq", (trial_id,))
         return [Report(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], r[6]) for r in rows]
 
-    def history(self, experiment_id: int) -> dict[int, list[dict[str, Any]]]:
+    def history(self, experiment_id: int,
+                top: int | None = None) -> dict[int, list[dict[str, Any]]]:
         """Trial number -> its reported metrics, in order, for every trial of the experiment
-        (trials without reports map to an empty list)."""
-        out: dict[int, list[dict[str, Any]]] = {
-            r[0]: [] for r in self.conn.execute(
+        (trials without reports map to an empty list); with `top`, only the `top` trials of
+        highest score (ties: the earliest), which is read without scanning the others."""
+        if top is None:
+            numbers = self.conn.execute(
                 "SELECT number FROM trials WHERE experiment_id = ? ORDER BY number",
-                (experiment_id,))}
+                (experiment_id,))
+        else:
+            numbers = self.conn.execute(
+                f"SELECT number FROM ({_TOP_TRIALS}) ORDER BY number", (experiment_id, top))
+        out: dict[int, list[dict[str, Any]]] = {r[0]: [] for r in numbers}
+        where, params = _chosen_trials(experiment_id, top)
         rows = self.conn.execute(
             "SELECT t.number, r.metrics FROM reports r JOIN trials t ON t.id = r.trial_id "
-            "WHERE t.experiment_id = ? ORDER BY t.number, r.seq", (experiment_id,))
+            f"WHERE {where} ORDER BY t.number, r.seq", params)
         for number, metrics in rows:
             out[number].append(json.loads(metrics))
         return out
@@ -716,12 +799,9 @@ class Store:
                       top: int | None = None) -> dict[int, list[list[float]]]:
         """Trial number -> [times, rewards] from the stored columns (no JSON to parse): the
         reward against `time_attr` (or the report's sequence number). With `top`, only the
-        `top` trials of highest score."""
+        `top` trials of highest score (ties: the earliest)."""
         out: dict[int, list[list[float]]] = {}
-        chosen = ("SELECT id FROM trials WHERE experiment_id = ? AND score IS NOT NULL "
-                  "ORDER BY score DESC, number LIMIT ?")
-        where = (f"t.id IN ({chosen})" if top is not None else "t.experiment_id = ?")
-        params = (experiment_id, top) if top is not None else (experiment_id,)
+        where, params = _chosen_trials(experiment_id, top)
         rows = self.conn.execute(
             "SELECT t.number, r.time_value, r.reward FROM reports r "
             f"JOIN trials t ON t.id = r.trial_id WHERE {where} "
@@ -747,22 +827,21 @@ def _remember(written: dict[str, Any], changed: list[tuple[int, str, str, Any]],
         written.pop(part, None)
 
 
+# The `top` trials of highest score (ties: the earliest), by the index trials_by_score.
+_TOP_TRIALS = ("SELECT id, number FROM trials WHERE experiment_id = ? AND score IS NOT NULL "
+               "ORDER BY score DESC, number LIMIT ?")
+
+
+def _chosen_trials(experiment_id: int, top: int | None) -> tuple[str, tuple[int, ...]]:
+    """A WHERE clause on trials `t` (and its parameters): the experiment's trials, or only
+    its `top` best."""
+    if top is None:
+        return "t.experiment_id = ?", (experiment_id,)
+    return f"t.id IN (SELECT id FROM ({_TOP_TRIALS}))", (experiment_id, top)
+
+
 _TRIAL_COLUMNS = ("id, experiment_id, number, config, state, bracket, attempt, pid, last_seq, "
                   "last_time, last_reward, score, error, created, started, ended, parent")
-
-
-# Trials by state, from the covering index trials_by_state (experiment_id, state): the
-# distinct states by a skip-scan (one index seek each), then a COUNT(*) of each state's range
-# of the index, about twice as fast as GROUP BY state, which compares each entry's state with
-# the previous one's (50,000 trials: 5 ms against 9 ms here).
-_COUNT_BY_STATE = """
-    WITH RECURSIVE states(state) AS (
-        SELECT MIN(state) FROM trials WHERE experiment_id = ?1
-        UNION ALL
-        SELECT (SELECT MIN(state) FROM trials WHERE experiment_id = ?1 AND state > s.state)
-        FROM states AS s WHERE s.state IS NOT NULL)
-    SELECT state, (SELECT COUNT(*) FROM trials WHERE experiment_id = ?1 AND state = s.state)
-    FROM states AS s WHERE s.state IS NOT NULL"""
 
 
 def _trial(row: tuple) -> Trial:
