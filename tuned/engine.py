@@ -86,6 +86,13 @@ class _Live:
     last_seen: float = 0.0
     final: bool = False  # ended by the user: no retry
     adopted: bool = False  # a dead engine's trial, not reconnected yet
+    # Group commit: when its last answer went out (monotonic; None once it spoke again).
+    answered: float | None = None
+
+
+# Group commit: reports are held back at most this long for the reports of other trials
+# expected within it (and never longer than a durable commit takes here).
+HOLD_MAX = 0.001
 
 
 class Engine:
@@ -163,6 +170,8 @@ class Engine:
         self._outbox: list[tuple[int, dict[str, Any]]] = []
         self._to_start: list[tuple[int, dict[str, Any], str]] = []
         self._news: list[dict[str, Any]] = []
+        self._commit_seconds = HOLD_MAX  # running average of a durable step's commit
+        self._held_since: float | None = None  # when the first held report arrived
         os.makedirs(log_dir, exist_ok=True)
 
     # -- the loop ------------------------------------------------------------------------
@@ -174,7 +183,7 @@ class Engine:
             with sigint_guard() as interrupt:
                 self.step([])
                 while self.live:
-                    events = self._next_events()
+                    events = self._gather(self._next_events())
                     interrupt.check()
                     self.step(events)
         except BaseException:
@@ -223,16 +232,61 @@ class Engine:
             self.store.set_experiment_state(self.experiment.id, "COMPLETED")
 
     def _next_events(self) -> list[Message | Exited]:
-        """The next batch of events; while none is waiting, fork a spare trial process for
-        the next launch, so that launching costs no fork."""
-        if not self.wants_launch or self.executor.spare_count >= self.slots:
+        """The next batch of events; while none is waiting, fork spare trial processes for
+        the launches to come (also while every slot is busy: a trial that ends is then
+        replaced without a fork in between)."""
+        if not self.may_launch_later or self.executor.spare_count >= self.slots:
             return self.executor.poll(self.timeout())
         events = self.executor.poll(0)
-        if events and self.executor.spare_count == 0:
+        if events and self.wants_launch and self.executor.spare_count == 0:
             self.executor.prefork()
         while not events and self.executor.prefork():
             events = self.executor.poll(0)
         return events or self.executor.poll(self.timeout())
+
+    def _gather(self, events: list[Message | Exited]) -> list[Message | Exited]:
+        """`events` and those that come while `hold_for` says to wait for them (group
+        commit, for `run`; a daemon holds the batches of its engines in its own loop)."""
+        self.arrived(events)
+        while (wait := self.hold_for(events)) is not None:
+            more = self.executor.poll(wait)
+            self.arrived(more)
+            events = events + more
+        return events
+
+    def arrived(self, events: list[Message | Exited]) -> None:
+        """Note that the trials of `events` spoke since their last answer, and when the
+        first report of the batch came (for `hold_for`). Call it once per event, as they
+        come."""
+        for event in events:
+            live = self.live.get(event.trial_id)
+            if live is None:
+                continue
+            if self._held_since is None and _is_report(event):
+                self._held_since = time.monotonic()
+            live.answered = None
+
+    def hold_for(self, events: list[Message | Exited]) -> float | None:
+        """Group commit: seconds to wait for more reports before handling `events` in one
+        durable transaction, or None to handle them now.
+
+        Worth waiting for are the running trials answered less than the hold ago that have
+        not spoken since: a trial that reports in a loop sends its next report within
+        microseconds of its answer, and then shares this commit instead of waiting for one
+        of its own. The hold is `HOLD_MAX` at most, and no longer than a durable commit
+        takes here (so that the wait costs less than the commit it saves); it counts from
+        the first report of the batch and from each awaited trial's answer, and ends as
+        soon as every awaited trial has spoken. A batch without reports (or of a
+        non-durable store) is never held. The reports are handled in the order they came,
+        as they would be one by one, so they get the same decisions."""
+        if self._held_since is None or not self.store.durable:
+            return None
+        cap = min(HOLD_MAX, self._commit_seconds)
+        due = [live.answered + cap for live in self.live.values() if live.answered is not None]
+        if not due:
+            return None
+        wait = min(self._held_since + cap, max(due)) - time.monotonic()
+        return wait if wait > 0 else None
 
     def step(self, events: list[Message | Exited]) -> None:
         """Handle a batch of events and launch what the freed slots allow, in one transaction
@@ -242,22 +296,29 @@ class Engine:
         self._outbox = []
         self._news = []
         self._to_start = []
-        acknowledging = any(isinstance(e, Message) and e.body and "seq" in e.body
-                            for e in events)
+        acknowledging = any(_is_report(e) for e in events)
+        self._held_since = None
+        begun = time.monotonic()
         with self.store.transaction(durable=acknowledging):
             for event in events:
                 self._handle(event)
             self._launch_ready()
             self._save_searcher()
+        if acknowledging:
+            self._commit_seconds = (self._commit_seconds + time.monotonic() - begun) / 2
         failpoints.hit("claimed")
         for trial_id, payload, log_path in self._to_start:
             self.executor.start(trial_id, payload, log_path)
         self._flush_news()
         if self._outbox:
             failpoints.hit("reported")
+        answered = time.monotonic()
         for trial_id, body in self._outbox:
-            if not self.executor.send(trial_id, body) and trial_id in self.live:
-                self._fail(self.live[trial_id], "stopped reading its report channel")
+            live = self.live.get(trial_id)
+            if not self.executor.send(trial_id, body) and live is not None:
+                self._fail(live, "stopped reading its report channel")
+            elif live is not None:
+                live.answered = answered
 
     def _save_searcher(self) -> None:
         """Store the searcher's state if it changed, inside the caller's transaction, so that
@@ -713,6 +774,10 @@ class Engine:
                 self.executor.kill(trial_id)
                 return True
         return False
+
+
+def _is_report(event: Message | Exited) -> bool:
+    return isinstance(event, Message) and bool(event.body) and "seq" in event.body
 
 
 def _time_value(metrics: dict[str, Any], time_attr: str | None, seq: int) -> float:
