@@ -655,18 +655,24 @@ class Daemon:
                 "reward": best.last_reward}
 
     def op_trials(self, args: dict[str, Any]) -> dict[str, Any]:
+        """A page of the experiment's trials by number: `limit` (default all) from `offset`
+        (default 0; negative: counted from the end, -50 the last 50). The answer's `offset`
+        is the position of its first trial, `total` the experiment's number of trials."""
         assert self.store is not None
         exp = self._experiment(args)
-        limit, offset = _count(args, "limit"), _count(args, "offset") or 0
+        limit, offset = _count(args, "limit"), _integer(args, "offset") or 0
         rows = self.store.trials(exp.id, limit=limit, offset=offset)
+        total = sum(self.store.count_trials(exp.id).values())
         self._trim_due = self.clock() + 2.0
-        return {"experiment": exp.name, "total": sum(self.store.count_trials(exp.id).values()),
-                "offset": offset, "trials": [
+        return {"experiment": exp.name, "total": total,
+                "offset": offset if offset >= 0 else max(0, total + offset), "trials": [
                     {"trial": t.number, "state": t.state, "attempt": t.attempt,
                      "reports": t.last_seq, "reward": t.last_reward, "config": t.config,
                      "error": t.error, "pid": t.pid, "parent": t.parent} for t in rows]}
 
     def op_curves(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Learning curves of `metric` (default the reward): of every trial, or with `top`
+        of the `top` trials of highest score. `total`: the experiment's number of trials."""
         assert self.store is not None
         exp = self._experiment(args)
         reward_attr = exp.spec.get("reward_attr", "accuracy")
@@ -674,19 +680,18 @@ class Daemon:
         if not isinstance(metric, str):
             raise OpError("bad_request", f"metric must be a metric name, got {metric!r}")
         time_attr = exp.spec.get("time_attr")
+        top = _count(args, "top")
         self._trim_due = self.clock() + 2.0
         if metric == reward_attr:
-            top = _count(args, "top")
             curves = {str(n): c for n, c in self.store.reward_curves(exp.id, top).items()}
-            return {"experiment": exp.name, "metric": metric, "time_attr": time_attr,
-                    "curves": curves}
-        curves = {}
-        for number, reports in self.store.history(exp.id).items():
-            xs, ys = curve_points(reports, metric, time_attr)
-            if xs:
-                curves[str(number)] = [xs, ys]
+        else:
+            curves = {}
+            for number, reports in self.store.history(exp.id, top).items():
+                xs, ys = curve_points(reports, metric, time_attr)
+                if xs:
+                    curves[str(number)] = [xs, ys]
         return {"experiment": exp.name, "metric": metric, "time_attr": time_attr,
-                "curves": curves}
+                "total": sum(self.store.count_trials(exp.id).values()), "curves": curves}
 
     def op_submit(self, args: dict[str, Any]) -> Deferred:
         """Answered once the experiment's template has loaded its entry."""
@@ -756,9 +761,7 @@ class Daemon:
         if not isinstance(number, int):
             raise OpError("bad_request", "logs needs a trial number")
         path = os.path.join(self.state_dir, "logs", exp.name, f"trial-{number}.log")
-        offset = args.get("offset", 0)
-        if isinstance(offset, bool) or not isinstance(offset, int):
-            raise OpError("bad_request", f"offset must be an integer, got {offset!r}")
+        offset = _integer(args, "offset") or 0
         try:
             with open(path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
@@ -799,13 +802,26 @@ def _entry_error(exc: TemplateError) -> SpecError:
     return SpecError([message if message.startswith("entry") else f"entry: {message}"])
 
 
+_INT_MAX = (1 << 63) - 1  # SQLite's integers are 64-bit
+
+
 def _count(args: dict[str, Any], key: str) -> int | None:
     """An optional non-negative integer argument; OpError `bad_request` if it is not one."""
     value = args.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _INT_MAX:
         raise OpError("bad_request", f"{key} must be an integer >= 0, got {value!r}")
+    return value
+
+
+def _integer(args: dict[str, Any], key: str) -> int | None:
+    """An optional integer argument (negative allowed); OpError `bad_request` otherwise."""
+    value = args.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or abs(value) > _INT_MAX:
+        raise OpError("bad_request", f"{key} must be an integer, got {value!r}")
     return value
 
 
