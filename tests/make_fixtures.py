@@ -48,6 +48,7 @@ COMMITS = {
     2: "4145d9e",  # trials pages and curves of the best N trials (the last of v2)
     3: "a3c2baf",  # async submit, checkpoints, Hyperband promotion (the last of v3)
     4: "2a40fb5",  # clones get their parent's checkpoint (HEAD when the fixtures were made)
+    5: "2c56d41",  # trials by state kept by triggers (the commit that introduced v5)
 }
 
 GENERATOR = r'''

@@ -112,6 +112,11 @@ def fixture_train_fn(args, reporter):
 
 # -- 1. databases of every schema version ----------------------------------------------------
 
+
+def test_every_schema_version_has_a_frozen_fixture():
+    assert VERSIONS == list(range(1, SCHEMA_VERSION + 1))
+    assert all((FIXTURES / f"schema-v{v}.db").exists() for v in VERSIONS)
+
 # Hand-checked values of the recording (the same for every version: launch-ordered rewards).
 FIRST_CONFIG = {"lr": 0.003162277660168382, "wd": 0.0055000000000000005}
 FIFO_TRIALS = [("COMPLETED", 1, 4, 0.5), ("COMPLETED", 1, 4, 0.7), ("COMPLETED", 1, 4, 0.4)]
@@ -238,6 +243,9 @@ KILL_CASES = [
     (2, 3, "COMMIT#1", 2),                  # step 3 and its bump done, not committed
     (1, 3, "PRAGMA user_version#1", 2),     # step 2 committed, step 3 halfway
     (3, 4, "after COMMIT", 4),              # step 4 committed, killed right after
+    (4, 5, "CREATE#2", 4),                  # step 5: its table and a first trigger made
+    (4, 5, "INSERT#1", 4),                  # step 5: triggers made, counts not taken yet
+    (3, 5, "after COMMIT", 5),              # steps 4 and 5 committed, killed right after
 ]
 
 
