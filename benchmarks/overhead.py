@@ -1,0 +1,611 @@
+"""Bookkeeping overhead against the peers: many no-op trials, and the sustained report rate.
+
+    python benchmarks/overhead.py [--trials 500] [--daemon-trials 500] [--optuna-trials 100]
+                                  [--ray-trials 20] [--throughput-seconds 10]
+                                  [--skip daemon,optuna,optuna-seq,ray,throughput]
+
+1. Overhead. N no-op trials of up to 10 reports each (x ~ U(0, 1); report e of 10 is
+   {"epoch": e, "accuracy": x * e / 10}), successive halving stopping them (one bracket,
+   grace period 1, reduction factor 3, max_t 10), 2 trials at a time:
+
+   - tuned in-process: `HyperbandScheduler` (type stopping); each trial a forked process,
+     each report stored with its decision (SQLite WAL, synchronous=FULL) before the trial
+     hears it;
+   - tuned through the daemon: `tuned serve` on a fresh state directory, the same
+     experiment submitted as a spec (each trial forked by the experiment's template process);
+   - Optuna with SQLite storage (`optuna.storages.RDBStorage`, SQLite's default
+     synchronous=FULL, rollback journal), `SuccessiveHalvingPruner`, `n_jobs=2` (threads in
+     one process, no isolation), and the same sequentially (`n_jobs=1`);
+   - Ray Tune with `ASHAScheduler` and default settings (`max_concurrent_trials=2`), when Ray
+     is installed (`pip install -e '.[ray]'`); skipped with a message otherwise.
+
+   For each: trials/s and reports/s over the run's wall time (tuned in-process: `run()`;
+   the daemon: its store's first trial created to last trial ended; Optuna: `optimize()`;
+   Ray: `Tuner.fit()`, `ray.init()` excluded), the report round trip (the call in the trial,
+   to its return) p50 and p99, and the peak memory of the process tree: every 0.1 s the
+   sum over the measured process and all its descendants (the daemon, its template and the
+   trials; the Python process and its trials; Ray's driver, raylet, GCS and workers) of
+   VmRSS and of Pss (/proc/PID/smaps_rollup: pages shared by forked processes counted once),
+   the peak of each sum. The last column is how many times tuned in-process's trials/s the
+   row's is (from this run).
+
+2. Report throughput: 2 trials (FIFO, tuned in-process and through the daemon) calling
+   `reporter()` as fast as they can for --throughput-seconds: durable reports/s sustained
+   (all reports over the span from the first call to the last return) and the round trip's
+   p50, p99 and max.
+
+Each peer runs in a fresh interpreter (a child of this script, which samples its memory);
+the trials write their round trips to files (one os.write per report, the same cost in
+every peer). The targets: tuned >= 100 trials/s and >= 4x Optuna+SQLite (2 threads),
+>= 5,000 durable reports/s sustained, report p99 <= 2 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any
+
+HERE = os.path.abspath(__file__)
+BIN = os.path.dirname(os.path.abspath(sys.executable))
+TUNED = os.path.join(BIN, "tuned")
+TIMES_ENV = "TUNED_OVERHEAD_TIMES"
+MAX_T, GRACE, ETA = 10, 1, 3
+TARGET_TRIALS_S, TARGET_RATIO, TARGET_REPORTS_S, TARGET_P99_MS = 100.0, 4.0, 5000.0, 2.0
+
+ENTRY_SOURCE = '''"""A no-op trial for benchmarks/overhead.py: 10 reports, or reports for S s."""
+import os
+import time
+
+
+def _log(folder):
+    return os.open(os.path.join(folder, f"{os.getpid()}-{time.monotonic_ns()}.txt"),
+                   os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+
+def train(args, reporter):
+    fd = _log(os.environ["TUNED_OVERHEAD_TIMES"])
+    try:
+        if args.get("seconds"):
+            end, e = time.monotonic() + args.seconds, 0
+            while time.monotonic() < end:
+                e += 1
+                t = time.monotonic()
+                reporter(epoch=e, accuracy=args.x)
+                u = time.monotonic()
+                os.write(fd, f"{u!r} {u - t!r}\\n".encode())
+            return
+        for e in range(1, 11):
+            t = time.monotonic()
+            try:
+                reporter(epoch=e, accuracy=args.x * e / 10)
+            finally:
+                u = time.monotonic()
+                os.write(fd, f"{u!r} {u - t!r}\\n".encode())
+    finally:
+        os.close(fd)
+'''
+
+
+# -- the round trips the trials wrote ---------------------------------------------------------
+
+
+def read_times(folder: str) -> tuple[list[float], float]:
+    """(round trips in seconds, span from the first call to the last return)."""
+    rtts, first, last = [], float("inf"), float("-inf")
+    for name in os.listdir(folder):
+        with open(os.path.join(folder, name), encoding="ascii") as f:
+            for line in f:
+                end, rtt = map(float, line.split())
+                rtts.append(rtt)
+                first, last = min(first, end - rtt), max(last, end)
+    return rtts, last - first
+
+
+def timed_writer(folder: str) -> Any:
+    """For the peers' trials: a function that appends one round trip to this trial's file."""
+    fd = os.open(os.path.join(folder, f"{os.getpid()}-{threading.get_ident()}-"
+                                      f"{time.monotonic_ns()}.txt"),
+                 os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+    def write(start: float) -> None:
+        end = time.monotonic()
+        os.write(fd, f"{end!r} {end - start!r}\n".encode())
+
+    write.close = lambda: os.close(fd)  # type: ignore[attr-defined]
+    return write
+
+
+# -- memory of a process tree -----------------------------------------------------------------
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rfind(b")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += children.get(pid, [])
+    return out
+
+
+def _rss_pss_kb(pid: int) -> tuple[int, int]:
+    rss = pss = 0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Rss:"):
+                    rss = int(line.split()[1])
+                elif line.startswith("Pss:"):
+                    pss = int(line.split()[1])
+    except OSError:
+        pass
+    return rss, pss
+
+
+class TreeMemory:
+    """Samples the summed VmRSS and Pss of `root` and its descendants every `interval`
+    seconds in a thread; `peak_mb` is (peak RSS, peak PSS) in MB."""
+
+    def __init__(self, root: int, interval: float = 0.1):
+        self.root, self.interval = root, interval
+        self.peak = (0, 0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            sums = [_rss_pss_kb(p) for p in _descendants(self.root)]
+            rss, pss = sum(s[0] for s in sums), sum(s[1] for s in sums)
+            self.peak = (max(self.peak[0], rss), max(self.peak[1], pss))
+            self._stop.wait(self.interval)
+
+    def stop(self) -> tuple[float, float]:
+        self._stop.set()
+        self._thread.join()
+        return self.peak[0] / 1024, self.peak[1] / 1024
+
+
+# -- the peers, each in a child interpreter (`--child NAME`) -----------------------------------
+
+
+def child_tuned(n: int, times: str, seconds: float) -> dict[str, Any]:
+    """tuned in-process: Hyperband stopping over n trials, or (seconds > 0) FIFO with 2
+    trials reporting for `seconds`."""
+    sys.path.insert(0, times + "-entry")
+    import overhead_entry
+
+    import tuned as ag
+
+    os.environ[TIMES_ENV] = times
+    with tempfile.TemporaryDirectory(prefix="tuned-overhead-") as d:
+        common = dict(resource={"num_cpus": 1}, reward_attr="accuracy", time_attr="epoch",
+                      checkpoint=os.path.join(d, "tuned.db"), seed=0, max_concurrent=2)
+        if seconds:
+            fn = ag.args(x=ag.space.Real(0.5, 0.6), seconds=seconds)(overhead_entry.train)
+            sched = ag.scheduler.FIFOScheduler(fn, num_trials=2, **common)
+        else:
+            fn = ag.args(x=ag.space.Real(0, 1), epochs=MAX_T)(overhead_entry.train)
+            sched = ag.scheduler.HyperbandScheduler(fn, num_trials=n, grace_period=GRACE,
+                                                    reduction_factor=ETA, **common)
+        start = time.perf_counter()
+        sched.run()
+        wall = time.perf_counter() - start
+        counts = sched.store.count_trials(sched.experiment.id)
+    return {"wall": wall, "trials": sum(counts.values()), "states": counts}
+
+
+def child_optuna(n: int, times: str, jobs: int) -> dict[str, Any]:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    def objective(trial: Any) -> float:
+        x = trial.suggest_float("x", 0.0, 1.0)
+        write = timed_writer(times)
+        try:
+            for e in range(1, MAX_T + 1):
+                t = time.monotonic()
+                trial.report(x * e / MAX_T, e)
+                pruned = trial.should_prune()
+                write(t)
+                if pruned:
+                    raise optuna.TrialPruned()
+        finally:
+            write.close()
+        return x
+
+    with tempfile.TemporaryDirectory(prefix="optuna-overhead-") as d:
+        study = optuna.create_study(
+            storage=f"sqlite:///{os.path.join(d, 'optuna.db')}", direction="maximize",
+            sampler=optuna.samplers.RandomSampler(seed=0),
+            pruner=optuna.pruners.SuccessiveHalvingPruner(
+                min_resource=GRACE, reduction_factor=ETA))
+        start = time.perf_counter()
+        study.optimize(objective, n_trials=n, n_jobs=jobs)
+        wall = time.perf_counter() - start
+    return {"wall": wall, "trials": len(study.trials)}
+
+
+def child_ray(n: int, times: str) -> dict[str, Any]:
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    def trainable(config: dict[str, Any]) -> None:
+        write = timed_writer(config["times"])
+        for e in range(1, MAX_T + 1):
+            t = time.monotonic()
+            tune.report({"epoch": e, "accuracy": config["x"] * e / MAX_T})
+            write(t)
+
+    start = time.perf_counter()
+    ray.init(log_to_driver=False)
+    init = time.perf_counter() - start
+    with tempfile.TemporaryDirectory(prefix="ray-overhead-") as d:
+        tuner = tune.Tuner(
+            trainable, param_space={"x": tune.uniform(0.0, 1.0), "times": times},
+            tune_config=tune.TuneConfig(
+                metric="accuracy", mode="max", num_samples=n, max_concurrent_trials=2,
+                scheduler=ASHAScheduler(time_attr="epoch", max_t=MAX_T, grace_period=GRACE,
+                                        reduction_factor=ETA)),
+            run_config=tune.RunConfig(storage_path=d, verbose=0))
+        start = time.perf_counter()
+        results = tuner.fit()
+        wall = time.perf_counter() - start
+    ray.shutdown()
+    return {"wall": wall, "trials": len(results), "init": init}
+
+
+def run_child(argv: list[str], env: dict[str, str] | None = None) -> tuple[dict, float, float]:
+    """Run this script as `--child ...`; its JSON result and its tree's peak RSS and PSS."""
+    proc = subprocess.Popen([sys.executable, HERE, *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    memory = TreeMemory(proc.pid)
+    out, err = proc.communicate()
+    rss, pss = memory.stop()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}):\n{err[-3000:]}")
+    return json.loads(out.strip().splitlines()[-1]), rss, pss
+
+
+# -- the daemon -------------------------------------------------------------------------------
+
+
+class Daemon:
+    """`tuned serve` on a fresh state directory, its trials writing round trips to `times`."""
+
+    def __init__(self, folder: str, times: str):
+        self.folder = folder
+        self.state = os.path.join(folder, "state")
+        self.sock_dir = tempfile.mkdtemp(prefix="to-", dir="/tmp")  # short: sun_path
+        self.socket = os.path.join(self.sock_dir, "s.sock")
+        self.log = open(os.path.join(folder, "daemon.log"), "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [TUNED, "serve", "--state-dir", self.state, "--socket", self.socket,
+             "--log-level", "WARNING"], env=dict(os.environ, **{TIMES_ENV: times}),
+            stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log,
+            start_new_session=True)
+        self.memory = TreeMemory(self.proc.pid)
+        self._wait_hello()
+
+    def client(self) -> Any:
+        from tuned.client import ControlClient
+
+        return ControlClient(self.socket, timeout=300)
+
+    def _wait_hello(self, timeout: float = 60) -> None:
+        from tuned.client import ControlError
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"tuned serve exited with {self.proc.returncode}")
+            try:
+                with self.client() as c:
+                    c.hello()
+                return
+            except ControlError:
+                time.sleep(0.02)
+        raise RuntimeError("tuned serve did not answer")
+
+    def run(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        """Submit `spec`, wait for its end; wall time and trial count from the store."""
+        with self.client() as c:
+            c.request("submit", text=json.dumps(dict(spec, name=name)),
+                      filename=f"{name}.json", workdir=self.folder)
+            while True:
+                state = c.request("status", experiment=name)["experiments"][0]
+                if state["state"] != "RUNNING":
+                    break
+                time.sleep(0.05)
+        if state["state"] != "COMPLETED":
+            raise RuntimeError(f"experiment {name} ended {state}")
+        db = sqlite3.connect(f"file:{os.path.join(self.state, 'tuned.db')}?mode=ro", uri=True)
+        try:
+            first, last, count = db.execute(
+                "SELECT MIN(t.created), MAX(t.ended), COUNT(*) FROM trials t "
+                "JOIN experiments e ON e.id = t.experiment_id WHERE e.name = ?",
+                (name,)).fetchone()
+        finally:
+            db.close()
+        return {"wall": last - first, "trials": count, "states": state["trials"]}
+
+    def stop(self) -> tuple[float, float]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        shutil.rmtree(self.sock_dir, ignore_errors=True)
+        return self.memory.stop()
+
+
+def daemon_spec(n: int, seconds: float) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "entry": "overhead_entry.py:train", "searcher": "random", "seed": 0,
+        "reward_attr": "accuracy", "time_attr": "epoch", "max_concurrent": 2,
+        "resources": {"num_cpus": 1, "num_gpus": 0},
+        "space": {"x": {"type": "real", "lower": 0.0, "upper": 1.0}}}
+    if seconds:
+        return dict(spec, scheduler="fifo", num_trials=2,
+                    space={"x": {"type": "real", "lower": 0.5, "upper": 0.6}},
+                    constants={"seconds": seconds})
+    return dict(spec, scheduler="hyperband", num_trials=n,
+                scheduler_options={"max_t": MAX_T, "grace_period": GRACE,
+                                   "reduction_factor": ETA})
+
+
+# -- the whole run ----------------------------------------------------------------------------
+
+
+class Row(dict):
+    """One peer's figures: name, n, isolation, durable, trials_s, reports_s, p50, p99, rss,
+    pss (and the result's extras)."""
+
+
+def _row(name: str, result: dict[str, Any], times: str, rss: float, pss: float,
+         isolated: str, durable: str) -> Row:
+    rtts, _ = read_times(times)
+    ms = sorted(r * 1e3 for r in rtts)
+    return Row(name=name, n=result["trials"], isolation=isolated, durable=durable,
+               trials_s=result["trials"] / result["wall"], reports_s=len(rtts) / result["wall"],
+               p50=statistics.median(ms), p99=statistics.quantiles(ms, n=100)[-1],
+               rss=rss, pss=pss, wall=result["wall"], reports=len(rtts),
+               extra=result)
+
+
+def _fresh(folder: str, name: str) -> str:
+    path = os.path.join(folder, name)
+    os.makedirs(path)
+    return path
+
+
+def measure_overhead(cli: argparse.Namespace, folder: str) -> list[Row]:
+    rows: list[Row] = []
+    entry_env = dict(os.environ)
+    print(f"  tuned in-process: {cli.trials} trials ...", flush=True)
+    times = _fresh(folder, "tuned")
+    shutil.copytree(os.path.join(folder, "entry"), times + "-entry")
+    result, rss, pss = run_child(["--child", "tuned", "--n", str(cli.trials), "--times", times],
+                                 entry_env)
+    rows.append(_row("tuned in-process", result, times, rss, pss, "process", "yes"))
+    if "daemon" not in cli.skip:
+        print(f"  tuned daemon: {cli.daemon_trials} trials ...", flush=True)
+        times = _fresh(folder, "daemon")
+        daemon = Daemon(os.path.join(folder, "entry"), times)
+        try:
+            result = daemon.run("overhead", daemon_spec(cli.daemon_trials, 0))
+        finally:
+            rss, pss = daemon.stop()
+        rows.append(_row("tuned daemon", result, times, rss, pss, "process", "yes"))
+    for key, jobs, label in (("optuna", 2, "Optuna+SQLite, 2 threads"),
+                             ("optuna-seq", 1, "Optuna+SQLite, sequential")):
+        if key in cli.skip:
+            continue
+        print(f"  {label}: {cli.optuna_trials} trials ...", flush=True)
+        times = _fresh(folder, key)
+        result, rss, pss = run_child(["--child", "optuna", "--n", str(cli.optuna_trials),
+                                      "--times", times, "--jobs", str(jobs)])
+        rows.append(_row(label, result, times, rss, pss, "none (threads)", "yes"))
+    if "ray" not in cli.skip:
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            print("  Ray Tune: skipped, Ray is not installed (pip install -e '.[ray]')")
+        else:
+            print(f"  Ray Tune + ASHA: {cli.ray_trials} trials ...", flush=True)
+            times = _fresh(folder, "ray")
+            result, rss, pss = run_child(["--child", "ray", "--n", str(cli.ray_trials),
+                                          "--times", times])
+            rows.append(_row("Ray Tune + ASHA", result, times, rss, pss, "process (actors)",
+                             "no"))
+    return rows
+
+
+def measure_throughput(cli: argparse.Namespace, folder: str) -> list[Row]:
+    rows: list[Row] = []
+    s = cli.throughput_seconds
+    print(f"  throughput, tuned in-process: 2 trials x {s:g} s ...", flush=True)
+    times = _fresh(folder, "tp-tuned")
+    shutil.copytree(os.path.join(folder, "entry"), times + "-entry")
+    result, rss, pss = run_child(["--child", "tuned", "--times", times, "--seconds", str(s)])
+    rows.append(_throughput_row("tuned in-process", times, rss, pss))
+    if "daemon" not in cli.skip:
+        print(f"  throughput, tuned daemon: 2 trials x {s:g} s ...", flush=True)
+        times = _fresh(folder, "tp-daemon")
+        daemon = Daemon(os.path.join(folder, "entry"), times)
+        try:
+            daemon.run("throughput", daemon_spec(2, s))
+        finally:
+            rss, pss = daemon.stop()
+        rows.append(_throughput_row("tuned daemon", times, rss, pss))
+    return rows
+
+
+def _throughput_row(name: str, times: str, rss: float, pss: float) -> Row:
+    rtts, span = read_times(times)
+    ms = sorted(r * 1e3 for r in rtts)
+    return Row(name=name, reports=len(rtts), span=span, reports_s=len(rtts) / span,
+               p50=statistics.median(ms), p99=statistics.quantiles(ms, n=100)[-1],
+               max=ms[-1], rss=rss, pss=pss)
+
+
+def print_overhead(rows: list[Row]) -> None:
+    base = rows[0]["trials_s"]
+    print(f"\nOverhead: no-op trials of up to {MAX_T} reports, successive halving (grace "
+          f"{GRACE}, reduction {ETA}), 2 at a time")
+    head = (f"  {'':<27}{'N':>5} {'isolation':<17}{'durable':<8}{'trials/s':>9}"
+            f"{'reports/s':>10}{'rtt p50':>9}{'rtt p99':>9}{'peak RSS':>10}{'peak PSS':>10}"
+            f"{'tuned/x':>9}")
+    print(head)
+    print(f"  {'':<27}{'':>5} {'':<17}{'':<8}{'':>9}{'':>10}{'ms':>9}{'ms':>9}{'MB':>10}"
+          f"{'MB':>10}")
+    for r in rows:
+        print(f"  {r['name']:<27}{r['n']:>5} {r['isolation']:<17}{r['durable']:<8}"
+              f"{r['trials_s']:>9.1f}{_rate(r['reports_s']):>10}{r['p50']:>9.3f}{r['p99']:>9.3f}"
+              f"{r['rss']:>10.0f}{r['pss']:>10.0f}{base / r['trials_s']:>9.1f}")
+    print("  N: trials of the row; durable: each report on disk before the trial goes on; "
+          "peak RSS / PSS: the\n  process tree's summed VmRSS (pages shared by forked "
+          "processes counted in each) / Pss\n  (counted once), peak of samples every 0.1 s; "
+          "tuned/x: tuned in-process trials/s over the row's")
+    for r in rows:
+        if "init" in r["extra"]:
+            print(f"  ({r['name']}: ray.init() took {r['extra']['init']:.1f} s, not counted)")
+
+
+def _rate(value: float) -> str:
+    return f"{value:.0f}" if value >= 10 else f"{value:.1f}"
+
+
+def print_throughput(rows: list[Row], floor: float) -> None:
+    print("\nReport throughput: 2 trials calling reporter() as fast as they can "
+          "(FIFO, durable: synchronous=FULL)")
+    print(f"  (fdatasync of 4 KiB just before: {floor:.3f} ms median; with each trial "
+          f"waiting for its answer, 2 reports per commit at most: <= {2000 / floor:.0f}/s)")
+    print(f"  {'':<27}{'reports':>9}{'seconds':>9}{'reports/s':>10}{'p50 ms':>9}"
+          f"{'p99 ms':>9}{'max ms':>9}{'peak RSS':>10}{'peak PSS':>10}")
+    for r in rows:
+        print(f"  {r['name']:<27}{r['reports']:>9}{r['span']:>9.2f}{r['reports_s']:>10.0f}"
+              f"{r['p50']:>9.3f}{r['p99']:>9.3f}{r['max']:>9.3f}{r['rss']:>10.0f}"
+              f"{r['pss']:>10.0f}")
+
+
+def print_targets(overhead: list[Row], throughput: list[Row]) -> None:
+    def verdict(ok: bool) -> str:
+        return "PASS" if ok else "FAIL"
+
+    print("\nTargets:")
+    for r in overhead:
+        if r["name"].startswith("tuned"):
+            print(f"  {verdict(r['trials_s'] >= TARGET_TRIALS_S)}  {r['name']}: "
+                  f"{r['trials_s']:.1f} trials/s (>= {TARGET_TRIALS_S:g})")
+    optuna = [r for r in overhead if r["name"] == "Optuna+SQLite, 2 threads"]
+    if optuna:
+        for r in overhead:
+            if r["name"].startswith("tuned"):
+                ratio = r["trials_s"] / optuna[0]["trials_s"]
+                print(f"  {verdict(ratio >= TARGET_RATIO)}  {r['name']} / Optuna+SQLite "
+                      f"(2 threads): {ratio:.1f}x (>= {TARGET_RATIO:g}x)")
+    for r in throughput:
+        print(f"  {verdict(r['reports_s'] >= TARGET_REPORTS_S)}  {r['name']}: "
+              f"{r['reports_s']:.0f} durable reports/s sustained (>= {TARGET_REPORTS_S:g})")
+        print(f"  {verdict(r['p99'] <= TARGET_P99_MS)}  {r['name']}: report p99 "
+              f"{r['p99']:.3f} ms (<= {TARGET_P99_MS:g} ms)")
+
+
+def fsync_ms(folder: str, n: int = 200) -> float:
+    """Median ms of a 4 KiB overwrite + fdatasync in `folder` (the disk's floor for one
+    durable commit)."""
+    path = os.path.join(folder, "fsync-probe")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, b"\0" * (1 << 20))
+        os.fsync(fd)
+        times = []
+        for i in range(n):
+            os.pwrite(fd, b"x" * 4096, (i % 64) * 4096)
+            t = time.perf_counter()
+            os.fdatasync(fd)
+            times.append(time.perf_counter() - t)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return statistics.median(times) * 1e3
+
+
+def child_main(cli: argparse.Namespace) -> None:
+    if cli.child == "tuned":
+        result = child_tuned(cli.n, cli.times, cli.seconds)
+    elif cli.child == "optuna":
+        result = child_optuna(cli.n, cli.times, cli.jobs)
+    else:
+        result = child_ray(cli.n, cli.times)
+    print(json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=500, help="tuned in-process trials")
+    parser.add_argument("--daemon-trials", type=int, default=500, help="trials via the daemon")
+    parser.add_argument("--optuna-trials", type=int, default=100, help="Optuna's trials")
+    parser.add_argument("--ray-trials", type=int, default=20, help="Ray Tune's trials")
+    parser.add_argument("--throughput-seconds", type=float, default=10.0,
+                        help="seconds of reporting per trial in the throughput test")
+    parser.add_argument("--skip", default="",
+                        help="comma-separated: daemon, optuna, optuna-seq, ray, throughput")
+    parser.add_argument("--child", choices=("tuned", "optuna", "ray"), help=argparse.SUPPRESS)
+    parser.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--times", help=argparse.SUPPRESS)
+    parser.add_argument("--jobs", type=int, default=2, help=argparse.SUPPRESS)
+    parser.add_argument("--seconds", type=float, default=0.0, help=argparse.SUPPRESS)
+    cli = parser.parse_args()
+    if cli.child:
+        return child_main(cli)
+    cli.skip = {s for s in cli.skip.split(",") if s}
+
+    folder = tempfile.mkdtemp(prefix="tuned-overhead-")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))
+    print(f"machine: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}; "
+          f"fdatasync of 4 KiB here: {fsync_ms(folder):.3f} ms median")
+    try:
+        entry = _fresh(folder, "entry")
+        with open(os.path.join(entry, "overhead_entry.py"), "w", encoding="utf-8") as f:
+            f.write(ENTRY_SOURCE)
+        overhead = measure_overhead(cli, folder)
+        floor = fsync_ms(folder)
+        throughput = [] if "throughput" in cli.skip else measure_throughput(cli, folder)
+        print_overhead(overhead)
+        if throughput:
+            print_throughput(throughput, floor)
+        print_targets(overhead, throughput)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
