@@ -685,6 +685,9 @@ def check_space(folder: str, sizes: list[int], reports: int) -> None:
     """Exit with a message when `folder`'s file system has not room for the stores (with a
     margin of a half), before anything is built."""
     need = int(sum(sizes) * max(reports, 1) * BYTES_PER_REPORT * 1.5)
+    folder = os.path.abspath(folder)
+    while not os.path.isdir(folder):  # the nearest folder that exists
+        folder = os.path.dirname(folder)
     free = shutil.disk_usage(folder).free
     if free < need:
         sys.exit(f"{folder}: {fmt_bytes(free)} free, the stores need about {fmt_bytes(need)}")
