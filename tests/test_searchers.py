@@ -21,7 +21,7 @@ from tuned.searchers.random import RandomSearcher
 from tuned.space import Bool, Categorical, Int, Real, Space
 
 #: The searchers every generic test runs against.
-SEARCHER_NAMES = ["random", "grid", "rl"]
+SEARCHER_NAMES = ["random", "grid", "rl", "bayesopt"]
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -462,3 +462,34 @@ def test_pbt_clones_continue_from_their_parents_checkpoints():
         assert reports and reports[0].seq > 1
         assert [r.time_value for r in reports] == list(range(reports[0].seq, t.last_seq + 1))
     assert fingerprint(result) == fingerprint(simulate(spec, curve, workers=4))
+
+
+@pytest.mark.parametrize("scheduler", ["hyperband_stopping", "hyperband_promotion"])
+def test_bayesopt_under_hyperband_learns_from_every_report(tmp_path, scheduler):
+    """The engine hands the scheduler's max_t to a multi-fidelity searcher: its stored log
+    holds the intermediate reports ("r"), not only the final results."""
+    path = tmp_path / "bo.db"
+    spec = hyperband(searcher="bayesopt", num_trials=14,
+                     searcher_options={"num_init": 4, "candidates": 50})
+    spec = spec_of(**{**spec.to_dict(), "scheduler": scheduler})
+    result = simulate(spec, curve, workers=2, store_path=path)
+    assert len(result.trials) == 14
+    store = Store(str(path))
+    try:
+        state = store.searcher_state(result.experiment_id)
+    finally:
+        store.close()
+    log = [entry for key in sorted(state) if key.startswith("log.") for entry in state[key]]
+    reports = [e for e in log if e[0] == "r"]
+    assert len(reports) >= result.n_reports - len(result.trials)
+    assert {e[2] for e in reports} > {1.0}  # times beyond the first rung were heard
+
+
+def test_a_searcher_option_max_t_wins_over_the_schedulers(tmp_path):
+    from tuned.searchers import make_searcher
+
+    searcher = make_searcher("bayesopt", Space({"x": Real(0.0, 1.0)}), seed=0,
+                             resource_max=9, max_t=27)
+    assert searcher.max_t == 27 and searcher.multi
+    assert make_searcher("bayesopt", Space({"x": Real(0.0, 1.0)}), seed=0).multi is False
+    assert make_searcher("random", Space({"x": Real(0.0, 1.0)}), seed=0, resource_max=9)

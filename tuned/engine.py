@@ -144,12 +144,13 @@ class Engine:
         self.adopts = adopt
         self.checkpoint_dir = checkpoint_dir or os.path.join(log_dir, "checkpoints")
         self.clock = clock
-        self.searcher: Searcher = make_searcher(spec.searcher, spec.space, seed=spec.seed,
-                                                **spec.searcher_options)
+        self.scheduler = make_scheduler(spec)
+        self.searcher: Searcher = make_searcher(
+            spec.searcher, spec.space, seed=spec.seed,
+            resource_max=getattr(self.scheduler, "max_t", None), **spec.searcher_options)
         searcher_state = store.searcher_state(experiment.id)
         if searcher_state is not None:
             self.searcher.load_state_dict(searcher_state)
-        self.scheduler = make_scheduler(spec)
         self.scheduler.load_rungs(store.rungs(experiment.id))
         if self.scheduler.needs_configs:
             for trial in store.trials(experiment.id):

@@ -33,7 +33,6 @@ Scores are rewards made "higher is better" (negated when the experiment's mode i
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -529,13 +528,16 @@ class Store:
 
     def save_searcher_state(self, experiment_id: int, state: dict[str, Any]) -> None:
         """Store a searcher's state dict, writing only the top-level parts that changed since
-        this store last wrote them (a large model is written when it learns, not per trial)."""
+        this store last wrote them (a large model is written when it learns, not per trial).
+        A part is compared with its JSON round trip: a state of JSON-native values (lists,
+        not tuples) is written only where it changed; any other is written every time."""
         written = self._written_parts.setdefault(experiment_id, {})
         changed = []
         for part, value in state.items():
             if part in written and written[part] == value:
                 continue
-            changed.append((experiment_id, part, _dumps(value), copy.deepcopy(value)))
+            text = _dumps(value)
+            changed.append((experiment_id, part, text, json.loads(text)))  # a deep copy
         stale = set(written) - set(state)
         if not changed and not stale:
             return

@@ -31,14 +31,16 @@ class Searcher:
     trial that failed. The engine calls it with ``final=True`` once per trial, when it ends
     (`time` None); a searcher whose class sets `wants_reports` also hears every stored report,
     with ``final=False`` and the report's `time` (the value of `time_attr`, the resource
-    used so far), as multi-fidelity methods need. `state_dict()` is JSON-serialisable and
-    versioned; `load_state_dict()` raises SearcherStateError for a state of another kind or
-    version.
+    used so far), as multi-fidelity methods need; a class that sets `multi_fidelity` takes a
+    `max_t` option, which the engine fills with the scheduler's `max_t`. `state_dict()` is
+    JSON-serialisable (JSON-native values) and versioned; `load_state_dict()` raises
+    SearcherStateError for a state of another kind or version.
     """
 
     kind = "base"
     version = 1
     wants_reports = False
+    multi_fidelity = False
 
     def __init__(self, space: Space, seed: int | None = None):
         self.space = space

@@ -43,8 +43,10 @@ best scores and the rest is spread evenly over the trials.
 Failed trials (score None or not finite) are not re-suggested and count as the lowest score
 seen (at `r_acq` in multi-fidelity mode); reports with a non-finite score are ignored.
 
-Hyperparameters are refitted, by the next `suggest`, once `refit_every` trials have ended
-since the last fit (reports do not count: they can arrive every epoch), from the previous
+Hyperparameters are refitted, by the next `suggest`, once `refit_every` trials, and a
+quarter as many as had ended at the last fit, have ended since then (reports do not count:
+they can arrive every epoch; the fits thin out as the data grows, since the thinned data
+the model sees changes less and less), from the previous
 fit and one random start, on at most `FIT_POINTS` of the points; in between they are
 reused. If the kernel matrix cannot be factorised, `suggest` falls back to a random
 configuration. Cost: a `suggest` is a few small dense linear-algebra operations (at most
@@ -272,7 +274,8 @@ class BayesOptSearcher(Searcher):
       "none"; "none" uses only final results; "multi" needs `max_t`.
     - `candidates` (int >= 10): points scored by EI per suggestion (the finer round adds
       ``CENTRES * REFINE_EACH``).
-    - `refit_every` (int >= 1): ended trials between hyperparameter fits.
+    - `refit_every` (int >= 1): ended trials between hyperparameter fits (at least; see the
+      module docstring).
     - `max_points` (int >= 10): the most data points the GP is given.
 
     `wants_reports` is True unless the fidelity is "none" (then intermediate reports are
@@ -282,6 +285,7 @@ class BayesOptSearcher(Searcher):
     kind = "bayesopt"
     version = 1
     wants_reports = True
+    multi_fidelity = True
 
     def __init__(self, space: Space, seed: int | None = None, num_init: int | None = None,
                  max_t: float | None = None, fidelity: str = "auto", candidates: int = 1000,
@@ -540,7 +544,8 @@ class BayesOptSearcher(Searcher):
         x = data.x[keep]
         mu, sd = float(data.y[keep].mean()), float(data.y[keep].std())
         y = (data.y[keep] - mu) / (sd if sd > 1e-12 else 1.0)
-        if self.theta is None or self.n_ended - self.fit_at >= self.refit_every:
+        if self.theta is None or self.n_ended - self.fit_at >= max(self.refit_every,
+                                                                   self.fit_at // 4):
             self._fit(x, y, data.strata[keep])
         assert self.theta is not None
         try:
