@@ -14,14 +14,25 @@ from test_daemon import Daemon, _spec
 EPOCHS = 12
 
 
-def _module(tmp_path: Path, save_first: bool = False) -> Path:
+def _module(tmp_path: Path, save_first: bool = False, gate: bool = False) -> Path:
     """A training function that keeps its progress in a checkpoint and reports, with each
     epoch, the epochs it (re)started from so far; `save_first`: it wrongly saves the
-    checkpoint of an epoch before reporting it."""
+    checkpoint of an epoch before reporting it; `gate`: on its first run it waits after it
+    reported epoch 3 and saved its next checkpoint (of epoch 3, or of epoch 4 when
+    `save_first`) until the file `tmp_path / "gate"` exists, so that what the test does
+    meanwhile happens at that point, however slow the machine."""
     module = tmp_path / "ckpt_train.py"
+    gate_path = str(tmp_path / "gate") if gate else ""
     module.write_text(textwrap.dedent(f"""
-        import json, time
+        import json, os, time
         import tuned
+
+        def save(reporter, state, epoch):
+            reporter.save_checkpoint({{**state, "epoch": epoch}})
+            if {gate_path!r} and len(state["starts"]) == 1 and epoch == 3 + {save_first}:
+                deadline = time.monotonic() + 60
+                while not os.path.exists({gate_path!r}) and time.monotonic() < deadline:
+                    time.sleep(0.02)
 
         @tuned.args(x=tuned.space.Real(0, 1), epochs={EPOCHS})
         def train(args, reporter):
@@ -31,20 +42,20 @@ def _module(tmp_path: Path, save_first: bool = False) -> Path:
             for e in range(state["epoch"], args.epochs):
                 time.sleep(0.06)
                 if {save_first}:
-                    reporter.save_checkpoint({{**state, "epoch": e + 1}})
+                    save(reporter, state, e + 1)
                 reporter(epoch=e + 1, accuracy=args.x, starts=json.dumps(state["starts"]))
                 state["epoch"] = e + 1
                 if not {save_first}:
-                    reporter.save_checkpoint(state)
+                    save(reporter, state, e + 1)
     """))
     return module
 
 
 def _submit(d: Daemon, tmp_path: Path, name: str, extra: str = "",
-            save_first: bool = False) -> None:
+            save_first: bool = False, gate: bool = False) -> None:
     assert d.ctl("submit", _spec(tmp_path, name, f"""
         name = "{name}"
-        entry = "{_module(tmp_path, save_first)}:train"
+        entry = "{_module(tmp_path, save_first, gate)}:train"
         num_trials = 2
         max_concurrent = 2
         seed = 2
@@ -75,8 +86,12 @@ def _check_resumed(d: Daemon) -> None:
             assert starts[0] == 0 and len(starts) >= 2 and 0 not in starts[1:], starts
 
 
-def _pause_and_resume(d: Daemon, name: str) -> None:
+def _pause_and_resume(d: Daemon, name: str, gate: Path | None = None) -> None:
+    """Pause `name` (then open `gate`, where its trials wait), wait until no trial of it
+    runs, and resume it."""
     assert d.json("pause", name)["state"] == "PAUSED"
+    if gate is not None:
+        gate.touch()
     deadline = time.monotonic() + 20
     while d.json("status", name)["experiments"][0]["trials"].get("RUNNING"):
         assert time.monotonic() < deadline
@@ -88,9 +103,9 @@ def test_a_paused_trial_resumes_from_its_checkpoint(tmp_path):
     d = Daemon(tmp_path)
     d.start()
     try:
-        _submit(d, tmp_path, "p")
+        _submit(d, tmp_path, "p", gate=True)
         _wait_reports(d, 3)
-        _pause_and_resume(d, "p")
+        _pause_and_resume(d, "p", tmp_path / "gate")
         assert d.wait_state("p", ("COMPLETED",))["trials"] == {"COMPLETED": 2}
         _check_resumed(d)
     finally:
@@ -101,12 +116,13 @@ def test_a_checkpoint_saved_before_its_report_is_caught_on_resume(tmp_path):
     d = Daemon(tmp_path)
     d.start(args=("--stop-trials",))
     try:
-        _submit(d, tmp_path, "early", save_first=True)
+        _submit(d, tmp_path, "early", save_first=True, gate=True)
         _wait_reports(d, 3)
-        # Stopped while they sleep, after a report: the checkpoint they resume from holds
-        # one epoch more than the reports it covers.
+        # Stopped while they wait at the gate, after report 3 and checkpoint 4: the
+        # checkpoint they resume from holds one epoch more than the reports it covers.
         d.proc.send_signal(signal.SIGTERM)
         d.proc.wait(timeout=30)
+        (tmp_path / "gate").touch()
         d.start(args=("--stop-trials",))
         d.wait_state("early", ("COMPLETED",))
         errors = {t["error"] for t in d.json("trials", "early")["trials"]}
