@@ -23,18 +23,23 @@ Budgets: random search with FIFO gets ``--rs-trials`` (100) trials to their last
 result is read at ``--fraction`` (a quarter, 1300 epochs) and at B. All these methods are
 budget-oblivious (asynchronous successive halving, Hyperband and TPE never look at the total
 budget), so the first 1300 epochs of a run to 5200 are exactly a run with 1300. A run stops
-starting trials at B; the epochs its running trials still report are cut off.
+starting trials at its budget; the epochs its running trials still report are cut off.
+``--until q`` runs every method but random-FIFO only to the quarter budget (a quarter of
+the time; what the quality targets need): regret@B is then not measured ("-"), anytime
+regret is over 1..q, and to-RS counts only what was reached by q.
 
 Objectives (``--problems``):
 
 - ``lcbench``: the tables in ../shared/data/lcbench/ (34 OpenML tasks, 1000 configurations,
   52 epochs; see its README). tuned's Space has the 7 hyperparameters with the README's
   ranges; a suggested configuration is snapped to the nearest of the 1000 (Euclidean, in the
-  unit cube of that Space), and a trial reports its validation accuracy (percent) after each
-  of the 52 epochs. An epoch takes the configuration's final cumulative training time / 52
-  virtual seconds (the surrogate's cumulative times are not monotone, so per-epoch
-  differences can be negative). The optimum of a task is the best final-epoch accuracy among
-  its 1000 configurations.
+  unit cube of that Space) that no other configuration of the run has taken (`TableRows`:
+  every method samples the table without replacement; the same configuration again, as a
+  promoted or resumed trial, trains its row again), and a trial reports its validation
+  accuracy (percent) after each of the 52 epochs. An epoch takes the configuration's final
+  cumulative training time / 52 virtual seconds (the surrogate's cumulative times are not
+  monotone, so per-epoch differences can be negative). The optimum of a task is the best
+  final-epoch accuracy among its 1000 configurations.
 - ``hartmann6``: a synthetic multi-fidelity function over x in [0, 1]^6 with fidelity
   r = 1..R (R = 52 "epochs"). With h(x; alpha) the Hartmann-6 function (its standard A, P
   and alpha = (1, 1.2, 3, 3.2); minimum h* = -3.32237) and s = 1 - r / R::
@@ -58,12 +63,13 @@ after b epochs is the best value among the trials, each at its last epoch report
 (it can be negative on lcbench, where an intermediate epoch may beat the best final one).
 
 - regret@q and regret@B: regret after the quarter budget and after the full budget;
-- anytime: the mean of the regret after each epoch 1..B (the area under the regret curve
-  against epochs spent, divided by B);
+- anytime: the mean of the regret after each epoch 1..H (the area under the regret curve
+  against epochs spent, divided by H), H = B, or q with ``--until q``;
 - to-RS: the epochs a method needed to reach random-FIFO's final incumbent (same task and
   seed), or "n/r" (not reached within B);
 - the table prints medians over tasks and seeds, and win-tie-loss counts of every tuned
-  method against each Optuna baseline (on regret@q and on anytime regret);
+  method against each Optuna baseline (on regret@q and on anytime regret) and against the
+  better of Optuna's TPE baselines on each (task, seed) (on regret@q);
 - a plot of the median regret against epochs spent (``DIR/regret_<problem>.png``, when
   matplotlib is installed), the runs (``DIR/runs.csv``) and the curves (``DIR/curves.npz``);
 - how well the ranking after epoch 1 (and 3, 9, 27) predicts the ranking after the last
@@ -91,7 +97,12 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
+# One BLAS thread per run: the runs go in parallel processes, and a multi-threaded BLAS on a
+# busy machine makes bayesopt's small linear algebra several times slower.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -167,9 +178,11 @@ def lcbench_problem(task: str) -> Problem:
     space = lcbench_space()
     units, accuracy, seconds = data["units"], data["accuracy"][k], data["seconds"][k]
 
+    table = TableRows(units)
+
     def steps(config: dict[str, Any], seed: int, start: int
               ) -> Iterator[tuple[float, dict[str, Any]]]:
-        i = snap(units, space.to_unit(config))
+        i = table.row(space.to_unit(config))
         for e in range(start, accuracy.shape[1]):
             yield seconds[i], {"epoch": e + 1, "accuracy": accuracy[i, e]}
 
@@ -177,9 +190,29 @@ def lcbench_problem(task: str) -> Problem:
                    steps)
 
 
-def snap(units: np.ndarray, point: np.ndarray) -> int:
-    """The index of the row of `units` nearest to `point` (Euclidean; the first on ties)."""
-    return int(np.argmin(((units - point) ** 2).sum(axis=1)))
+class TableRows:
+    """Which row of a table each configuration of one run trains: a point seen before gets
+    its row again (a paused or promoted trial resumes the same curve); a new point gets the
+    nearest row (Euclidean in the unit cube, the first on ties) that no other point of the
+    run has taken, so that every method samples the table without replacement, as a
+    searcher restricted to the table's configurations would. After every row is taken,
+    new points get their nearest row."""
+
+    def __init__(self, units: np.ndarray):
+        self.units = units
+        self.rows: dict[bytes, int] = {}
+        self.free = np.ones(len(units), dtype=bool)
+
+    def row(self, point: np.ndarray) -> int:
+        key = np.asarray(point, dtype=np.float64).tobytes()
+        if key not in self.rows:
+            distance = ((self.units - point) ** 2).sum(axis=1)
+            if self.free.any():
+                distance[~self.free] = np.inf
+            i = int(np.argmin(distance))
+            self.free[i] = False
+            self.rows[key] = i
+        return self.rows[key]
 
 
 HARTMANN_ALPHA = np.array([1.0, 1.2, 3.0, 3.2])
@@ -239,6 +272,12 @@ class Method:
 
 
 _ASHA = {"grace_period": 1, "reduction_factor": 3}
+# bayesopt under Hyperband: the first rung at epoch 3, since the ranks after epoch 1 say
+# little on lcbench (see the rank correlations this script prints).
+_ASHA3 = {"grace_period": 3, "reduction_factor": 3}
+# bayesopt under Hyperband makes a suggestion every few epochs: a smaller model and fewer
+# candidates than the defaults (1000, 256) make each about 3 times cheaper.
+_BO_SMALL = {"candidates": 500, "max_points": 128}
 #: The methods by name. Hooks: a method whose searcher or scheduler tuned does not have
 #: (yet) is listed as not available and skipped (`available` checks); add new ones here.
 METHODS: dict[str, Method] = {
@@ -252,16 +291,20 @@ METHODS: dict[str, Method] = {
     "tuned:rl+fifo": Method("tuned", "rl", "fifo"),
     "tuned:bayesopt+fifo": Method("tuned", "bayesopt", "fifo"),
     "tuned:bayesopt+hyperband": Method("tuned", "bayesopt", "hyperband_stopping",
-                                       scheduler_options=_ASHA),
+                                       _BO_SMALL, _ASHA3),
     "tuned:bayesopt+hyperband_promotion": Method("tuned", "bayesopt", "hyperband_promotion",
-                                                 scheduler_options=_ASHA),
+                                                 _BO_SMALL, _ASHA3),
     # the Optuna baselines
     "optuna:tpe+hyperband": Method("optuna", "tpe", "hyperband"),
     "optuna:tpe+sha": Method("optuna", "tpe", "sha"),
+    # Optuna's Hyperband with the minimum resource of tuned's grace_period=3 methods
+    "optuna:tpe+hyperband@3": Method("optuna", "tpe", "hyperband",
+                                     scheduler_options={"min_resource": 3}),
     "optuna:random+sha": Method("optuna", "random", "sha"),
 }
 BASELINE = "tuned:random+fifo"
-OPTUNA_BASELINES = ("optuna:tpe+hyperband", "optuna:tpe+sha", "optuna:random+sha")
+OPTUNA_BASELINES = ("optuna:tpe+hyperband", "optuna:tpe+sha", "optuna:tpe+hyperband@3",
+                    "optuna:random+sha")
 
 
 def tuned_spec(problem: Problem, method: Method, seed: int, num_trials: int) -> Any:
@@ -360,13 +403,14 @@ def run_optuna(problem: Problem, method: Method, seed: int, budget: int,
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = (optuna.samplers.TPESampler(seed=seed) if method.searcher == "tpe"
                else optuna.samplers.RandomSampler(seed=seed))
+    options = {"min_resource": 1, "reduction_factor": 3, **method.scheduler_options}
     if method.scheduler == "hyperband":
-        pruner: Any = optuna.pruners.HyperbandPruner(min_resource=1,
-                                                     max_resource=problem.epochs,
-                                                     reduction_factor=3)
+        pruner: Any = optuna.pruners.HyperbandPruner(max_resource=problem.epochs, **options)
     else:
-        pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
-    study = optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner)
+        pruner = optuna.pruners.SuccessiveHalvingPruner(**options)
+    # A fixed study name: HyperbandPruner draws each trial's bracket from it.
+    study = optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner,
+                                study_name=f"{problem.name}-{problem.task}-{seed}")
     heap: list[tuple[float, int, Any, Iterator[Any], dict[str, Any]]] = []
     order = itertools.count()
     trials: list[int] = []
@@ -437,11 +481,15 @@ class Scores:
     to_rs: float  # epochs to reach random-FIFO's final incumbent; inf when not reached
 
 
-def score(run: Run, optimum: float, quarter: int, target: float | None) -> Scores:
-    """The metrics of the module docstring for one run."""
+def score(run: Run, optimum: float, quarter: int, full: int, horizon: int,
+          target: float | None) -> Scores:
+    """The metrics of the module docstring for one run: regret@B is NaN for a run shorter
+    than `full`, anytime regret is over the first `horizon` epochs."""
     regret = optimum - run.values
     reached = np.nonzero(run.values >= target)[0] if target is not None else []
-    return Scores(float(regret[quarter - 1]), float(regret[-1]), float(regret.mean()),
+    return Scores(float(regret[quarter - 1]),
+                  float(regret[full - 1]) if len(regret) >= full else math.nan,
+                  float(regret[:horizon].mean()),
                   float(reached[0] + 1) if len(reached) else math.inf)
 
 
@@ -482,6 +530,8 @@ def wtl(mine: list[float], theirs: list[float]) -> str:
 
 
 def fmt(x: float, digits: int = 3) -> str:
+    if math.isnan(x):
+        return "-"
     return "n/r" if math.isinf(x) else f"{x:.{digits}g}" if abs(x) < 1e4 else f"{x:.0f}"
 
 
@@ -491,22 +541,25 @@ def fmt_epochs(x: float) -> str:
 
 def report(runs: list[Run], problem: str, quarter: int, full: int, methods: list[str]) -> None:
     """Print the table of one problem: medians over tasks and seeds, win-tie-loss."""
-    mine = [r for r in runs if r.problem == problem]
-    keys = sorted({(r.task, r.seed) for r in mine})
+    by = {(r.task, r.seed, r.method): r for r in runs if r.problem == problem}
+    # the (task, seed) pairs every method ran (all of them, unless a run was cut short)
+    keys = sorted({(t, s) for t, s, _ in by if all((t, s, m) in by for m in methods)})
+    mine = [by[(t, s, m)] for t, s in keys for m in methods]
     optimum = {t: make_problem(problem, t).optimum for t, _ in keys}
-    by = {(r.task, r.seed, r.method): r for r in mine}
+    horizon = min(len(r.values) for r in mine)
     scores: dict[str, list[Scores]] = {}
     for name in methods:
         rows = []
         for task, seed in keys:
             base = by.get((task, seed, BASELINE))
             target = float(base.values[-1]) if base is not None else None
-            rows.append(score(by[(task, seed, name)], optimum[task], quarter, target))
+            rows.append(score(by[(task, seed, name)], optimum[task], quarter, full, horizon,
+                              target))
         scores[name] = rows
     unit = "accuracy points" if problem == "lcbench" else "reward"
     print(f"\n== {problem}: {len({t for t, _ in keys})} task(s) x "
           f"{len({s for _, s in keys})} seed(s); regret in {unit}; medians; "
-          f"q = {quarter} epochs, B = {full} epochs")
+          f"q = {quarter} epochs, B = {full} epochs, anytime over 1..{horizon}")
     head = (f"{'method':36} {'regret@q':>9} {'regret@B':>9} {'anytime':>9} {'to-RS':>7} "
             f"{'reached':>8} {'trials':>7} {'wall s':>7}")
     print(head)
@@ -537,6 +590,17 @@ def report(runs: list[Run], problem: str, quarter: int, full: int, methods: list
             a = wtl([r.anytime for r in scores[name]], [r.anytime for r in scores[b]])
             cells.append(f"{q} | {a}")
         print(f"{name:36} " + " ".join(f"{c:>26}" for c in cells))
+    tpe = [b for b in baselines if b.startswith("optuna:tpe")]
+    if len(tpe) < 2:
+        return
+    print(f"\nregret@q against the better of {' and '.join(tpe)} on each (task, seed) pair: "
+          "win-tie-loss (share won)")
+    better = [min(scores[b][i].regret_q for b in tpe) for i in range(len(keys))]
+    for name in methods:
+        if name.startswith("tuned:"):
+            counts = wtl([r.regret_q for r in scores[name]], better)
+            won = int(counts.split("-")[0])
+            print(f"{name:36} {counts:>12} ({won / len(keys):.0%})")
 
 
 def plot(runs: list[Run], problem: str, quarter: int, methods: list[str],
@@ -605,13 +669,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--problems", default="lcbench,hartmann6",
                    help="comma-separated: lcbench, hartmann6")
     p.add_argument("--tasks", default="all", help="lcbench task ids, comma-separated, or all")
-    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per task")
+    p.add_argument("--seeds", type=int, default=3, help="seeds S..S+N-1 per task")
+    p.add_argument("--seed-start", type=int, default=0, metavar="S",
+                   help="the first seed (to add seeds to saved runs, with --from)")
     p.add_argument("--workers", type=int, default=4, help="trials in flight at once")
     p.add_argument("--methods", default="all",
                    help=f"comma-separated names, or all (the available ones): {list(METHODS)}")
     p.add_argument("--rs-trials", type=int, default=100,
                    help="random-FIFO's trials; the full budget B is these x the epochs")
     p.add_argument("--fraction", type=float, default=0.25, help="the smaller budget, of B")
+    p.add_argument("--until", choices=("B", "q"), default="B",
+                   help="run every method but random-FIFO to B (default) or only to q")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                    help="runs in parallel (processes)")
     p.add_argument("--quick", action="store_true",
@@ -688,17 +756,24 @@ def main(argv: list[str] | None = None) -> int:
         tasks = ["-"]
         if problem == "lcbench":
             tasks = lcbench_data()["tasks"] if args.tasks == "all" else args.tasks.split(",")
-        jobs += [(problem, t, s, m, full, args.workers, args.rs_trials)
-                 for t in tasks for s in range(args.seeds) for m in methods]
+        jobs += [(problem, t, s, m, full if args.until == "B" or m == BASELINE else quarter,
+                  args.workers, args.rs_trials)
+                 for t in tasks for s in range(args.seed_start, args.seed_start + args.seeds)
+                 for m in methods]
     print(f"{len(jobs)} runs: problems {problems}, methods {methods}, {args.seeds} seed(s), "
           f"{args.workers} workers, budget B = {full} epochs, q = {quarter}, "
           f"{args.jobs} process(es)")
     began = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        runs = list(pool.map(run_one, jobs, chunksize=1))
-    print(f"ran in {time.perf_counter() - began:.0f} s")
     os.makedirs(args.out, exist_ok=True)
-    save(runs, args.out)
+    runs = []
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        for run in pool.map(run_one, jobs, chunksize=1):
+            runs.append(run)
+            if len(runs) % 20 == 0 or len(runs) == len(jobs):
+                save(runs, args.out)  # a run cut short keeps what it did (--from reads it)
+                print(f"{len(runs)}/{len(jobs)} runs, {time.perf_counter() - began:.0f} s",
+                      flush=True)
+    print(f"ran in {time.perf_counter() - began:.0f} s")
     summarise(runs, problems, methods, quarter, full, args.out)
     return 0
 
@@ -708,8 +783,9 @@ def summarise(runs: list[Run], problems: list[str], methods: list[str], quarter:
     """Print the tables, rank correlations and plots of every problem."""
     os.makedirs(out, exist_ok=True)
     print("\nA trial's value is its reward at the last epoch it reported (not its best epoch); "
-          "regret = optimum - best value so far; anytime = mean regret over epochs 1..B; "
-          "to-RS = epochs to reach random-FIFO's final incumbent (n/r: not reached by B).")
+          "regret = optimum - best value so far; anytime = mean regret over epochs 1..H; "
+          "to-RS = epochs to reach random-FIFO's final incumbent (n/r: not reached by the "
+          "run's end).")
     for problem in problems:
         report(runs, problem, quarter, full, methods)
         path = plot(runs, problem, quarter, methods, out)
