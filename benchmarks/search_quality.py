@@ -286,6 +286,12 @@ METHODS: dict[str, Method] = {
                                      scheduler_options=_ASHA),
     "tuned:random+hyperband_promotion": Method("tuned", "random", "hyperband_promotion",
                                                scheduler_options=_ASHA),
+    "tuned:random+hyperband_promotion@3": Method("tuned", "random", "hyperband_promotion",
+                                                 scheduler_options=_ASHA3),
+    "tuned:bayesopt+hyperband_promotion@2brackets": Method(
+        "tuned", "bayesopt", "hyperband_promotion", _BO_SMALL, {**_ASHA3, "brackets": 2}),
+    "tuned:bayesopt+hyperband_promotion@default_model": Method(
+        "tuned", "bayesopt", "hyperband_promotion", scheduler_options=_ASHA3),
     "tuned:random+pbt": Method("tuned", "random", "pbt",
                                scheduler_options={"perturbation_interval": 4}),
     "tuned:rl+fifo": Method("tuned", "rl", "fifo"),
