@@ -115,15 +115,26 @@ def test_clones_continue_from_their_parents_checkpoints(tmp_path):
     clones = [t for t in trials.values() if t.parent is not None]
     assert clones and {t.state for t in trials.values()} <= {"COMPLETED", "STOPPED"}
     with sqlite3.connect(tmp_path / "t.db") as c:
+
+        def lineage_reward(trial, seq):
+            """The reward stored at `seq` by `trial` or, when it has none there (a clone
+            copied before it made that report: a clone of a clone that had not reported
+            yet), by the nearest ancestor that made it."""
+            while trial is not None:
+                row = c.execute("SELECT reward FROM reports WHERE trial_id = ? AND seq = ?",
+                                (trial.id, seq)).fetchone()
+                if row is not None:
+                    return row[0]
+                trial = trials.get(trial.parent) if trial.parent is not None else None
+            return None
+
         for clone in clones:
-            parent = trials[clone.parent]
             first_seq, first = c.execute(
                 "SELECT seq, reward FROM reports WHERE trial_id = ? ORDER BY seq LIMIT 1",
                 (clone.id,)).fetchone()
-            before = c.execute("SELECT reward FROM reports WHERE trial_id = ? AND seq = ?",
-                               (parent.id, first_seq - 1)).fetchone()
-            # It went on from the parent's state at that epoch, not from scratch.
-            assert first_seq > 1 and before is not None and first > before[0]
+            before = lineage_reward(trials[clone.parent], first_seq - 1)
+            # It went on from its lineage's state at that epoch, not from scratch.
+            assert first_seq > 1 and before is not None and first > before
     code = "import sys; from tuned.cli import tuned_main; sys.argv[0] = 'tuned'; tuned_main()"
     out = subprocess.run([sys.executable, "-c", code, "trials", "--db", str(tmp_path / "t.db"),
                           "--json", s.experiment.name], capture_output=True, text=True)
