@@ -275,8 +275,8 @@ _ASHA = {"grace_period": 1, "reduction_factor": 3}
 # bayesopt under Hyperband: the first rung at epoch 3, since the ranks after epoch 1 say
 # little on lcbench (see the rank correlations this script prints).
 _ASHA3 = {"grace_period": 3, "reduction_factor": 3}
-# bayesopt under Hyperband makes a suggestion every few epochs: a smaller model and fewer
-# candidates than the defaults (1000, 256) make each about 3 times cheaper.
+# A smaller model and fewer candidates than bayesopt's defaults (1000, 256): each suggestion
+# about 3 times cheaper, the search worse (see the README's "Search quality").
 _BO_SMALL = {"candidates": 500, "max_points": 128}
 #: The methods by name. Hooks: a method whose searcher or scheduler tuned does not have
 #: (yet) is listed as not available and skipped (`available` checks); add new ones here.
@@ -288,18 +288,21 @@ METHODS: dict[str, Method] = {
                                                scheduler_options=_ASHA),
     "tuned:random+hyperband_promotion@3": Method("tuned", "random", "hyperband_promotion",
                                                  scheduler_options=_ASHA3),
-    "tuned:bayesopt+hyperband_promotion@2brackets": Method(
+    "tuned:bayesopt+hyperband_promotion@small_model_2brackets": Method(
         "tuned", "bayesopt", "hyperband_promotion", _BO_SMALL, {**_ASHA3, "brackets": 2}),
-    "tuned:bayesopt+hyperband_promotion@default_model": Method(
-        "tuned", "bayesopt", "hyperband_promotion", scheduler_options=_ASHA3),
     "tuned:random+pbt": Method("tuned", "random", "pbt",
                                scheduler_options={"perturbation_interval": 4}),
     "tuned:rl+fifo": Method("tuned", "rl", "fifo"),
     "tuned:bayesopt+fifo": Method("tuned", "bayesopt", "fifo"),
     "tuned:bayesopt+hyperband": Method("tuned", "bayesopt", "hyperband_stopping",
-                                       _BO_SMALL, _ASHA3),
+                                       scheduler_options=_ASHA3),
     "tuned:bayesopt+hyperband_promotion": Method("tuned", "bayesopt", "hyperband_promotion",
-                                                 _BO_SMALL, _ASHA3),
+                                                 scheduler_options=_ASHA3),
+    # variants: a smaller model (about 3 times cheaper per suggestion), two brackets
+    "tuned:bayesopt+hyperband@small_model": Method("tuned", "bayesopt", "hyperband_stopping",
+                                                   _BO_SMALL, _ASHA3),
+    "tuned:bayesopt+hyperband_promotion@small_model": Method(
+        "tuned", "bayesopt", "hyperband_promotion", _BO_SMALL, _ASHA3),
     # the Optuna baselines
     "optuna:tpe+hyperband": Method("optuna", "tpe", "hyperband"),
     "optuna:tpe+sha": Method("optuna", "tpe", "sha"),
