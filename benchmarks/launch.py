@@ -50,8 +50,8 @@ import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-BIN = os.path.dirname(os.path.abspath(sys.executable))
-TUNED = os.path.join(BIN, "tuned")
+from served import ServedDaemon
+
 ENTRY_FILE = "launch_entry.py"
 TIMES_ENV = "TUNED_LAUNCH_TIMES"
 TARGET_MS = 10.0
@@ -204,74 +204,27 @@ def spec_text(name: str, entry: str, trials: int, method: str) -> str:
         "space": {"x": {"type": "real", "lower": 0.0, "upper": 1.0}}})
 
 
-class DaemonRun:
+class DaemonRun(ServedDaemon):
     """`tuned serve` on a fresh state directory, its trials writing their times to a file."""
 
     def __init__(self, folder: str):
-        self.state = os.path.join(folder, "state")
-        self.sock_dir = tempfile.mkdtemp(prefix="tl-", dir="/tmp")  # short: sun_path
-        self.socket = os.path.join(self.sock_dir, "s.sock")
         self.times = os.path.join(folder, "times.txt")
-        env = dict(os.environ, **{TIMES_ENV: self.times})
-        self.log = open(os.path.join(folder, "daemon.log"), "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [TUNED, "serve", "--state-dir", self.state, "--socket", self.socket,
-             "--log-level", "WARNING"], env=env, stdin=subprocess.DEVNULL, stdout=self.log,
-            stderr=self.log, start_new_session=True)
-        self._wait_hello()
-
-    def client(self) -> Any:
-        from tuned.client import ControlClient
-
-        return ControlClient(self.socket, timeout=300)
-
-    def _wait_hello(self, timeout: float = 60) -> None:
-        from tuned.client import ControlError
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"tuned serve exited with {self.proc.returncode}")
-            try:
-                with self.client() as c:
-                    c.hello()
-                return
-            except ControlError:
-                time.sleep(0.02)
-        raise RuntimeError("tuned serve did not answer")
+        super().__init__(folder, {TIMES_ENV: self.times})
 
     def experiment(self, name: str, entry: str, folder: str, trials: int,
                    method: str) -> dict[str, Any]:
         """Submit, wait for the end; the submit's duration and the trials' times."""
         if os.path.exists(self.times):
             os.unlink(self.times)
-        text = spec_text(name, entry, trials, method)
-        with self.client() as c:
-            t0 = time.monotonic()
-            c.request("submit", text=text, filename=f"{name}.json", workdir=folder)
-            t1 = time.monotonic()
-            while True:
-                state = c.request("status", experiment=name)["experiments"][0]
-                if state["state"] != "RUNNING":
-                    break
-                time.sleep(0.05)
+        began = time.monotonic()
+        submitted, state = self.submit_and_wait(name, spec_text(name, entry, trials, method),
+                                                folder)
         if state["state"] != "COMPLETED" or state["trials"].get("COMPLETED") != trials:
             raise RuntimeError(f"experiment {name} ended {state}")
         with open(self.times, encoding="utf-8") as f:
             rows = sorted(tuple(map(float, line.split())) for line in f)
-        return {"submit": t1 - t0, "first": rows[0][0] - t0,
+        return {"submit": submitted, "first": rows[0][0] - began,
                 "turnaround": [b[0] - a[1] for a, b in itertools.pairwise(rows)]}
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        shutil.rmtree(self.sock_dir, ignore_errors=True)
 
 
 # -- printing --------------------------------------------------------------------------------

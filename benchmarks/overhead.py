@@ -56,9 +56,9 @@ import threading
 import time
 from typing import Any
 
+from served import ServedDaemon
+
 HERE = os.path.abspath(__file__)
-BIN = os.path.dirname(os.path.abspath(sys.executable))
-TUNED = os.path.join(BIN, "tuned")
 TIMES_ENV = "TUNED_OVERHEAD_TIMES"
 MAX_T, GRACE, ETA = 10, 1, 3
 TARGET_TRIALS_S, TARGET_RATIO, TARGET_REPORTS_S, TARGET_P99_MS = 100.0, 4.0, 5000.0, 2.0
@@ -293,53 +293,17 @@ def run_child(argv: list[str], env: dict[str, str] | None = None) -> tuple[dict,
 # -- the daemon -------------------------------------------------------------------------------
 
 
-class Daemon:
-    """`tuned serve` on a fresh state directory, its trials writing round trips to `times`."""
+class Daemon(ServedDaemon):
+    """`tuned serve` on a fresh state directory, its trials writing round trips to `times`;
+    the memory of its process tree sampled until `stop`."""
 
     def __init__(self, folder: str, times: str):
-        self.folder = folder
-        self.state = os.path.join(folder, "state")
-        self.sock_dir = tempfile.mkdtemp(prefix="to-", dir="/tmp")  # short: sun_path
-        self.socket = os.path.join(self.sock_dir, "s.sock")
-        self.log = open(os.path.join(folder, "daemon.log"), "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [TUNED, "serve", "--state-dir", self.state, "--socket", self.socket,
-             "--log-level", "WARNING"], env=dict(os.environ, **{TIMES_ENV: times}),
-            stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log,
-            start_new_session=True)
+        super().__init__(folder, {TIMES_ENV: times})
         self.memory = TreeMemory(self.proc.pid)
-        self._wait_hello()
-
-    def client(self) -> Any:
-        from tuned.client import ControlClient
-
-        return ControlClient(self.socket, timeout=300)
-
-    def _wait_hello(self, timeout: float = 60) -> None:
-        from tuned.client import ControlError
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"tuned serve exited with {self.proc.returncode}")
-            try:
-                with self.client() as c:
-                    c.hello()
-                return
-            except ControlError:
-                time.sleep(0.02)
-        raise RuntimeError("tuned serve did not answer")
 
     def run(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
         """Submit `spec`, wait for its end; wall time and trial count from the store."""
-        with self.client() as c:
-            c.request("submit", text=json.dumps(dict(spec, name=name)),
-                      filename=f"{name}.json", workdir=self.folder)
-            while True:
-                state = c.request("status", experiment=name)["experiments"][0]
-                if state["state"] != "RUNNING":
-                    break
-                time.sleep(0.05)
+        _, state = self.submit_and_wait(name, json.dumps(dict(spec, name=name)), self.folder)
         if state["state"] != "COMPLETED":
             raise RuntimeError(f"experiment {name} ended {state}")
         db = sqlite3.connect(f"file:{os.path.join(self.state, 'tuned.db')}?mode=ro", uri=True)
@@ -352,16 +316,9 @@ class Daemon:
             db.close()
         return {"wall": last - first, "trials": count, "states": state["trials"]}
 
-    def stop(self) -> tuple[float, float]:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        shutil.rmtree(self.sock_dir, ignore_errors=True)
+    def stop(self) -> tuple[float, float]:  # type: ignore[override]
+        """Stop the daemon; the peak RSS and PSS of its tree."""
+        super().stop()
         return self.memory.stop()
 
 

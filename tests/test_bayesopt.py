@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from test_searchers import MIXED  # the mixed space every searcher is tested on
 
 from tuned.searchers import SearcherStateError, gp, make_searcher
 from tuned.searchers.bayesopt import CHUNK, BayesOptSearcher, Encoder
@@ -24,14 +25,6 @@ from tuned.space import Bool, Categorical, Int, Real, Space
 
 ROOT = Path(__file__).resolve().parent.parent
 
-MIXED = Space({
-    "lr": Real(1e-4, 1e-1, log=True),
-    "momentum": Real(0.5, 0.99),
-    "layers": Int(1, 8),
-    "width": Int(16, 1024, log=True),
-    "act": Categorical("relu", "tanh", "gelu"),
-    "bn": Bool(),
-})
 BRANIN = Space({"x": Real(-5.0, 10.0), "y": Real(0.0, 15.0)})
 BRANIN_MIN = 0.397887
 
