@@ -16,7 +16,6 @@ Guarantees (see DESIGN.md, invariants):
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -34,6 +33,8 @@ from tuned.decisions import Decision, TrialState
 from tuned.executors.local import Exited, LocalExecutor, Message, process_start_time
 from tuned.gpus import discover_gpus
 from tuned.interrupts import sigint_guard
+from tuned.protocol import compact_json
+from tuned.reporter import REPORT_LAG_ENV
 from tuned.resources import Grant, ResourcePool
 from tuned.schedulers.base import Clone, FIFOScheduler, Outcome, TrialScheduler
 from tuned.searchers import Searcher, make_searcher
@@ -314,9 +315,12 @@ class Engine:
         if self._outbox:
             failpoints.hit("reported")
         answered = time.monotonic()
+        answers: dict[int, list[dict[str, Any]]] = {}
         for trial_id, body in self._outbox:
+            answers.setdefault(trial_id, []).append(body)
+        for trial_id, bodies in answers.items():
             live = self.live.get(trial_id)
-            if not self.executor.send(trial_id, body) and live is not None:
+            if not self.executor.send(trial_id, *bodies) and live is not None:
                 self._fail(live, "stopped reading its report channel")
             elif live is not None:
                 live.answered = answered
@@ -438,6 +442,8 @@ class Engine:
                    "checkpoint_dir": self._trial_checkpoint_dir(trial.number)}
         if grant.gpus:
             payload["env"]["CUDA_VISIBLE_DEVICES"] = ",".join(grant.gpus)
+        if self.spec.report_lag:
+            payload["env"][REPORT_LAG_ENV] = repr(self.spec.report_lag)
         log_path = os.path.join(self.log_dir, f"trial-{trial.number}.log")
         pid = self.executor.reserve(trial.id)
         if not self.store.claim_trial(trial.id, pid, process_start_time(pid), grant.gpus):
@@ -515,6 +521,11 @@ class Engine:
                                         completed=state is TrialState.COMPLETED)
                 self._answer(trial.id, {"seq": seq, "decision": stored})
                 return None
+        if live.stop is not None:
+            # Sent before the trial heard its stop (under a report lag): it ends anyway, and
+            # nothing past its stop is stored.
+            self._answer(trial.id, {"seq": seq, "decision": live.stop.decision.value})
+            return None
         if seq != live.last_seq + 1:
             return self._fail(live, f"report {seq} out of order (expected {live.last_seq + 1})")
         problem = check_metrics(metrics, self.spec.reward_attr, self.spec.time_attr)
@@ -529,7 +540,7 @@ class Engine:
             outcome = Outcome(Decision.PAUSE, "experiment paused", outcome.rungs)
         decision = self.store.record_report(
             trial.id, seq, time_value, reward, score,
-            json.dumps(metrics, separators=(",", ":")), outcome.decision, outcome.rungs,
+            compact_json(metrics), outcome.decision, outcome.rungs,
             self.experiment.id)
         live.last_seq = seq
         live.score = score

@@ -82,13 +82,19 @@ class RemoteError(ProtocolError):
     """The daemon answered with an error frame. `code` may be one this client doesn't know."""
 
 
+_FRAME = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+#: `obj` as compact JSON text (NaN and infinities written as JavaScript does); TypeError for
+#: values JSON cannot hold. One encoder made once: `json.dumps` with options makes one a call.
+compact_json = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def encode(obj: Any) -> bytes:
     """One frame: `obj` as compact ASCII JSON plus ``\\n``.
 
     Raises ValueError for NaN/infinity (``allow_nan=False``) or a circular structure, and
     TypeError for values JSON cannot hold. No size limit is applied here.
     """
-    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode("ascii") + b"\n"
+    return _FRAME.encode(obj).encode("ascii") + b"\n"
 
 
 def _reject_constant(name: str) -> Any:

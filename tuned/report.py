@@ -9,7 +9,9 @@ channel (README, "The report channel").
         report.report(epoch=epoch, accuracy=acc)   # returns once the daemon stored it
 
 `report(**metrics)` sends one report and waits until the daemon has stored it with its
-decision. When the scheduler stops (or pauses) the trial, it exits the program with code 0
+decision (under the spec's `report_lag`, a program whose steps are shorter than the lag goes
+on once the report is sent: `tuned.reporter`; its end waits for every answer). When the
+scheduler stops (or pauses) the trial, it exits the program with code 0
 (SystemExit: `finally` blocks run), unless `exit_on_stop=False`, when it returns False
 instead. Outside a trial (no channel in the environment) it raises RuntimeError. If the
 daemon restarts meanwhile, the report waits for the next one and is sent again, as a
@@ -31,7 +33,7 @@ import traceback
 from typing import Any
 
 from tuned.command import CHECKPOINT_DIR_ENV, CONFIG_ENV, NUMBER_ENV, REPORT_FD_ENV, SEED_ENV
-from tuned.reporter import Reconnect, Reporter, TrialStopped
+from tuned.reporter import ChannelClosed, Reconnect, Reporter, ReportRejected, TrialStopped
 
 _reporter: Reporter | None = None
 _failed = False
@@ -116,5 +118,10 @@ def _install_end_hooks() -> None:
 
 
 def _at_exit() -> None:
-    if _reporter is not None and not _failed:
-        _reporter.send_event(op="done")
+    if _reporter is None or _failed:
+        return
+    try:
+        _reporter.flush()
+    except (TrialStopped, ReportRejected, ChannelClosed):
+        return  # stopped: as if it had exited at the stop; rejected or cut off: not done
+    _reporter.send_event(op="done")

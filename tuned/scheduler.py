@@ -56,7 +56,7 @@ class FIFOScheduler:
                  checkpoint: str | None = DEFAULT_CHECKPOINT, resume: bool = False,
                  mode: str = "max", seed: int | None = None, name: str | None = None,
                  max_concurrent: int | None = None, max_retries: int = 0,
-                 **scheduler_options: Any):
+                 report_lag: float = 0.0, **scheduler_options: Any):
         if not callable(train_fn):
             raise ValueError(f"train_fn: expected a function, got {train_fn!r}")
         self.train_fn = train_fn
@@ -89,6 +89,7 @@ class FIFOScheduler:
             "num_gpus": resource.get("num_gpus", 0),
             "max_concurrent": max_concurrent,
             "max_retries": max_retries,
+            "report_lag": report_lag,
         }
         self.spec = ExperimentSpec.from_dict(spec_data)
         self._check_resources()

@@ -29,6 +29,8 @@ SCHEDULER_NAMES = ("fifo", "hyperband_stopping", "hyperband_promotion", "pbt")
 SCHEDULER_ALIASES = {"hyperband": "hyperband_stopping"}
 MODES = ("max", "min")
 START_METHODS = ("fork", "spawn")
+#: The longest report lag a spec may ask for (seconds): a stop reaches a trial that late.
+MAX_REPORT_LAG = 1.0
 
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 #: "path/to/file.py:function" (any path ending in .py) or "dotted.module:function".
@@ -68,6 +70,7 @@ class ExperimentSpec:
     workdir: str | None = None
     start_method: str = "fork"
     report_timeout: float | None = None
+    report_lag: float = 0.0
     keep_checkpoints: int | None = None
     schedule: str | None = None
 
@@ -153,6 +156,10 @@ def _check_values(v: dict[str, Any], problems: list[str]) -> None:
     gpus = v.get("num_gpus", 0)
     if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 0:
         problems.append(f"num_gpus: must be an integer >= 0, got {gpus!r}")
+    lag = v.get("report_lag", 0.0)
+    if not _is_number(lag) or not 0 <= lag <= MAX_REPORT_LAG:
+        problems.append(f"report_lag: must be a number of seconds from 0 to {MAX_REPORT_LAG:g} "
+                        f"(how long a trial's reports may go unanswered), got {lag!r}")
 
 
 def _check_launch(v: dict[str, Any], problems: list[str]) -> None:

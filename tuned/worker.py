@@ -48,6 +48,7 @@ def run_trial(fn: Callable[[Args, Reporter], Any], args: Args, seed: int,
                         trial_number=number)
     try:
         fn(args, reporter)
+        reporter.flush()
     except TrialStopped:
         return EXIT_OK
     except ChannelClosed:

@@ -234,13 +234,19 @@ class SimulatedExecutor:
         """The fake pids of the running trials."""
         return [sim.pid for sim in self._trials.values()]
 
-    def send(self, trial_id: int, body: dict[str, Any]) -> bool:
-        """The engine's answer to the report the trial waits for; always True (a simulated
-        channel never fills). An answer to another report, or to a trial that has ended or
-        is ending, changes nothing."""
+    def send(self, trial_id: int, *bodies: dict[str, Any]) -> bool:
+        """The engine's answers, each as `_answer` takes it; always True (a simulated channel
+        never fills)."""
+        for body in bodies:
+            self._answer(trial_id, body)
+        return True
+
+    def _answer(self, trial_id: int, body: dict[str, Any]) -> None:
+        """The engine's answer to the report the trial waits for. An answer to another
+        report, or to a trial that has ended or is ending, changes nothing."""
         sim = self._trials.get(trial_id)
         if sim is None or sim.ending or sim.awaiting is None or body.get("seq") != sim.awaiting:
-            return True
+            return
         sim.awaiting = None
         if "error" in body:
             self._fail(sim, ReportRejected(str(body["error"])))
@@ -253,7 +259,6 @@ class SimulatedExecutor:
         else:
             sim.stop_pending = True
             self._advance(sim, 0.0)
-        return True
 
     def stop(self, trial_id: int, grace: float = 5.0) -> None:
         """End the trial now, as SIGTERM ends a trial that does not catch it (code -15)."""
