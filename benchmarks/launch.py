@@ -17,8 +17,9 @@ Three measurements:
 
 1. Executor: a `tuned.executors.template.TemplateExecutor` (the daemon's executor: a template
    process that imported the entry forks each trial) driven directly, one trial at a time,
-   for each start method; and, for reference, a `LocalExecutor` with a spare forked ahead
-   (the in-process API's executor). Per launch: `launch()` itself (for the template: asking
+   for each start method; and, for reference, the in-process API's executor (a fork server
+   forked from the calling process, `ForkServerExecutor`) with a spare forked ahead.
+   Per launch: `launch()` itself (for the template: asking
    the template to fork and hearing back its pid), and launch to the function's first line.
    Each trial reports once, is answered "continue", returns, and is reaped; --pause seconds
    pass before the next launch.
@@ -147,19 +148,20 @@ def measure_template(entry: str, folder: str, method: str, count: int, pause: fl
 
 
 def measure_local(entry: str, folder: str, count: int, pause: float) -> list[Launch]:
-    """Launches by a LocalExecutor (the in-process API's) with a spare forked beforehand, as
-    the engine forks one while it waits."""
-    from tuned.executors.local import LocalExecutor
+    """Launches by the in-process API's executor (a fork server forked from this process)
+    with a spare forked beforehand, as the engine asks for one while it waits."""
+    from tuned.executors.template import ForkServerExecutor
     from tuned.specfile import resolve_entry
     from tuned.worker import make_runner
 
     fn, _, constants = resolve_entry(entry, folder)
     logs = tempfile.mkdtemp(prefix="local-", dir=folder)
-    executor = LocalExecutor(make_runner(fn, constants), spares=1)
+    executor = ForkServerExecutor(make_runner(fn, constants), spares=1)
     try:
         return run_launches(executor, count, pause, logs, before=executor.prefork)
     finally:
         executor.shutdown()
+        executor.close_template()
 
 
 # -- 2. import times -------------------------------------------------------------------------
@@ -282,7 +284,8 @@ def main() -> None:
                   flush=True)
             results["fork+spare"] = measure_template(entry, folder, "fork", cli.launches,
                                                      cli.pause, spare=True)
-        print(f"  local executor (spare forked ahead): {cli.launches} launches ...", flush=True)
+        print(f"  in-process fork server (spare forked ahead): {cli.launches} launches ...",
+              flush=True)
         results["local"] = measure_local(entry, folder, cli.launches, cli.pause)
         user = entry_import_seconds(folder, 11)
         bare = process_seconds([sys.executable, "-c", "pass"], 11)
@@ -308,7 +311,7 @@ def report(results: dict[str, list[Launch]], user: list[float], bare: list[float
     names = {"fork": "template, fork (as the daemon launches)",
              "spawn": "template, spawn (as the daemon launches)",
              "fork+spare": "template, fork, a child forked ahead (not done yet)",
-             "local": "local executor, a spare forked ahead (in-process API)"}
+             "local": "in-process fork server, a spare forked ahead"}
     for key, launches in results.items():
         print(f"  {names[key]}")
         row("  launch to the function's first line", [x.start for x in launches])

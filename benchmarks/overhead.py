@@ -396,7 +396,8 @@ def measure_overhead(cli: argparse.Namespace, folder: str) -> list[Row]:
     print(f"  tuned in-process: {cli.trials} trials ...", flush=True)
     times = _fresh(folder, "tuned")
     shutil.copytree(os.path.join(folder, "entry"), times + "-entry")
-    result, rss, pss = run_child(["--child", "tuned", "--n", str(cli.trials), "--times", times],
+    result, rss, pss = run_child(["--child", "tuned", "--n", str(cli.trials), "--times", times,
+                                  "--lag", "0"],
                                  entry_env)
     rows.append(_row("tuned in-process", result, times, rss, pss, "process", "yes"))
     if "daemon" not in cli.skip:

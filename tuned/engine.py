@@ -31,6 +31,7 @@ from tuned import failpoints
 from tuned.checkpoints import TrialCheckpoints
 from tuned.decisions import Decision, TrialState
 from tuned.executors.local import Exited, LocalExecutor, Message, process_start_time
+from tuned.executors.template import ForkServerExecutor
 from tuned.gpus import discover_gpus
 from tuned.interrupts import sigint_guard
 from tuned.protocol import compact_json
@@ -137,8 +138,8 @@ class Engine:
         self.log_dir = log_dir
         self.slots = max(1, slots)
         constants = spec.constants if constants is None else constants
-        self.executor = executor or LocalExecutor(make_runner(fn, constants),
-                                                  spares=self.slots)
+        self.executor = executor or ForkServerExecutor(make_runner(fn, constants),
+                                                       spares=self.slots)
         self.on_trial_end = on_trial_end
         self.on_event = on_event
         self.trial_env = dict(trial_env or {})
@@ -196,6 +197,8 @@ class Engine:
             raise
         finally:
             self.executor.close_spares()
+            if isinstance(self.executor, ForkServerExecutor):
+                self.executor.close_template()
         self.close()
 
     def start(self) -> None:

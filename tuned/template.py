@@ -19,6 +19,7 @@ fresh interpreter (``python -m tuned.template --trial``) that imports the entry 
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import selectors
@@ -84,11 +85,14 @@ def trial_main(fd: int) -> int:
 
 
 class Template:
-    """The template's loop: fork on request, report exits, leave when the daemon does."""
+    """The template's loop: fork on request, report exits, leave when the daemon does.
+    `kill_with_parent`: its children get SIGKILL when it dies (a fork server's)."""
 
-    def __init__(self, ctl: socket.socket, runner: Callable[[dict[str, Any], socket.socket], int]):
+    def __init__(self, ctl: socket.socket, runner: Callable[[dict[str, Any], socket.socket], int],
+                 kill_with_parent: bool = False):
         self.ctl = ctl
         self.runner = runner
+        self.kill_with_parent = kill_with_parent
         self.children: set[int] = set()
         self.wake_r, self.wake_w = socket.socketpair()
         self.wake_r.setblocking(False)
@@ -136,7 +140,7 @@ class Template:
             self.ctl.close()
             self.wake_r.close()
             self.wake_w.close()
-            spare_main(self.runner, channel, parent, kill_with_parent=False)
+            spare_main(self.runner, channel, parent, self.kill_with_parent)
         self.children.add(pid)
         return pid
 
@@ -161,6 +165,31 @@ class Template:
                 _send(self.ctl, op="exited", pid=pid, code=os.waitstatus_to_exitcode(status))
             except OSError:
                 pass
+
+
+def serve_forks(ctl: socket.socket, runner: Callable[[dict[str, Any], socket.socket], int],
+                engine_pid: int) -> None:  # pragma: no cover - runs in the fork server
+    """In a fork of the engine's process: be its fork server (`Template`) until it goes
+    away, then exit (never returns). The server has its own session, dies with the engine
+    (SIGKILL), and its trials die with it; the garbage collector leaves the objects it
+    inherited alone, so that trials forked from it copy fewer pages."""
+    from tuned.executors.local import die_with_parent
+
+    code = 0
+    try:
+        os.setsid()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        die_with_parent(engine_pid)
+        gc.freeze()
+        Template(ctl, runner, kill_with_parent=True).run()
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    finally:
+        os._exit(code)
 
 
 def _runner_of(experiment: dict[str, Any]) -> tuple[Callable[..., int], dict[str, Any]]:
@@ -190,6 +219,7 @@ def main(argv: list[str]) -> int:
               else f"entry: {type(exc).__name__}: {exc}")
         return 1
     _send(ctl, op="ready", pid=os.getpid(), **described)
+    gc.freeze()  # what the entry loaded stays out of the trials' collections: fewer pages copied
     Template(ctl, runner).run()
     return 0
 

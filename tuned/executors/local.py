@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import faulthandler
+import functools
 import json
 import os
 import selectors
@@ -467,10 +468,20 @@ def become_spare(parent_pid: int, kill_with_parent: bool) -> None:
     _batch_scheduling()
     _prepare_output()
     if kill_with_parent:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent_pid:
-            os._exit(70)
+        die_with_parent(parent_pid)
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """In a forked child: SIGKILL when the parent dies; exit now if it died already."""
+    _libc().prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:
+        os._exit(70)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """The C library, loaded once (a fork server's children inherit it loaded)."""
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def _read_order(sock: socket.socket) -> dict[str, Any] | None:
