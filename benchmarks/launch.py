@@ -131,8 +131,8 @@ def run_launches(executor: Any, count: int, pause: float, logs: str,
 def measure_template(entry: str, folder: str, method: str, count: int, pause: float,
                      spare: bool = False) -> list[Launch]:
     """Launches by a TemplateExecutor with `start_method` = `method`. With `spare`, a child
-    is forked ahead of each launch (`spares = 1`, `prefork()`), as `LocalExecutor` does:
-    what a launch would cost if the daemon kept a template child ready (it does not)."""
+    is forked ahead of each launch (`spares = 1`, `prefork()`), as the daemon and the
+    in-process engine do while an experiment may still launch trials."""
     from tuned.executors.template import TemplateExecutor
 
     logs = tempfile.mkdtemp(prefix=f"{method}-", dir=folder)
@@ -310,7 +310,7 @@ def report(results: dict[str, list[Launch]], user: list[float], bare: list[float
     header("Executor, launch to the function's first line (one trial at a time):")
     names = {"fork": "template, fork (as the daemon launches)",
              "spawn": "template, spawn (as the daemon launches)",
-             "fork+spare": "template, fork, a child forked ahead (not done yet)",
+             "fork+spare": "template, fork, a child forked ahead (as the daemon keeps one)",
              "local": "in-process fork server, a spare forked ahead"}
     for key, launches in results.items():
         print(f"  {names[key]}")
