@@ -183,20 +183,31 @@ class LocalExecutor:
         return True
 
     def _fork(self) -> _Child:
-        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        pid, parent_end = self._fork_running(
+            socket.SOCK_STREAM,
+            lambda channel, parent: spare_main(self.runner, channel, parent,
+                                               self.kill_with_parent))
+        # Never blocks: an answer that does not fit in the socket buffer means the trial
+        # stopped reading, and `send` says so rather than stall the engine.
+        parent_end.setblocking(False)
+        return _Child(-1, pid, parent_end, self._pidfd(pid))
+
+    def _fork_running(self, kind: int,
+                      main: Callable[[socket.socket, int], None]) -> tuple[int, socket.socket]:
+        """Fork a child that runs `main(its end of a new socket pair of type `kind`, this
+        process's pid)`, which must never return, with the executor's other descriptors
+        closed; (its pid, our end)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, kind)
         sys.stdout.flush()
         sys.stderr.flush()
         parent_pid = os.getpid()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child, which leaves by os._exit
-            parent_end.close()
+            ours.close()
             self._close_others()
-            spare_main(self.runner, child_end, parent_pid, self.kill_with_parent)
-        child_end.close()
-        # Never blocks: an answer that does not fit in the socket buffer means the trial
-        # stopped reading, and `send` says so rather than stall the engine.
-        parent_end.setblocking(False)
-        return _Child(-1, pid, parent_end, self._pidfd(pid))
+            main(theirs, parent_pid)
+        theirs.close()
+        return pid, ours
 
     def _close_others(self) -> None:
         """In a forked child: close the executor's descriptors of other trials."""

@@ -273,16 +273,8 @@ class ForkServerExecutor(TemplateExecutor):
     def _start_server(self) -> None:
         from tuned.template import serve_forks
 
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        engine = os.getpid()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the server leaves by os._exit
-            ours.close()
-            self._close_others()
-            serve_forks(theirs, self.runner, engine)
-        theirs.close()
+        pid, ours = self._fork_running(
+            socket.SOCK_SEQPACKET, lambda ctl, engine: serve_forks(ctl, self.runner, engine))
         self.process = _Forked(pid)
         self.ctl = ours
         self._loaded({"op": "ready"})
