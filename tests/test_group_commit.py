@@ -8,8 +8,10 @@ from __future__ import annotations
 import sqlite3
 
 import tuned as ag
+from tuned.decisions import Decision
 from tuned.engine import HOLD_MAX, Engine
 from tuned.executors.local import LocalExecutor, Message
+from tuned.schedulers.base import Outcome
 from tuned.schedulers.hyperband import HyperbandStopping
 
 
@@ -123,7 +125,7 @@ def test_held_reports_are_handled_in_arrival_order_with_one_by_one_decisions(tmp
 
 def test_a_batch_is_held_only_for_trials_answered_within_the_hold(tmp_path):
     """hold_for: no wait without a report, nor for a trial answered longer ago than the
-    hold or one that spoke since; at most HOLD_MAX otherwise."""
+    hold, one told to stop, or one that spoke since; at most HOLD_MAX otherwise."""
     s = ag.scheduler.FIFOScheduler(halving_fn, resource={"num_cpus": 1}, num_trials=2,
                                    max_concurrent=2, checkpoint=str(tmp_path / "t.db"),
                                    seed=0)
@@ -142,6 +144,9 @@ def test_a_batch_is_held_only_for_trials_answered_within_the_hold(tmp_path):
         engine.arrived([report])
         wait = engine.hold_for([done, report])
         assert wait is not None and 0 < wait <= HOLD_MAX
+        engine.live[b].stop = Outcome(Decision.STOP)  # told to stop: it exits, not reports
+        assert engine.hold_for([done, report]) is None
+        engine.live[b].stop = None
         engine.live[b].answered -= 2 * HOLD_MAX  # answered long ago: not waited for
         assert engine.hold_for([done, report]) is None
         engine.live[b].answered += 2 * HOLD_MAX
@@ -150,3 +155,4 @@ def test_a_batch_is_held_only_for_trials_answered_within_the_hold(tmp_path):
     finally:
         engine.executor.shutdown(grace=0.1)
         engine.executor.close_spares()
+        engine.executor.close_template()

@@ -276,18 +276,20 @@ class Engine:
         durable transaction, or None to handle them now.
 
         Worth waiting for are the running trials answered less than the hold ago that have
-        not spoken since: a trial that reports in a loop sends its next report within
-        microseconds of its answer, and then shares this commit instead of waiting for one
-        of its own. The hold is `HOLD_MAX` at most, and no longer than a durable commit
-        takes here (so that the wait costs less than the commit it saves); it counts from
-        the first report of the batch and from each awaited trial's answer, and ends as
-        soon as every awaited trial has spoken. A batch without reports (or of a
-        non-durable store) is never held. The reports are handled in the order they came,
-        as they would be one by one, so they get the same decisions."""
+        not spoken since, unless that answer ended them (they exit rather than report): a
+        trial that reports in a loop sends its next report within microseconds of its
+        answer, and then shares this commit instead of waiting for one of its own. The hold
+        is `HOLD_MAX` at most, and no longer than a durable commit takes here (so that the
+        wait costs less than the commit it saves); it counts from the first report of the
+        batch and from each awaited trial's answer, and ends as soon as every awaited trial
+        has spoken. A batch without reports (or of a non-durable store) is never held. The
+        reports are handled in the order they came, as they would be one by one, so they get
+        the same decisions."""
         if self._held_since is None or not self.store.durable:
             return None
         cap = min(HOLD_MAX, self._commit_seconds)
-        due = [live.answered + cap for live in self.live.values() if live.answered is not None]
+        due = [live.answered + cap for live in self.live.values()
+               if live.answered is not None and live.stop is None]
         if not due:
             return None
         wait = min(self._held_since + cap, max(due)) - time.monotonic()
