@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 from tuned.engine import Engine
+from tuned.executors.template import ForkServerExecutor
 from tuned.paths import DEFAULT_CHECKPOINT
 from tuned.spec import ExperimentSpec, json_safe
 from tuned.store import NotFound, Store
 from tuned.trial_args import Args
+from tuned.worker import make_runner
 
 __all__ = ["FIFOScheduler", "HyperbandScheduler", "PBTScheduler", "RLScheduler",
            "DEFAULT_CHECKPOINT"]
@@ -94,14 +97,30 @@ class FIFOScheduler:
         self.spec = ExperimentSpec.from_dict(spec_data)
         self._check_resources()
         self.checkpoint = checkpoint or DEFAULT_CHECKPOINT
-        self.store = Store(self.checkpoint)
-        self.experiment = self._open_experiment(resume)
+        self._executor = self._fork_server(train_fn)
+        weakref.finalize(self, self._executor.close_template)
+        try:
+            self.store = Store(self.checkpoint)
+            self.experiment = self._open_experiment(resume)
+        except BaseException:
+            self._executor.close_template()
+            raise
         self.spec = ExperimentSpec.from_dict(self.experiment.spec)
         self.log_dir = os.path.join(os.path.dirname(os.path.abspath(self.checkpoint)), "logs",
                                     self.experiment.name)
         self._engine: Engine | None = None
 
     # -- construction helpers ------------------------------------------------------------
+
+    @staticmethod
+    def _fork_server(train_fn: Callable) -> ForkServerExecutor:
+        """The executor of `run()`, its fork server forked now: before the store is opened
+        (and its migrations' modules imported), this process is smaller, and so is every
+        trial's fork. The server ends with `run()` (or when this object is collected, or
+        this process dies); a later `run()` forks a new one."""
+        executor = ForkServerExecutor(make_runner(train_fn, getattr(train_fn, "constants", {})))
+        executor.start_server()
+        return executor
 
     def _scheduler_options(self, train_fn: Callable, options: dict[str, Any]) -> dict[str, Any]:
         if options:
@@ -170,9 +189,10 @@ class FIFOScheduler:
 
         done = sum(n for s, n in self.store.count_trials(self.experiment.id).items()
                    if s in ("COMPLETED", "STOPPED", "FAILED"))
+        self._executor.spares = self.slots
         with progress_bar(self.spec.num_trials, done) as bar:
             self._engine = Engine(self.store, self.experiment, self.spec, self.train_fn,
-                                  self.log_dir, self.slots,
+                                  self.log_dir, self.slots, executor=self._executor,
                                   constants=getattr(self.train_fn, "constants", {}),
                                   on_trial_end=lambda number, state: bar.update(1))
             self._engine.run()

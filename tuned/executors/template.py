@@ -242,8 +242,9 @@ class TemplateExecutor(LocalExecutor):
 
 class ForkServerExecutor(TemplateExecutor):
     """The in-process engine's executor: a TemplateExecutor whose template is a fork of this
-    process, made at the first launch, that holds `runner` (the training function, closures
-    and all) as this process does. It forks every trial, so the engine's process never
+    process, made by `start_server` or at the first launch, that holds `runner` (the
+    training function, closures and all) as this process does. It forks every trial, so the
+    engine's process never
     forks: it pays neither the fork nor the copy-on-write faults that each fork costs the
     parent afterwards (about 600 a trial here), and the server, which touches nothing
     between forks, copies few pages for its children. Its trials die with it, and it dies
@@ -266,11 +267,13 @@ class ForkServerExecutor(TemplateExecutor):
         self.entry_constants = {}
 
     def _ask_fork(self) -> None:
-        if self.process is None:
-            self._start_server()
+        self.start_server()
         super()._ask_fork()
 
-    def _start_server(self) -> None:
+    def start_server(self) -> None:
+        """Fork the server now, if it does not run (the first launch does otherwise)."""
+        if self.process is not None:
+            return
         from tuned.template import serve_forks
 
         pid, ours = self._fork_running(
