@@ -9,6 +9,8 @@ import sys
 import textwrap
 import time
 
+from test_faulty_trials import _alive
+
 from tuned.executors.local import Exited
 from tuned.executors.template import ForkServerExecutor
 
@@ -95,11 +97,3 @@ def test_the_server_and_its_trials_die_with_the_engine(tmp_path):
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
 
-
-def _alive(pid: int) -> bool:
-    """Whether `pid` runs (a zombie, dead but not reaped by its parent, does not)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False

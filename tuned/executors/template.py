@@ -52,10 +52,7 @@ class TemplateExecutor(LocalExecutor):
                  spares: int = 0):
         super().__init__(runner=_no_runner, kill_with_parent=False, spares=spares, clock=clock,
                          selector=selector)
-        self._pending: list[dict[str, Any]] = []
-        self._by_pid: dict[int, _Child] = {}
-        self._forking: deque[socket.socket] = deque()  # our ends of children asked for
-        self._unwanted = 0  # children asked for, then given up (their channels closed)
+        self._forget_template()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with open(log_path, "ab") as log:
             self.process = subprocess.Popen(
@@ -66,11 +63,18 @@ class TemplateExecutor(LocalExecutor):
         self.ctl = ours
         self._send(entry=entry, command=command, workdir=workdir, constants=constants,
                    start_method=start_method)
+        if wait:
+            self._loaded(self._wait_for(("ready", "error"), READY_TIMEOUT))
+
+    def _forget_template(self) -> None:
+        """What the executor knows of a template: nothing yet (a new one, or none)."""
+        self._pending: list[dict[str, Any]] = []  # its messages not acted on yet
+        self._by_pid: dict[int, _Child] = {}
+        self._forking: deque[socket.socket] = deque()  # our ends of children asked for
+        self._unwanted = 0  # children asked for, then given up (their channels closed)
         self.ready = False
         self.entry_space: dict[str, Any] | None = None
         self.entry_constants: dict[str, Any] = {}
-        if wait:
-            self._loaded(self._wait_for(("ready", "error"), READY_TIMEOUT))
 
     def poll_ready(self) -> bool:
         """For an executor made with ``wait=False``: True once the template has loaded the
@@ -244,11 +248,11 @@ class ForkServerExecutor(TemplateExecutor):
     """The in-process engine's executor: a TemplateExecutor whose template is a fork of this
     process, made by `start_server` or at the first launch, that holds `runner` (the
     training function, closures and all) as this process does. It forks every trial, so the
-    engine's process never
-    forks: it pays neither the fork nor the copy-on-write faults that each fork costs the
-    parent afterwards (about 600 a trial here), and the server, which touches nothing
-    between forks, copies few pages for its children. Its trials die with it, and it dies
-    with this process (SIGKILL), as `LocalExecutor(kill_with_parent=True)`'s do.
+    engine's process never forks: it pays neither the fork nor the copy-on-write faults
+    that each fork costs the parent afterwards (about 600 a trial here), and the server,
+    which touches nothing between forks, copies few pages for its children. Its trials die
+    with it, and it dies with this process (SIGKILL), as `LocalExecutor(kill_with_parent=
+    True)`'s do.
     `close_template` ends it (after its trials); the next launch forks a new one.
     """
 
@@ -257,14 +261,8 @@ class ForkServerExecutor(TemplateExecutor):
                  selector: selectors.BaseSelector | None = None):
         LocalExecutor.__init__(self, runner=runner, kill_with_parent=True, spares=spares,
                                clock=clock, selector=selector)
-        self._pending = []
-        self._by_pid = {}
-        self._forking = deque()
-        self._unwanted = 0
+        self._forget_template()
         self.process: _Forked | None = None  # type: ignore[assignment]
-        self.ready = False
-        self.entry_space = None
-        self.entry_constants = {}
 
     def _ask_fork(self) -> None:
         self.start_server()
@@ -288,8 +286,7 @@ class ForkServerExecutor(TemplateExecutor):
             return
         super().close_template()
         self.process = None
-        self.ready = False
-        self._pending, self._by_pid, self._unwanted = [], {}, 0
+        self._forget_template()
 
 
 class _Forked:
