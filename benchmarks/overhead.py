@@ -2,7 +2,7 @@
 
     python benchmarks/overhead.py [--trials 500] [--daemon-trials 500] [--optuna-trials 100]
                                   [--ray-trials 20] [--throughput-seconds 10] [--lag 0.005]
-                                  [--skip daemon,optuna,optuna-seq,ray,throughput]
+                                  [--skip overhead,daemon,optuna,optuna-seq,ray,floor,throughput]
 
 1. Overhead. N no-op trials of up to 10 reports each (x ~ U(0, 1); report e of 10 is
    {"epoch": e, "accuracy": x * e / 10}), successive halving stopping them (one bracket,
@@ -35,6 +35,10 @@
    answers): durable reports/s sustained (reports answered, over the span from the first
    send to the last answer), the time from each report's send to its answer (p50, p99,
    max; as the trial saw it, at its next call or its final flush) and the calls' own time.
+   Beside them, the floor: the same 2 trials (forked processes, the same lag rules, the
+   same timing files) sending report lines over Unix sockets to one process that writes
+   every line it read to a preallocated file with one fdatasync per batch and answers;
+   what any durable report service pays on this machine's disk and scheduler.
 
 Each peer runs in a fresh interpreter (a child of this script, which samples its memory);
 the trials write their round trips to files (one os.write per report, the same cost in
@@ -47,8 +51,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import selectors
 import shutil
 import signal
+import socket
 import sqlite3
 import statistics
 import subprocess
@@ -156,7 +162,29 @@ def timed_writer(folder: str) -> Any:
 # -- memory of a process tree -----------------------------------------------------------------
 
 
-def _descendants(root: int) -> list[int]:
+def _children(pid: int) -> list[int] | None:
+    """The children of `pid`, from /proc/PID/task/*/children (a few reads, however many
+    processes the machine runs); None where the kernel lacks that file."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    out: list[int] = []
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+                out += map(int, f.read().split())
+        except FileNotFoundError:
+            if not os.path.exists(f"/proc/{pid}/task/{tid}"):
+                continue  # the thread ended
+            return None
+        except OSError:
+            continue
+    return out
+
+
+def _descendants_by_scan(root: int) -> list[int]:
+    """`root` and its descendants, from the parent pid of every process in /proc."""
     children: dict[int, list[int]] = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -176,6 +204,19 @@ def _descendants(root: int) -> list[int]:
     return out
 
 
+def _descendants(root: int) -> list[int]:
+    """`root` and its descendants."""
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        kids = _children(pid)
+        if kids is None:
+            return _descendants_by_scan(root)
+        out.append(pid)
+        todo += kids
+    return out
+
+
 def _rss_pss_kb(pid: int) -> tuple[int, int]:
     rss = pss = 0
     try:
@@ -190,6 +231,16 @@ def _rss_pss_kb(pid: int) -> tuple[int, int]:
     return rss, pss
 
 
+def _yield_cpu() -> None:
+    """Put the calling thread under SCHED_IDLE, so that it runs only when the measured
+    processes leave a CPU free: on a 2-core machine a sample (a few ms of CPU) would
+    otherwise delay their reports."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        pass
+
+
 class TreeMemory:
     """Samples the summed VmRSS and Pss of `root` and its descendants every `interval`
     seconds in a thread; `peak_mb` is (peak RSS, peak PSS) in MB."""
@@ -202,6 +253,7 @@ class TreeMemory:
         self._thread.start()
 
     def _run(self) -> None:
+        _yield_cpu()
         while not self._stop.is_set():
             sums = [_rss_pss_kb(p) for p in _descendants(self.root)]
             rss, pss = sum(s[0] for s in sums), sum(s[1] for s in sums)
@@ -242,6 +294,102 @@ def child_tuned(n: int, times: str, seconds: float, lag: float = 0.0) -> dict[st
         wall = time.perf_counter() - start
         counts = sched.store.count_trials(sched.experiment.id)
     return {"wall": wall, "trials": sum(counts.values()), "states": counts}
+
+
+FLOOR_WINDOW = 8  # as tuned.reporter.WINDOW
+FLOOR_LOG_BYTES = 4 << 20
+
+
+def _floor_client(sock: socket.socket, times: str, seconds: float, lag: float) -> None:
+    """A trial of the floor: report lines as fast as it can for `seconds`, as a tuned
+    trial's reporter would (lag 0: wait for each answer; else wait only while FLOOR_WINDOW
+    are unanswered or the oldest was sent `lag` ago); the same timing files as the trials."""
+    calls = os.open(os.path.join(times, f"{os.getpid()}.txt"), os.O_WRONLY | os.O_CREAT, 0o644)
+    acks = os.open(os.path.join(times, f"{os.getpid()}.ack"), os.O_WRONLY | os.O_CREAT, 0o644)
+    unanswered: list[float] = []
+    buffer = b""
+
+    def take(block: bool) -> None:
+        nonlocal buffer
+        sock.setblocking(block)
+        try:
+            buffer += sock.recv(65536)
+        except BlockingIOError:
+            return
+        now, lines = time.monotonic(), buffer.count(b"\n")
+        buffer = buffer[buffer.rfind(b"\n") + 1:]
+        os.write(acks, "".join(f"{now!r} {now - t!r}\n" for t in unanswered[:lines]).encode())
+        del unanswered[:lines]
+
+    end, seq = time.monotonic() + seconds, 0
+    while time.monotonic() < end:
+        seq += 1
+        t = time.monotonic()
+        if unanswered:
+            take(False)
+        unanswered.append(t)
+        sock.sendall(b'{"seq":%d,"metrics":{"epoch":%d,"accuracy":0.5}}\n' % (seq, seq))
+        while unanswered and (lag <= 0 or len(unanswered) >= FLOOR_WINDOW
+                              or time.monotonic() - unanswered[0] >= lag):
+            take(True)
+        u = time.monotonic()
+        os.write(calls, f"{u!r} {u - t!r}\n".encode())
+    while unanswered:
+        take(True)
+
+
+def child_floor(times: str, seconds: float, lag: float) -> dict[str, Any]:
+    """The floor for a durable report on this machine: 2 forked trials send report lines over
+    Unix sockets to one process that writes every line it has read to a preallocated file,
+    fdatasyncs it and answers each line. No JSON parsing, no database, no decisions."""
+    log = os.open(os.path.join(times, "floor.log"), os.O_RDWR | os.O_CREAT, 0o644)
+    os.write(log, b"\0" * FLOOR_LOG_BYTES)
+    os.fsync(log)
+    ends, pids = [], []
+    for _ in range(2):
+        mine, theirs = socket.socketpair()
+        pid = os.fork()
+        if pid == 0:
+            mine.close()
+            code = 0
+            try:
+                _floor_client(theirs, times, seconds, lag)
+            except BaseException:
+                code = 1
+            os._exit(code)
+        theirs.close()
+        ends.append(mine)
+        pids.append(pid)
+    selector = selectors.DefaultSelector()
+    for end in ends:
+        selector.register(end, selectors.EVENT_READ, [b""])
+    offset, start = 0, time.perf_counter()
+    while selector.get_map():
+        answers, data = [], []
+        for key, _ in selector.select():
+            chunk = key.fileobj.recv(65536)
+            if not chunk:
+                selector.unregister(key.fileobj)
+                continue
+            pending = key.data[0] + chunk
+            whole = pending[:pending.rfind(b"\n") + 1]
+            key.data[0] = pending[len(whole):]
+            if whole:
+                data.append(whole)
+                answers.append((key.fileobj, b"ok\n" * whole.count(b"\n")))
+        if data:
+            blob = b"".join(data)
+            if offset + len(blob) > FLOOR_LOG_BYTES:
+                offset = 0
+            os.pwrite(log, blob, offset)
+            offset += len(blob)
+            os.fdatasync(log)
+        for end, answer in answers:
+            end.sendall(answer)
+    wall = time.perf_counter() - start
+    codes = [os.waitpid(pid, 0)[1] for pid in pids]
+    os.close(log)
+    return {"wall": wall, "trials": 2, "states": {"exit codes": codes}}
 
 
 def child_optuna(n: int, times: str, jobs: int) -> dict[str, Any]:
@@ -436,7 +584,7 @@ def measure_overhead(cli: argparse.Namespace, folder: str) -> list[Row]:
 def measure_throughput(cli: argparse.Namespace, folder: str) -> list[Row]:
     rows: list[Row] = []
     s = cli.throughput_seconds
-    for lag in (0.0, cli.lag):
+    for lag in dict.fromkeys((0.0, cli.lag)):  # --lag 0: one row each
         label = f"report_lag {lag * 1e3:g} ms"
         print(f"  throughput, tuned in-process, {label}: 2 trials x {s:g} s ...", flush=True)
         times = _fresh(folder, f"tp-tuned-{lag}")
@@ -444,6 +592,12 @@ def measure_throughput(cli: argparse.Namespace, folder: str) -> list[Row]:
         _, rss, pss = run_child(["--child", "tuned", "--times", times, "--seconds", str(s),
                                  "--lag", str(lag)])
         rows.append(_throughput_row("tuned in-process", lag, times, rss, pss))
+        if "floor" not in cli.skip:
+            print(f"  throughput, floor, {label}: 2 trials x {s:g} s ...", flush=True)
+            times = _fresh(folder, f"tp-floor-{lag}")
+            _, rss, pss = run_child(["--child", "floor", "--times", times, "--seconds", str(s),
+                                     "--lag", str(lag)])
+            rows.append(_throughput_row("floor", lag, times, rss, pss))
         if "daemon" in cli.skip:
             continue
         print(f"  throughput, tuned daemon, {label}: 2 trials x {s:g} s ...", flush=True)
@@ -516,7 +670,10 @@ def print_throughput(rows: list[Row], floor: tuple[float, float]) -> None:
           "from the first\n  send to the last answer; ack: from a report's send to its "
           "answer, as the trial saw it (at its\n  next call, or its final flush); call: the "
           "time reporter() took. With report_lag 0 every call\n  waits for its answer; "
-          "with a lag, a call returns once its report is sent (tuned.reporter).")
+          "with a lag, a call returns once its report is sent (tuned.reporter).\n  floor: "
+          "the same 2 trials' lines over Unix sockets to a process that only appends what it\n"
+          "  read to a preallocated file, fdatasyncs it and answers (no JSON, no database, no "
+          "decisions):\n  what a durable report costs on this machine, under the same load.")
 
 
 def print_targets(overhead: list[Row], throughput: list[Row]) -> None:
@@ -535,7 +692,7 @@ def print_targets(overhead: list[Row], throughput: list[Row]) -> None:
                 ratio = r["trials_s"] / optuna[0]["trials_s"]
                 print(f"  {verdict(ratio >= TARGET_RATIO)}  {r['name']} / Optuna+SQLite "
                       f"(2 threads): {ratio:.1f}x (>= {TARGET_RATIO:g}x)")
-    for r in throughput:
+    for r in (r for r in throughput if r["name"].startswith("tuned")):
         name = f"{r['name']}, report_lag {r['lag'] * 1e3:g} ms"
         print(f"  {verdict(r['reports_s'] >= TARGET_REPORTS_S)}  {name}: "
               f"{r['reports_s']:.0f} durable reports/s sustained (>= {TARGET_REPORTS_S:g})")
@@ -567,6 +724,8 @@ def fsync_ms(folder: str, n: int = 200) -> tuple[float, float]:
 def child_main(cli: argparse.Namespace) -> None:
     if cli.child == "tuned":
         result = child_tuned(cli.n, cli.times, cli.seconds, cli.lag)
+    elif cli.child == "floor":
+        result = child_floor(cli.times, cli.seconds, cli.lag)
     elif cli.child == "optuna":
         result = child_optuna(cli.n, cli.times, cli.jobs)
     else:
@@ -585,8 +744,10 @@ def main() -> None:
     parser.add_argument("--lag", type=float, default=0.005,
                         help="the report_lag (seconds) of the throughput test's lagged rows")
     parser.add_argument("--skip", default="",
-                        help="comma-separated: daemon, optuna, optuna-seq, ray, throughput")
-    parser.add_argument("--child", choices=("tuned", "optuna", "ray"), help=argparse.SUPPRESS)
+                        help="comma-separated: overhead (the whole no-op trial table), daemon, "
+                             "optuna, optuna-seq, ray, floor, throughput")
+    parser.add_argument("--child", choices=("tuned", "floor", "optuna", "ray"),
+                        help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--times", help=argparse.SUPPRESS)
     parser.add_argument("--jobs", type=int, default=2, help=argparse.SUPPRESS)
@@ -604,10 +765,11 @@ def main() -> None:
         entry = _fresh(folder, "entry")
         with open(os.path.join(entry, "overhead_entry.py"), "w", encoding="utf-8") as f:
             f.write(ENTRY_SOURCE)
-        overhead = measure_overhead(cli, folder)
+        overhead = [] if "overhead" in cli.skip else measure_overhead(cli, folder)
         floor = fsync_ms(folder)
         throughput = [] if "throughput" in cli.skip else measure_throughput(cli, folder)
-        print_overhead(overhead)
+        if overhead:
+            print_overhead(overhead)
         if throughput:
             print_throughput(throughput, floor)
         print_targets(overhead, throughput)
