@@ -34,7 +34,7 @@ from tuned.executors.local import Exited, LocalExecutor, Message, process_start_
 from tuned.executors.template import ForkServerExecutor
 from tuned.gpus import discover_gpus
 from tuned.interrupts import sigint_guard
-from tuned.protocol import compact_json
+from tuned.protocol import flat_json
 from tuned.reporter import REPORT_LAG_ENV
 from tuned.resources import Grant, ResourcePool
 from tuned.schedulers.base import Clone, FIFOScheduler, Outcome, TrialScheduler
@@ -545,7 +545,7 @@ class Engine:
             outcome = Outcome(Decision.PAUSE, "experiment paused", outcome.rungs)
         decision = self.store.record_report(
             trial.id, seq, time_value, reward, score,
-            compact_json(metrics), outcome.decision, outcome.rungs,
+            flat_json(metrics), outcome.decision, outcome.rungs,
             self.experiment.id)
         live.last_seq = seq
         live.score = score

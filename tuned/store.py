@@ -747,27 +747,39 @@ class Store:
         Returns the decision now stored for `(trial_id, seq)`: the given one, or the one stored
         before when this sequence number was seen already (nothing is written then).
         """
-        now = self.clock()
-        with self.transaction() as c:
-            try:
-                c.execute("INSERT INTO reports (trial_id, seq, time_value, reward, metrics, "
-                          "decision, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                          (trial_id, seq, time_value, reward, metrics_json, decision.value, now))
-            except sqlite3.IntegrityError:
-                row = c.execute("SELECT decision FROM reports WHERE trial_id = ? AND seq = ?",
-                                (trial_id, seq)).fetchone()
-                if row is None:
-                    raise
-                return row[0]
-            c.execute("UPDATE trials SET last_seq = ?, last_time = ?, last_reward = ?, "
-                      "score = ? WHERE id = ? AND last_seq < ?",
-                      (seq, time_value, reward, score, trial_id, seq))
-            if rungs:
-                c.executemany(
-                    "INSERT INTO rungs (experiment_id, bracket, level, trial_id, score, decision)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    [(experiment_id, r.bracket, r.level, r.trial_id, r.score, r.decision.value)
-                     for r in rungs])
+        if self._depth:  # the engine's step: no transaction of its own to open
+            return self._insert_report(trial_id, seq, time_value, reward, score, metrics_json,
+                                       decision, rungs, experiment_id)
+        with self.transaction():
+            return self._insert_report(trial_id, seq, time_value, reward, score, metrics_json,
+                                       decision, rungs, experiment_id)
+
+    def _insert_report(self, trial_id: int, seq: int, time_value: float | None,
+                       reward: float | None, score: float | None, metrics_json: str,
+                       decision: Decision, rungs: tuple[RungEntry, ...],
+                       experiment_id: int | None) -> str:
+        """`record_report`'s writes, inside the caller's transaction."""
+        c = self.conn
+        try:
+            c.execute("INSERT INTO reports (trial_id, seq, time_value, reward, metrics, "
+                      "decision, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                      (trial_id, seq, time_value, reward, metrics_json, decision.value,
+                       self.clock()))
+        except sqlite3.IntegrityError:
+            row = c.execute("SELECT decision FROM reports WHERE trial_id = ? AND seq = ?",
+                            (trial_id, seq)).fetchone()
+            if row is None:
+                raise
+            return row[0]
+        c.execute("UPDATE trials SET last_seq = ?, last_time = ?, last_reward = ?, "
+                  "score = ? WHERE id = ? AND last_seq < ?",
+                  (seq, time_value, reward, score, trial_id, seq))
+        if rungs:
+            c.executemany(
+                "INSERT INTO rungs (experiment_id, bracket, level, trial_id, score, decision)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                [(experiment_id, r.bracket, r.level, r.trial_id, r.score, r.decision.value)
+                 for r in rungs])
         return decision.value
 
     def reports(self, trial_id: int) -> list[Report]:

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tuned.protocol import compact_json
+from tuned.protocol import answer_line, decode_line
 from tuned.reporter import MAX_LINE
 
 _PR_SET_PDEATHSIG = 1
@@ -260,7 +260,7 @@ class LocalExecutor:
         child = self._children.get(trial_id)
         if child is None or not child.sock_open or child.sock is None:
             return True
-        data = "".join(compact_json(body) + "\n" for body in bodies).encode()
+        data = "".join(map(answer_line, bodies)).encode()
         try:
             sent = child.sock.send(data)
         except BlockingIOError:
@@ -437,8 +437,8 @@ def _killpg(pgid: int, sig: int) -> None:
 
 def _parse(trial_id: int, line: bytes) -> Message:
     try:
-        body = json.loads(line)
-    except (ValueError, UnicodeDecodeError):
+        body = decode_line(line)
+    except ValueError:
         return Message(trial_id, None, f"not JSON: {line[:80]!r}")
     if not isinstance(body, dict):
         return Message(trial_id, None, f"not a JSON object: {line[:80]!r}")
