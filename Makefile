@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) examples/daemon_demo.py --out demo-output
 	@echo; echo "== the same tutorial in-process (import tuned as ag)"
+	rm -rf demo-output/in-process/tuned-runs  # this run's experiments only, not earlier demos'
 	$(PY) examples/search_algorithms.py --out demo-output/in-process
 	$(VENV)/bin/tuned experiments --db demo-output/in-process/tuned-runs/tuned.db
 
