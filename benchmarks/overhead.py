@@ -62,6 +62,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from typing import Any
 
 from served import ServedDaemon
@@ -355,6 +356,7 @@ def child_floor(times: str, seconds: float, lag: float) -> dict[str, Any]:
             try:
                 _floor_client(theirs, times, seconds, lag)
             except BaseException:
+                traceback.print_exc()
                 code = 1
             os._exit(code)
         theirs.close()
@@ -387,9 +389,11 @@ def child_floor(times: str, seconds: float, lag: float) -> dict[str, Any]:
         for end, answer in answers:
             end.sendall(answer)
     wall = time.perf_counter() - start
-    codes = [os.waitpid(pid, 0)[1] for pid in pids]
+    codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
     os.close(log)
-    return {"wall": wall, "trials": 2, "states": {"exit codes": codes}}
+    if any(codes):
+        raise RuntimeError(f"a floor trial failed (exit codes {codes}): its row would be short")
+    return {"wall": wall, "trials": 2}
 
 
 def child_optuna(n: int, times: str, jobs: int) -> dict[str, Any]:

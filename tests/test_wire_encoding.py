@@ -52,6 +52,7 @@ def test_decode_line_reads_what_json_loads_reads(value, pad):
 
 @pytest.mark.parametrize("line", [
     b"", b" ", b"{", b'{"seq":1}x', b'{"seq":1} {"seq":2}', b"\xff\xfe", b"nul", b"[1,]",
+    b"\x0b{}", b"{}\xc2\xa0", b"\xe2\x80\x83[1]",  # whitespace to str.strip, not to JSON
 ])
 def test_decode_line_refuses_what_json_loads_refuses(line):
     with pytest.raises(ValueError):

@@ -117,15 +117,15 @@ def answer_line(body: dict[str, Any]) -> str:
 
 
 _LINE_DECODER = json.JSONDecoder()
+_JSON_WHITESPACE = " \t\n\r"  # what json.loads skips around a value (str.strip: more)
 
 
 def decode_line(line: bytes) -> Any:
     """`json.loads` of one UTF-8 line (surrounding whitespace allowed), a little faster;
     ValueError (UnicodeDecodeError or JSONDecodeError) when it is not one JSON value."""
-    text = line.decode()
-    start = len(text) - len(text.lstrip())
-    value, end = _LINE_DECODER.raw_decode(text, start)
-    if text[end:].strip():
+    text = line.decode().strip(_JSON_WHITESPACE)
+    value, end = _LINE_DECODER.raw_decode(text)
+    if end != len(text):
         raise json.JSONDecodeError("Extra data", text, end)
     return value
 

@@ -41,7 +41,7 @@ import sqlite3
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -292,6 +292,7 @@ class Store:
         self.clock = clock
         self.durable = durable
         self._depth = 0
+        self._joined = _JoinedTransaction(self)
         self._sync_level = 2 if durable else 0
         # Per experiment, a copy of each searcher-state part as last written.
         self._written_parts: dict[int, dict[str, Any]] = {}
@@ -427,25 +428,22 @@ class Store:
             except sqlite3.Error:
                 pass
 
-    @contextmanager
-    def transaction(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
+    def transaction(self, durable: bool = True) -> AbstractContextManager[sqlite3.Connection]:
         """One write transaction: everything in it is committed or nothing is.
 
         Transactions nest: an inner one joins the outer one, so a caller can group several
-        store operations (e.g. all the events of one engine step) into one commit.
+        store operations (e.g. all the events of one engine step) into one commit. Joining
+        costs a counter (the engine's step stores each report in one).
 
         `durable` (of the outermost transaction) chooses ``synchronous=FULL``: the commit
         reaches the disk before it returns. ``durable=False`` commits with ``NORMAL``: atomic
         and safe against the death of this process, and made durable by the next durable
         commit; for writes nobody has been told about yet.
         """
-        if self._depth:
-            self._depth += 1
-            try:
-                yield self.conn
-            finally:
-                self._depth -= 1
-            return
+        return self._joined if self._depth else self._outermost(durable)
+
+    @contextmanager
+    def _outermost(self, durable: bool) -> Iterator[sqlite3.Connection]:
         try:
             self._set_synchronous(2 if durable else 1)
             self.conn.execute("BEGIN IMMEDIATE")
@@ -747,39 +745,27 @@ class Store:
         Returns the decision now stored for `(trial_id, seq)`: the given one, or the one stored
         before when this sequence number was seen already (nothing is written then).
         """
-        if self._depth:  # the engine's step: no transaction of its own to open
-            return self._insert_report(trial_id, seq, time_value, reward, score, metrics_json,
-                                       decision, rungs, experiment_id)
-        with self.transaction():
-            return self._insert_report(trial_id, seq, time_value, reward, score, metrics_json,
-                                       decision, rungs, experiment_id)
-
-    def _insert_report(self, trial_id: int, seq: int, time_value: float | None,
-                       reward: float | None, score: float | None, metrics_json: str,
-                       decision: Decision, rungs: tuple[RungEntry, ...],
-                       experiment_id: int | None) -> str:
-        """`record_report`'s writes, inside the caller's transaction."""
-        c = self.conn
-        try:
-            c.execute("INSERT INTO reports (trial_id, seq, time_value, reward, metrics, "
-                      "decision, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                      (trial_id, seq, time_value, reward, metrics_json, decision.value,
-                       self.clock()))
-        except sqlite3.IntegrityError:
-            row = c.execute("SELECT decision FROM reports WHERE trial_id = ? AND seq = ?",
-                            (trial_id, seq)).fetchone()
-            if row is None:
-                raise
-            return row[0]
-        c.execute("UPDATE trials SET last_seq = ?, last_time = ?, last_reward = ?, "
-                  "score = ? WHERE id = ? AND last_seq < ?",
-                  (seq, time_value, reward, score, trial_id, seq))
-        if rungs:
-            c.executemany(
-                "INSERT INTO rungs (experiment_id, bracket, level, trial_id, score, decision)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                [(experiment_id, r.bracket, r.level, r.trial_id, r.score, r.decision.value)
-                 for r in rungs])
+        now = self.clock()
+        with self.transaction() as c:
+            try:
+                c.execute("INSERT INTO reports (trial_id, seq, time_value, reward, metrics, "
+                          "decision, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                          (trial_id, seq, time_value, reward, metrics_json, decision.value, now))
+            except sqlite3.IntegrityError:
+                row = c.execute("SELECT decision FROM reports WHERE trial_id = ? AND seq = ?",
+                                (trial_id, seq)).fetchone()
+                if row is None:
+                    raise
+                return row[0]
+            c.execute("UPDATE trials SET last_seq = ?, last_time = ?, last_reward = ?, "
+                      "score = ? WHERE id = ? AND last_seq < ?",
+                      (seq, time_value, reward, score, trial_id, seq))
+            if rungs:
+                c.executemany(
+                    "INSERT INTO rungs (experiment_id, bracket, level, trial_id, score, decision)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    [(experiment_id, r.bracket, r.level, r.trial_id, r.score, r.decision.value)
+                     for r in rungs])
         return decision.value
 
     def reports(self, trial_id: int) -> list[Report]:
@@ -862,3 +848,17 @@ def _trial(row: tuple) -> Trial:
     values = list(row)
     values[3] = json.loads(values[3])
     return Trial(*values)
+
+
+class _JoinedTransaction:
+    """An inner `Store.transaction`: it joins the open one (no BEGIN, no COMMIT of its own)."""
+
+    def __init__(self, store: Store):
+        self._store = store
+
+    def __enter__(self) -> sqlite3.Connection:
+        self._store._depth += 1
+        return self._store.conn
+
+    def __exit__(self, *exc: object) -> None:
+        self._store._depth -= 1
