@@ -18,11 +18,12 @@ SCRIPT = Path(__file__).parent / "scripts" / "tutorial_run.py"
 
 
 def _start(db: Path, kind: str, trials: int, slots: int, resume: bool,
-           pause: float) -> subprocess.Popen:
+           pause: float, failpoints: str = "") -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, str(SCRIPT), str(db), kind, str(trials), str(slots),
          "1" if resume else "0", str(pause)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "TUNED_FAILPOINTS": failpoints})
 
 
 def _finished(db: Path) -> int:
@@ -136,3 +137,21 @@ def test_ctrl_c_leaves_no_trial_running_and_resume_finishes_cleanly(tmp_path):
     _run_to_end(db, "hyperband", 60, 2, True)
     states = {v[1] for v in _snapshot(db).values()}
     assert states <= {"COMPLETED", "STOPPED"} and len(_snapshot(db)) == 60
+
+
+@pytest.mark.parametrize("nth", [3, 8])
+def test_ctrl_c_just_after_a_fork_was_asked_for_leaves_no_trial_running(tmp_path, nth):
+    """SIGINT between asking the template for a child and recording the request: remembered,
+    raised at the engine's next step, and the request stays recorded (the child the template
+    forks for it is the one expected), so the run stops as for any Ctrl-C."""
+    db = tmp_path / "int.db"
+    proc = _start(db, "hyperband", 30, 2, False, 0.0, f"fork_asked:{nth}:INT")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "KeyboardInterrupt" in err, err
+    assert "IndexError" not in err, err
+    with sqlite3.connect(db) as c:
+        assert c.execute("SELECT COUNT(*) FROM trials WHERE state = 'RUNNING'").fetchone()[0] == 0
+    _no_trial_processes_left(db)
+    _run_to_end(db, "hyperband", 30, 2, True)
+    states = {v[1] for v in _snapshot(db).values()}
+    assert states <= {"COMPLETED", "STOPPED"} and len(_snapshot(db)) == 30

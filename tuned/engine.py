@@ -731,13 +731,16 @@ class Engine:
 
     def abandon(self) -> None:
         """On an interruption (Ctrl-C, an error in the engine): stop every trial and put it
-        back to PENDING, so that a resumed run runs it again."""
-        self.executor.shutdown(grace=1.0)
-        for trial_id, live in self.live.items():
-            self.store.requeue_trial(trial_id)
-            if live.grant is not None:
-                self.resources.give(live.grant)
-        self.live.clear()
+        back to PENDING, so that a resumed run runs it again (also when stopping them
+        fails: the trials of an engine that is gone die with it)."""
+        try:
+            self.executor.shutdown(grace=1.0)
+        finally:
+            for trial_id, live in self.live.items():
+                self.store.requeue_trial(trial_id)
+                if live.grant is not None:
+                    self.resources.give(live.grant)
+            self.live.clear()
 
     def pause(self) -> None:
         """Start nothing more; running trials are told to pause at their next report."""

@@ -22,7 +22,9 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from tuned import failpoints
 from tuned.executors.local import Exited, LocalExecutor, Message, _Child
+from tuned.interrupts import uninterrupted
 
 READY_TIMEOUT = 120.0
 FORK_TIMEOUT = 30.0
@@ -147,10 +149,12 @@ class TemplateExecutor(LocalExecutor):
 
     def _ask_fork(self) -> None:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._send(fds=[child_end.fileno()], op="fork")
-        child_end.close()
         parent_end.setblocking(False)
-        self._forking.append(parent_end)
+        with uninterrupted():  # the template forks in the order asked: keep the same order
+            self._send(fds=[child_end.fileno()], op="fork")
+            failpoints.hit("fork_asked")
+            self._forking.append(parent_end)
+        child_end.close()
 
     def _fork(self) -> _Child:
         """A child now: the next the template forks (one asked for already, or a new one)."""
