@@ -123,6 +123,27 @@ def test_bad_reports_fail_their_trial_and_the_run_goes_on(tmp_path):
     assert s.get_best_reward() == 0.7
 
 
+def test_a_report_sent_twice_in_one_batch_gets_its_decision_twice(tmp_path):
+    @ag.args(x=ag.space.Real(0, 1))
+    def fn(args, reporter):
+        sock = reporter._sock
+        line = b'{"seq": 1, "metrics": {"epoch": 1, "accuracy": 0.25}}\n'
+        sock.sendall(line + line.replace(b"0.25", b"0.75"))  # one write: one batch
+        answers = b""
+        while answers.count(b"\n") < 2:
+            answers += sock.recv(4096)
+        if answers != b'{"seq":1,"decision":"continue"}\n' * 2:
+            raise RuntimeError(f"answers: {answers!r}")
+        reporter(epoch=1, accuracy=0.5)  # seq 1 a third time, through the reporter
+        reporter(epoch=2, accuracy=0.5)
+
+    s = _sched(ag.scheduler.FIFOScheduler, fn, tmp_path, num_trials=1, time_attr="epoch")
+    s.run()
+    assert _states_and_errors(s) == {0: ("COMPLETED", None)}
+    assert s.training_history[0] == [{"epoch": 1, "accuracy": 0.25},
+                                     {"epoch": 2, "accuracy": 0.5}]
+
+
 def test_crashes_and_exits_fail_with_their_reason(tmp_path):
     @ag.args(kind=ag.space.Categorical("raise", "segv", "exit3", "silent", "kill9", "ok"))
     def fn(args, reporter):

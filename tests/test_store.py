@@ -16,10 +16,12 @@ from tuned.schedulers.base import RungEntry
 from tuned.store import (
     SCHEMA_VERSION,
     NameTaken,
+    NewReport,
     NotFound,
     SchemaTooNew,
     Store,
     StoreCorrupt,
+    StoreError,
     StoreLocked,
     TrialProcess,
 )
@@ -105,6 +107,36 @@ def test_report_is_stored_exactly_once(store):
     assert [r.metrics for r in store.reports(tid)] == [{"a": 0.5}]
     assert store.rungs(exp) == [rung]
     assert store.trial(tid).last_reward == 0.5
+
+
+def test_reports_stored_together_update_each_trial_from_its_last(store):
+    exp, a = _trial(store, 0)
+    _, b = _trial(store, 1)
+    rung = RungEntry(0, 1.0, a, 0.5, Decision.CONTINUE)
+    store.record_reports(exp, [
+        NewReport(a, 1, 1.0, 0.5, 0.5, '{"a":0.5}', Decision.CONTINUE, (rung,)),
+        NewReport(b, 1, 1.0, 0.2, -0.2, '{"a":0.2}', Decision.CONTINUE),
+        NewReport(a, 2, 2.0, 0.7, 0.7, '{"a":0.7}', Decision.STOP),
+    ])
+    assert [(r.seq, r.metrics, r.decision) for r in store.reports(a)] == [
+        (1, {"a": 0.5}, "continue"), (2, {"a": 0.7}, "stop")]
+    assert [(r.seq, r.metrics) for r in store.reports(b)] == [(1, {"a": 0.2})]
+    ta, tb = store.trial(a), store.trial(b)
+    assert (ta.last_seq, ta.last_time, ta.last_reward, ta.score) == (2, 2.0, 0.7, 0.7)
+    assert (tb.last_seq, tb.last_time, tb.last_reward, tb.score) == (1, 1.0, 0.2, -0.2)
+    assert store.rungs(exp) == [rung]
+
+
+def test_reports_stored_together_must_be_new_or_nothing_is_kept(store):
+    exp, tid = _trial(store)
+    store.record_report(tid, 1, 1.0, 0.5, 0.5, '{"a":0.5}', Decision.CONTINUE)
+    with pytest.raises(StoreError, match="not new"):
+        store.record_reports(exp, [
+            NewReport(tid, 2, 2.0, 0.6, 0.6, '{"a":0.6}', Decision.CONTINUE),
+            NewReport(tid, 1, 1.0, 0.9, 0.9, '{"a":0.9}', Decision.STOP),
+        ])
+    assert [(r.seq, r.metrics) for r in store.reports(tid)] == [(1, {"a": 0.5})]
+    assert store.trial(tid).last_seq == 1
 
 
 def test_best_trial_and_history(store):

@@ -40,7 +40,7 @@ from tuned.resources import Grant, ResourcePool
 from tuned.schedulers.base import Clone, FIFOScheduler, Outcome, TrialScheduler
 from tuned.searchers import Searcher, make_searcher
 from tuned.spec import ExperimentSpec
-from tuned.store import Experiment, Store, StoreError, Trial
+from tuned.store import Experiment, NewReport, Store, StoreError, Trial
 from tuned.trial_args import Args
 from tuned.worker import make_runner
 
@@ -173,6 +173,7 @@ class Engine:
         self._outbox: list[tuple[int, dict[str, Any]]] = []
         self._to_start: list[tuple[int, dict[str, Any], str]] = []
         self._news: list[dict[str, Any]] = []
+        self._new_reports: list[NewReport] = []  # handled, to be stored (`_store_reports`)
         self._commit_seconds = HOLD_MAX  # running average of a durable step's commit
         self._held_since: float | None = None  # when the first held report arrived
         os.makedirs(log_dir, exist_ok=True)
@@ -303,12 +304,14 @@ class Engine:
         self._outbox = []
         self._news = []
         self._to_start = []
+        self._new_reports = []
         acknowledging = any(_is_report(e) for e in events)
         self._held_since = None
         begun = time.monotonic()
         with self.store.transaction(durable=acknowledging):
             for event in events:
                 self._handle(event)
+            self._store_reports()
             self._launch_ready()
             self._save_searcher()
         if acknowledging:
@@ -329,6 +332,14 @@ class Engine:
                 self._fail(live, "stopped reading its report channel")
             elif live is not None:
                 live.answered = answered
+
+    def _store_reports(self) -> None:
+        """Store the reports handled since the last call, in the open transaction, together
+        (`Store.record_reports`): before anything else of the step reads or writes the
+        store, and at its end."""
+        if self._new_reports:
+            reports, self._new_reports = self._new_reports, []
+            self.store.record_reports(self.experiment.id, reports)
 
     def _save_searcher(self) -> None:
         """Store the searcher's state if it changed, inside the caller's transaction, so that
@@ -418,6 +429,7 @@ class Engine:
     def _clone(self, clone: Clone) -> None:
         """Start a trial from `clone.source`'s latest checkpoint with `clone.config` (its
         parent is the source), queued in this transaction."""
+        self._store_reports()
         source = self.store.trial(clone.source)
         number = self.created
         trial_id = self.store.add_trial(self.experiment.id, number, clone.config, 0,
@@ -469,6 +481,8 @@ class Engine:
         live = self.live.get(event.trial_id)
         if live is None:
             return
+        if not _is_report(event):
+            self._store_reports()
         if isinstance(event, Exited):
             self._finish(live, event.code)
         elif event.body is None:
@@ -498,6 +512,7 @@ class Engine:
         if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
             return self._fail(live, f"report without a valid sequence number: {seq!r}")
         if seq <= live.last_seq:
+            self._store_reports()
             stored_report = self.store.stored_report(trial.id, seq)
             stored = None if stored_report is None else stored_report[0]
             try:
@@ -543,10 +558,10 @@ class Engine:
         outcome = self.scheduler.on_report(trial.id, trial.bracket, time_value, score)
         if self.paused and outcome.decision is Decision.CONTINUE:
             outcome = Outcome(Decision.PAUSE, "experiment paused", outcome.rungs)
-        decision = self.store.record_report(
-            trial.id, seq, time_value, reward, score,
-            flat_json(metrics), outcome.decision, outcome.rungs,
-            self.experiment.id)
+        self._new_reports.append(NewReport(trial.id, seq, time_value, reward, score,
+                                           flat_json(metrics), outcome.decision,
+                                           outcome.rungs))
+        decision = outcome.decision.value
         live.last_seq = seq
         live.score = score
         if self.searcher.wants_reports:

@@ -16,6 +16,8 @@ Contract
   (`add_trial`); a report is stored with its decision and its rung entries in one
   transaction (`record_report`), and reports are unique per ``(trial_id, seq)``: storing a
   sequence number that is already there stores nothing and returns the stored decision.
+  `record_reports` stores a batch of reports known to be new (an engine step's) the same
+  way, and refuses the whole batch (`StoreError`) if one is not new.
 - Finished trials (COMPLETED, STOPPED, FAILED) are immutable: `finish_trial` and
   `claim_trial` are compare-and-set operations that return False when the trial is not in
   the state they expect.
@@ -40,10 +42,10 @@ import resource
 import sqlite3
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from tuned.decisions import FINISHED_STATES, Decision, TrialState
 from tuned.schedulers.base import RungEntry
@@ -132,6 +134,19 @@ class TrialProcess:
     pid: int | None
     start: int | None
     gpus: list[str]
+
+
+class NewReport(NamedTuple):
+    """A report to store (`Store.record_reports`): its decision and the rung entries it made."""
+
+    trial_id: int
+    seq: int
+    time_value: float | None
+    reward: float | None
+    score: float | None
+    metrics_json: str
+    decision: Decision
+    rungs: tuple[RungEntry, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -767,6 +782,40 @@ class Store:
                     [(experiment_id, r.bracket, r.level, r.trial_id, r.score, r.decision.value)
                      for r in rungs])
         return decision.value
+
+    def record_reports(self, experiment_id: int, reports: Sequence[NewReport]) -> None:
+        """Store new reports of `experiment_id`'s trials, each with its decision and rung
+        entries, in one transaction: one statement inserts them all, and each trial's row is
+        updated once, from its last report (the highest `seq`). For reports the caller knows
+        to be new (the engine stores a trial's report `seq` only after `seq - 1`, and looks
+        up a resent one with `stored_report`): one already stored (or of no trial) raises
+        `StoreError` and the transaction is rolled back.
+        """
+        now = self.clock()
+        last: dict[int, NewReport] = {}
+        for r in reports:
+            if r.trial_id not in last or r.seq > last[r.trial_id].seq:
+                last[r.trial_id] = r
+        with self.transaction() as c:
+            try:
+                c.executemany(
+                    "INSERT INTO reports (trial_id, seq, time_value, reward, metrics, "
+                    "decision, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [(r.trial_id, r.seq, r.time_value, r.reward, r.metrics_json,
+                      r.decision.value, now) for r in reports])
+            except sqlite3.IntegrityError as exc:
+                raise StoreError(f"{self.path}: cannot store reports that are not new "
+                                 f"({exc})") from exc
+            c.executemany("UPDATE trials SET last_seq = ?, last_time = ?, last_reward = ?, "
+                          "score = ? WHERE id = ? AND last_seq < ?",
+                          [(r.seq, r.time_value, r.reward, r.score, r.trial_id, r.seq)
+                           for r in last.values()])
+            rungs = [(experiment_id, e.bracket, e.level, e.trial_id, e.score, e.decision.value)
+                     for r in reports for e in r.rungs]
+            if rungs:
+                c.executemany(
+                    "INSERT INTO rungs (experiment_id, bracket, level, trial_id, score, decision)"
+                    " VALUES (?, ?, ?, ?, ?, ?)", rungs)
 
     def reports(self, trial_id: int) -> list[Report]:
         rows = self.conn.execute(
