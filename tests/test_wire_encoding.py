@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from tuned.executors.local import _parse
 from tuned.protocol import answer_line, compact_json, decode_line, flat_json
+from tuned.reporter import ReportRejected, encode_report
 
 scalars = st.one_of(st.booleans(), st.integers(), st.floats(), st.text())
 flat_dicts = st.dictionaries(st.text(), scalars)
@@ -67,3 +69,21 @@ def test_a_bad_line_on_the_channel_becomes_a_message_naming_it():
     assert bad.body is None and "not JSON" in bad.error and "trailing" in bad.error
     assert "not JSON" in _parse(3, b"\xff").error
     assert "not a JSON object" in _parse(3, b"[1]").error
+
+
+numpy_scalars = st.one_of(
+    st.integers(-2**63, 2**63 - 1).map(np.int64), st.floats().map(np.float64),
+    st.floats(width=32).map(np.float32), st.booleans().map(np.bool_))
+
+
+@given(st.integers(1, 2**62), st.dictionaries(st.text(), st.one_of(scalars, numpy_scalars)))
+def test_encode_report_writes_what_the_json_module_writes(seq, metrics):
+    plain = {k: v.item() if isinstance(v, np.generic) else v for k, v in metrics.items()}
+    want = json.dumps({"seq": seq, "metrics": plain}, separators=(",", ":")) + "\n"
+    assert encode_report(seq, metrics) == want.encode()
+
+
+@pytest.mark.parametrize("value", [None, [1], {"a": 1}, (1,), b"x", object()])
+def test_encode_report_names_a_metric_json_cannot_hold(value):
+    with pytest.raises(ReportRejected, match="'bad'"):
+        encode_report(1, {"ok": 1.0, "bad": value})

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from tuned.checkpoints import Checkpoint, CheckpointError, TrialCheckpoints
+from tuned.protocol import decode_line, flat_json
 
 MAX_LINE = 1 << 20
 
@@ -58,18 +59,10 @@ class ChannelClosed(BaseException):
     """The engine is gone; the trial cannot report anymore and ends."""
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"{type(value).__name__} {value!r}")
-
-
-_REPORT_ENCODER = json.JSONEncoder(default=_json_default, separators=(",", ":"))
-
-
 def encode_report(seq: int, metrics: dict[str, Any]) -> bytes:
-    """The wire form of one report; ReportRejected naming a metric that is not a JSON number,
-    string or bool."""
+    """The wire form of one report (numpy scalars as the Python numbers they hold);
+    ReportRejected naming a metric that is not a JSON number, string or bool."""
+    checked: dict[str, Any] = {}
     for name, value in metrics.items():
         if isinstance(value, np.generic):
             value = value.item()
@@ -77,7 +70,8 @@ def encode_report(seq: int, metrics: dict[str, Any]) -> bytes:
             raise ReportRejected(
                 f"metric {name!r}: {value!r} ({type(value).__name__}) is not a JSON number, "
                 "string or bool")
-    return (_REPORT_ENCODER.encode({"seq": seq, "metrics": metrics}) + "\n").encode()
+        checked[name] = value
+    return f'{{"seq":{int(seq)},"metrics":{flat_json(checked)}}}\n'.encode()
 
 
 REPORT_LAG_ENV = "TUNED_REPORT_LAG"
@@ -396,7 +390,7 @@ class Reporter:
             if len(self._buffer) > MAX_LINE:
                 raise ChannelClosed("oversized answer from the engine")
         *lines, self._buffer = self._buffer.split(b"\n")
-        return [json.loads(line) for line in lines if line.strip()]
+        return [decode_line(line) for line in lines if line.strip()]
 
     def send_event(self, **event: Any) -> None:
         """Send a one-way message (the trial's end, or its error) without waiting for an
