@@ -2,7 +2,8 @@
 
     python benchmarks/overhead.py [--trials 500] [--daemon-trials 500] [--optuna-trials 100]
                                   [--ray-trials 20] [--throughput-seconds 10] [--lag 0.005]
-                                  [--skip overhead,daemon,optuna,optuna-seq,ray,floor,throughput]
+                                  [--skip overhead,daemon,optuna,optuna-seq,ray,floor,nosync,
+                                          throughput]
 
 1. Overhead. N no-op trials of up to 10 reports each (x ~ U(0, 1); report e of 10 is
    {"epoch": e, "accuracy": x * e / 10}), successive halving stopping them (one bracket,
@@ -38,7 +39,10 @@
    Beside them, the floor: the same 2 trials (forked processes, the same lag rules, the
    same timing files) sending report lines over Unix sockets to one process that writes
    every line it read to a preallocated file with one fdatasync per batch and answers;
-   what any durable report service pays on this machine's disk and scheduler.
+   what any durable report service pays on this machine's disk and scheduler. And tuned
+   without fsync: tuned in-process with its store reopened ``durable=False``
+   (synchronous=OFF): not durable and held to no target, it shows what the engine's own
+   work costs, without the disk.
 
 Each peer runs in a fresh interpreter (a child of this script, which samples its memory);
 the trials write their round trips to files (one os.write per report, the same cost in
@@ -71,6 +75,7 @@ HERE = os.path.abspath(__file__)
 TIMES_ENV = "TUNED_OVERHEAD_TIMES"
 MAX_T, GRACE, ETA = 10, 1, 3
 TARGET_TRIALS_S, TARGET_RATIO, TARGET_REPORTS_S, TARGET_P99_MS = 100.0, 4.0, 5000.0, 2.0
+NOSYNC = "tuned, no fsync"
 
 ENTRY_SOURCE = '''"""A no-op trial for benchmarks/overhead.py: 10 reports, or reports for S s."""
 import os
@@ -270,9 +275,12 @@ class TreeMemory:
 # -- the peers, each in a child interpreter (`--child NAME`) -----------------------------------
 
 
-def child_tuned(n: int, times: str, seconds: float, lag: float = 0.0) -> dict[str, Any]:
+def child_tuned(n: int, times: str, seconds: float, lag: float = 0.0,
+                durable: bool = True) -> dict[str, Any]:
     """tuned in-process: Hyperband stopping over n trials, or (seconds > 0) FIFO with 2
-    trials reporting for `seconds`; `lag`: the spec's report_lag."""
+    trials reporting for `seconds`; `lag`: the spec's report_lag. `durable=False`: the
+    store reopened with ``durable=False`` (synchronous=OFF, no group-commit hold), to show
+    what the engine's own work costs without the disk."""
     sys.path.insert(0, times + "-entry")
     import overhead_entry
 
@@ -286,6 +294,10 @@ def child_tuned(n: int, times: str, seconds: float, lag: float = 0.0) -> dict[st
         if seconds:
             fn = ag.args(x=ag.space.Real(0.5, 0.6), seconds=seconds)(overhead_entry.train)
             sched = ag.scheduler.FIFOScheduler(fn, num_trials=2, **common)
+            if not durable:
+                from tuned.store import Store
+                sched.store.close()
+                sched.store = Store(common["checkpoint"], durable=False)
         else:
             fn = ag.args(x=ag.space.Real(0, 1), epochs=MAX_T)(overhead_entry.train)
             sched = ag.scheduler.HyperbandScheduler(fn, num_trials=n, grace_period=GRACE,
@@ -596,6 +608,14 @@ def measure_throughput(cli: argparse.Namespace, folder: str) -> list[Row]:
         _, rss, pss = run_child(["--child", "tuned", "--times", times, "--seconds", str(s),
                                  "--lag", str(lag)])
         rows.append(_throughput_row("tuned in-process", lag, times, rss, pss))
+        if "nosync" not in cli.skip:
+            print(f"  throughput, tuned without fsync, {label}: 2 trials x {s:g} s ...",
+                  flush=True)
+            times = _fresh(folder, f"tp-nosync-{lag}")
+            shutil.copytree(os.path.join(folder, "entry"), times + "-entry")
+            _, rss, pss = run_child(["--child", "tuned-nosync", "--times", times, "--seconds",
+                                     str(s), "--lag", str(lag)])
+            rows.append(_throughput_row(NOSYNC, lag, times, rss, pss))
         if "floor" not in cli.skip:
             print(f"  throughput, floor, {label}: 2 trials x {s:g} s ...", flush=True)
             times = _fresh(folder, f"tp-floor-{lag}")
@@ -677,7 +697,10 @@ def print_throughput(rows: list[Row], floor: tuple[float, float]) -> None:
           "with a lag, a call returns once its report is sent (tuned.reporter).\n  floor: "
           "the same 2 trials' lines over Unix sockets to a process that only appends what it\n"
           "  read to a preallocated file, fdatasyncs it and answers (no JSON, no database, no "
-          "decisions):\n  what a durable report costs on this machine, under the same load.")
+          "decisions):\n  what a durable report costs on this machine, under the same load.\n"
+          f"  {NOSYNC}: tuned in-process with its store opened durable=False "
+          "(synchronous=OFF, so\n  no group-commit hold either): not durable, held to no "
+          "target; what the engine's own work\n  costs, without the disk.")
 
 
 def print_targets(overhead: list[Row], throughput: list[Row]) -> None:
@@ -696,7 +719,7 @@ def print_targets(overhead: list[Row], throughput: list[Row]) -> None:
                 ratio = r["trials_s"] / optuna[0]["trials_s"]
                 print(f"  {verdict(ratio >= TARGET_RATIO)}  {r['name']} / Optuna+SQLite "
                       f"(2 threads): {ratio:.1f}x (>= {TARGET_RATIO:g}x)")
-    for r in (r for r in throughput if r["name"].startswith("tuned")):
+    for r in (r for r in throughput if r["name"] in ("tuned in-process", "tuned daemon")):
         name = f"{r['name']}, report_lag {r['lag'] * 1e3:g} ms"
         print(f"  {verdict(r['reports_s'] >= TARGET_REPORTS_S)}  {name}: "
               f"{r['reports_s']:.0f} durable reports/s sustained (>= {TARGET_REPORTS_S:g})")
@@ -726,8 +749,9 @@ def fsync_ms(folder: str, n: int = 200) -> tuple[float, float]:
 
 
 def child_main(cli: argparse.Namespace) -> None:
-    if cli.child == "tuned":
-        result = child_tuned(cli.n, cli.times, cli.seconds, cli.lag)
+    if cli.child in ("tuned", "tuned-nosync"):
+        result = child_tuned(cli.n, cli.times, cli.seconds, cli.lag,
+                             durable=cli.child == "tuned")
     elif cli.child == "floor":
         result = child_floor(cli.times, cli.seconds, cli.lag)
     elif cli.child == "optuna":
@@ -749,8 +773,8 @@ def main() -> None:
                         help="the report_lag (seconds) of the throughput test's lagged rows")
     parser.add_argument("--skip", default="",
                         help="comma-separated: overhead (the whole no-op trial table), daemon, "
-                             "optuna, optuna-seq, ray, floor, throughput")
-    parser.add_argument("--child", choices=("tuned", "floor", "optuna", "ray"),
+                             "optuna, optuna-seq, ray, floor, nosync, throughput")
+    parser.add_argument("--child", choices=("tuned", "tuned-nosync", "floor", "optuna", "ray"),
                         help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--times", help=argparse.SUPPRESS)
