@@ -413,14 +413,15 @@ class ControlServer:
         """Send ``{"v": 1, "topic": topic, **event}`` to each matching watcher.
 
         Returns how many watchers got it queued. Watchers over their output cap are
-        dropped. Raises ValueError/TypeError if the event is not JSON-serialisable.
+        dropped. Raises ValueError/TypeError if the event is not JSON-serialisable (it is
+        encoded only when somebody watches its topic: a daemon publishes every report).
         """
+        watchers = [client for client in self._clients.values()
+                    if client.conn.watching and topic_matches(client.conn.topics, topic)]
+        if not watchers:
+            return 0
         line = encode({**event, "v": PROTOCOL_VERSION, "topic": topic})
-        sent = 0
-        for client in list(self._clients.values()):
-            if client.conn.watching and topic_matches(client.conn.topics, topic):
-                sent += self._queue(client, line)
-        return sent
+        return sum(self._queue(client, line) for client in watchers)
 
     def resolve(self, deferred: Deferred, answer: dict[str, Any] | Exception) -> bool:
         """Send the answer of a deferred request: a dict of fields, or an exception that
