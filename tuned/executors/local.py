@@ -31,6 +31,7 @@ from tuned.protocol import answer_line, decode_line
 from tuned.reporter import MAX_LINE
 
 _PR_SET_PDEATHSIG = 1
+_READ_SIZE = 1 << 16  # bytes asked of a report channel per recv
 
 
 @dataclass
@@ -372,9 +373,11 @@ class LocalExecutor:
         return timeout
 
     def _read(self, child: _Child, events: list[Message | Exited]) -> None:
+        """What the channel holds now. A read that does not fill the buffer took all there
+        was; the selector reports the channel again if more comes (or it closes)."""
         while child.sock_open and child.sock is not None:
             try:
-                chunk = child.sock.recv(65536)
+                chunk = child.sock.recv(_READ_SIZE)
             except BlockingIOError:
                 break
             except OSError:
@@ -384,6 +387,8 @@ class LocalExecutor:
                 break
             child.buffer += chunk
             self._split(child, events)
+            if len(chunk) < _READ_SIZE:
+                break
 
     def _split(self, child: _Child, events: list[Message | Exited]) -> None:
         while True:
