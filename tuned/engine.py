@@ -161,7 +161,8 @@ class Engine:
                     self.scheduler.on_trial_end(trial.id)
         self.live: dict[int, _Live] = {}
         self.queue: deque[Trial] = deque()
-        self.created = len(store.trials(experiment.id))
+        # Trial numbers are 0, 1, ... in order of creation: the next is the count so far.
+        self.created = sum(store.count_trials(experiment.id).values())
         self.exhausted = False
         self.deadline: float | None = None
         if resources is None:
