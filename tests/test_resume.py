@@ -121,6 +121,16 @@ def test_one_slot_run_killed_three_times_equals_a_run_never_killed(tmp_path, kin
     assert out == _run_to_end(tmp_path / "again.db", kind, trials, 1, False)
 
 
+def _interrupted_cleanly_then_resumed(db: Path, trials: int) -> None:
+    """After a Ctrl-C: no trial RUNNING, no trial process left; a resume finishes them all."""
+    with sqlite3.connect(db) as c:
+        assert c.execute("SELECT COUNT(*) FROM trials WHERE state = 'RUNNING'").fetchone()[0] == 0
+    _no_trial_processes_left(db)
+    _run_to_end(db, "hyperband", trials, 2, True)
+    states = {v[1] for v in _snapshot(db).values()}
+    assert states <= {"COMPLETED", "STOPPED"} and len(_snapshot(db)) == trials
+
+
 def test_ctrl_c_leaves_no_trial_running_and_resume_finishes_cleanly(tmp_path):
     db = tmp_path / "int.db"
     proc = _start(db, "hyperband", 60, 2, False, 0.02)
@@ -131,12 +141,7 @@ def test_ctrl_c_leaves_no_trial_running_and_resume_finishes_cleanly(tmp_path):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode != 0 and "KeyboardInterrupt" in err
-    with sqlite3.connect(db) as c:
-        assert c.execute("SELECT COUNT(*) FROM trials WHERE state = 'RUNNING'").fetchone()[0] == 0
-    _no_trial_processes_left(db)
-    _run_to_end(db, "hyperband", 60, 2, True)
-    states = {v[1] for v in _snapshot(db).values()}
-    assert states <= {"COMPLETED", "STOPPED"} and len(_snapshot(db)) == 60
+    _interrupted_cleanly_then_resumed(db, 60)
 
 
 @pytest.mark.parametrize("nth", [3, 8])
@@ -149,9 +154,4 @@ def test_ctrl_c_just_after_a_fork_was_asked_for_leaves_no_trial_running(tmp_path
     _, err = proc.communicate(timeout=60)
     assert proc.returncode != 0 and "KeyboardInterrupt" in err, err
     assert "IndexError" not in err, err
-    with sqlite3.connect(db) as c:
-        assert c.execute("SELECT COUNT(*) FROM trials WHERE state = 'RUNNING'").fetchone()[0] == 0
-    _no_trial_processes_left(db)
-    _run_to_end(db, "hyperband", 30, 2, True)
-    states = {v[1] for v in _snapshot(db).values()}
-    assert states <= {"COMPLETED", "STOPPED"} and len(_snapshot(db)) == 30
+    _interrupted_cleanly_then_resumed(db, 30)

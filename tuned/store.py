@@ -763,24 +763,17 @@ class Store:
         now = self.clock()
         with self.transaction() as c:
             try:
-                c.execute("INSERT INTO reports (trial_id, seq, time_value, reward, metrics, "
-                          "decision, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                          (trial_id, seq, time_value, reward, metrics_json, decision.value, now))
+                c.execute(_INSERT_REPORT, (trial_id, seq, time_value, reward, metrics_json,
+                                           decision.value, now))
             except sqlite3.IntegrityError:
                 row = c.execute("SELECT decision FROM reports WHERE trial_id = ? AND seq = ?",
                                 (trial_id, seq)).fetchone()
                 if row is None:
                     raise
                 return row[0]
-            c.execute("UPDATE trials SET last_seq = ?, last_time = ?, last_reward = ?, "
-                      "score = ? WHERE id = ? AND last_seq < ?",
-                      (seq, time_value, reward, score, trial_id, seq))
+            c.execute(_UPDATE_LAST_REPORT, (seq, time_value, reward, score, trial_id, seq))
             if rungs:
-                c.executemany(
-                    "INSERT INTO rungs (experiment_id, bracket, level, trial_id, score, decision)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    [(experiment_id, r.bracket, r.level, r.trial_id, r.score, r.decision.value)
-                     for r in rungs])
+                c.executemany(_INSERT_RUNG, _rung_rows(experiment_id, rungs))
         return decision.value
 
     def record_reports(self, experiment_id: int, reports: Sequence[NewReport]) -> None:
@@ -798,24 +791,18 @@ class Store:
                 last[r.trial_id] = r
         with self.transaction() as c:
             try:
-                c.executemany(
-                    "INSERT INTO reports (trial_id, seq, time_value, reward, metrics, "
-                    "decision, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [(r.trial_id, r.seq, r.time_value, r.reward, r.metrics_json,
-                      r.decision.value, now) for r in reports])
+                c.executemany(_INSERT_REPORT, [(r.trial_id, r.seq, r.time_value, r.reward,
+                                                r.metrics_json, r.decision.value, now)
+                                               for r in reports])
             except sqlite3.IntegrityError as exc:
                 raise StoreError(f"{self.path}: cannot store reports that are not new "
                                  f"({exc})") from exc
-            c.executemany("UPDATE trials SET last_seq = ?, last_time = ?, last_reward = ?, "
-                          "score = ? WHERE id = ? AND last_seq < ?",
+            c.executemany(_UPDATE_LAST_REPORT,
                           [(r.seq, r.time_value, r.reward, r.score, r.trial_id, r.seq)
                            for r in last.values()])
-            rungs = [(experiment_id, e.bracket, e.level, e.trial_id, e.score, e.decision.value)
-                     for r in reports for e in r.rungs]
+            rungs = [e for r in reports for e in r.rungs]
             if rungs:
-                c.executemany(
-                    "INSERT INTO rungs (experiment_id, bracket, level, trial_id, score, decision)"
-                    " VALUES (?, ?, ?, ?, ?, ?)", rungs)
+                c.executemany(_INSERT_RUNG, _rung_rows(experiment_id, rungs))
 
     def reports(self, trial_id: int) -> list[Report]:
         rows = self.conn.execute(
@@ -867,6 +854,20 @@ class Store:
             "SELECT bracket, level, trial_id, score, decision FROM rungs "
             "WHERE experiment_id = ? ORDER BY id", (experiment_id,))
         return [RungEntry(b, lv, t, s, Decision(d)) for b, lv, t, s, d in rows]
+
+
+_INSERT_REPORT = ("INSERT INTO reports (trial_id, seq, time_value, reward, metrics, decision, "
+                  "created) VALUES (?, ?, ?, ?, ?, ?, ?)")
+# A trial's last report; never an older one over a newer.
+_UPDATE_LAST_REPORT = ("UPDATE trials SET last_seq = ?, last_time = ?, last_reward = ?, "
+                       "score = ? WHERE id = ? AND last_seq < ?")
+_INSERT_RUNG = ("INSERT INTO rungs (experiment_id, bracket, level, trial_id, score, decision) "
+                "VALUES (?, ?, ?, ?, ?, ?)")
+
+
+def _rung_rows(experiment_id: int | None, rungs: Sequence[RungEntry]) -> list[tuple]:
+    return [(experiment_id, r.bracket, r.level, r.trial_id, r.score, r.decision.value)
+            for r in rungs]
 
 
 def _remember(written: dict[str, Any], changed: list[tuple[int, str, str, Any]],
