@@ -457,7 +457,9 @@ class Engine:
         assert grant is not None, "_launch_ready checked the resources"
         payload = {"config": trial.config, "seed": trial_seed(self.spec.seed, trial.number),
                    "number": trial.number, "env": dict(self.trial_env),
-                   "checkpoint_dir": self._trial_checkpoint_dir(trial.number)}
+                   "checkpoint_dir": self._trial_checkpoint_dir(trial.number),
+                   "title": f"tuned: {self.experiment.name} trial {trial.number} "
+                            f"attempt {trial.attempt}"}
         if grant.gpus:
             payload["env"]["CUDA_VISIBLE_DEVICES"] = ",".join(grant.gpus)
         if self.spec.report_lag:

@@ -29,6 +29,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from tuned.proctitle import set_title
+
 MAX_MESSAGE = 1 << 20
 
 
@@ -80,6 +82,7 @@ def spawn_runner(entry: str, workdir: str | None,
 def trial_main(fd: int) -> int:
     """A spawned trial: import the entry in this fresh interpreter and run the payload."""
     order = json.loads(os.environ.pop("TUNED_TRIAL_ORDER"))
+    set_title(order["payload"].get("title"))
     runner = load_runner(order["entry"], order["workdir"], order["constants"])
     return runner(order["payload"], socket.socket(fileno=fd))
 
@@ -181,6 +184,7 @@ def serve_forks(ctl: socket.socket, runner: Callable[[dict[str, Any], socket.soc
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         die_with_parent(engine_pid)
+        set_title("tuned: fork server")
         gc.freeze()
         Template(ctl, runner, kill_with_parent=True).run()
     except BaseException:
@@ -206,11 +210,22 @@ def _runner_of(experiment: dict[str, Any]) -> tuple[Callable[..., int], dict[str
     return make(entry, workdir, constants), described
 
 
+def template_title(experiment: dict[str, Any]) -> str:
+    """The template's title in `ps`: ``tuned: template <what>``, `what` being the
+    experiment's name if the daemon sent one, else its entry, else its command line."""
+    command = experiment.get("command")
+    what = (experiment.get("name") or experiment.get("entry")
+            or (" ".join(map(str, command)) if isinstance(command, list) else command)
+            or "?")
+    return f"tuned: template {what}"
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--trial"]:
         return trial_main(int(argv[1]))
     ctl = socket.socket(fileno=int(argv[0]))
     experiment = json.loads(ctl.recv(MAX_MESSAGE))
+    set_title(template_title(experiment))
     try:
         runner, described = _runner_of(experiment)
     except Exception as exc:  # the user's module failed to import: say so, then leave

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from tuned.proctitle import set_title
 from tuned.protocol import answer_line, decode_line
 from tuned.reporter import MAX_LINE
 
@@ -460,6 +461,7 @@ def spare_main(runner: Callable[[dict[str, Any], socket.socket], int], channel: 
         become_spare(parent_pid, kill_with_parent)
         order = _read_order(channel)
         if order is not None:
+            set_title(order["payload"].get("title"))
             _redirect_output(order["log"])
             code = runner(order["payload"], channel)
     except BaseException:
