@@ -6,7 +6,8 @@ Starts `tuned serve` on a temporary state directory, submits the tutorial's four
 examples/specs/ and program.toml (a trial that is a program, not a function) with
 `tunectl submit`, waits for them, prints `tunectl status` and
 `tunectl best` for each, writes each experiment's curves to DIR/<experiment>.png
-(default DIR: demo-output), and stops the daemon.
+(default DIR: demo-output), draws the Hyperband curves and random search's best so far in
+the terminal (the latter also as DIR/random_search_best_so_far.png), and stops the daemon.
 """
 
 from __future__ import annotations
@@ -85,6 +86,9 @@ def main() -> None:
         print(f"== curves: {', '.join(f'{n}.png' for n in names)} in {os.path.abspath(cli.out)}")
         print("\n== tunectl curves tutorial_hyperband")
         print(tunectl(sock, "curves", "tutorial_hyperband").stdout)
+        png = os.path.join(cli.out, "random_search_best_so_far.png")
+        print("== tunectl curves random_search --best-so-far")
+        print(tunectl(sock, "curves", "random_search", "--best-so-far", "--png", png).stdout)
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=30)

@@ -124,7 +124,10 @@ def test_a_checkpoint_saved_before_its_report_is_caught_on_resume(tmp_path):
         d.proc.wait(timeout=30)
         (tmp_path / "gate").touch()
         d.start(args=("--stop-trials",))
-        d.wait_state("early", ("COMPLETED",))
+        # Both trials fail for it, so the experiment fails, naming the error.
+        ended = d.wait_state("early", ("COMPLETED", "FAILED"))
+        assert ended["state"] == "FAILED"
+        assert "a checkpoint must be saved after the report" in ended["reason"]
         errors = {t["error"] for t in d.json("trials", "early")["trials"]}
         assert any(e and "a checkpoint must be saved after the report" in e for e in errors), \
             errors

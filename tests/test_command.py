@@ -29,14 +29,6 @@ def test_unknown_fields_are_problems_naming_them():
     assert problem.startswith("command: {nope} names no parameter") and "lr" in problem
 
 
-@pytest.fixture
-def daemon(tmp_path):
-    d = Daemon(tmp_path)
-    d.start()
-    yield d
-    d.stop()
-
-
 def _program(tmp_path, body: str):
     path = tmp_path / "prog.py"
     path.write_text(textwrap.dedent(body))
@@ -121,7 +113,11 @@ def test_programs_that_cannot_run_or_raise_fail_with_their_reason(daemon, tmp_pa
             [space]
             x = {{type = "int", lower = 0, upper = 9}}
         """)).returncode == 0
-        daemon.wait_state(name, ("COMPLETED",))
+        ended = daemon.wait_state(name, ("COMPLETED", "FAILED"))
+        # Its only trial failed: the experiment failed too, with the trial's error.
+        assert ended["state"] == "FAILED"
+        assert ended["reason"].startswith("1 trial(s) failed and none succeeded; "
+                                          "last errors: trial 0: ")
     (missing,) = daemon.json("trials", "missing")["trials"]
     assert missing["state"] == "FAILED"
     assert "cannot run 'no-such-program-here'" in missing["error"]

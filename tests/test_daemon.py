@@ -42,8 +42,12 @@ class Daemon:
         return self.log_path.read_text() if self.log_path else ""
 
     def start(self, wait: bool = True, env: dict[str, str] | None = None,
-              args: tuple[str, ...] = ()) -> subprocess.Popen:
+              args: tuple[str, ...] = (), cpus: int | None = None) -> subprocess.Popen:
+        """Start `tuned serve` (with `cpus`, on that many of this machine's CPUs)."""
         code = "import sys; from tuned.cli import tuned_main; sys.argv[0] = 'tuned'; tuned_main()"
+        if cpus is not None:
+            mine = sorted(os.sched_getaffinity(0))[:cpus]
+            code = f"import os; os.sched_setaffinity(0, {mine}); {code}"
         # Its log goes to a file, never to a pipe nobody reads (a full pipe would block it).
         self.log_path = self.root / f"daemon-{self.starts}.log"
         self.starts += 1
@@ -86,14 +90,6 @@ class Daemon:
         return sqlite3.connect(self.state / "tuned.db")
 
 
-@pytest.fixture
-def daemon(tmp_path):
-    d = Daemon(tmp_path)
-    d.start()
-    yield d
-    d.stop()
-
-
 def _spec(tmp_path: Path, name: str, body: str) -> str:
     path = tmp_path / f"{name}.toml"
     path.write_text(textwrap.dedent(body))
@@ -119,7 +115,8 @@ def test_submit_status_best_trials_curves(daemon, tmp_path):
     (hb,) = status["experiments"]
     assert sum(hb["trials"].values()) == 12
     best = daemon.json("best", "hb")
-    assert set(best) == {"experiment", "trial", "config", "reward"}
+    assert set(best) == {"experiment", "trial", "config", "reward", "metric", "mode"}
+    assert (best["metric"], best["mode"]) == ("accuracy", "max")
     assert set(best["config"]) == {"lr", "wd"}
     trials = daemon.json("trials", "hb")["trials"]
     assert max(t["reward"] for t in trials if t["reward"] is not None) == best["reward"]
@@ -204,11 +201,22 @@ def test_pause_resume_and_stop(daemon, tmp_path):
     killed = daemon.json("kill", "slow2", str(running[0]["trial"]))
     assert killed["killed"]
     assert daemon.json("stop", "slow2")["state"] == "STOPPED"
-    time.sleep(1)
-    rows = daemon.json("trials", "slow2")["trials"]
+    ended = daemon.wait_state("slow2", ("STOPPED",))
+    assert ended["reason"] == "stopped by the user"
+    deadline = time.monotonic() + 10
+    while daemon.json("status", "slow2")["experiments"][0]["trials"].get("RUNNING"):
+        assert time.monotonic() < deadline, "a stopped trial still runs"
+        time.sleep(0.1)
+    rows = daemon.json("trials", "slow2", "--all")["trials"]
     states = {t["trial"]: (t["state"], t["error"]) for t in rows}
-    assert states[running[0]["trial"]] == ("FAILED", "killed by the user")
-    assert all(s == "FAILED" or s in ("COMPLETED", "STOPPED") for s, _ in states.values())
+    # 400 epochs of 50 ms: none of them could finish; the killed one says so, and every other
+    # one (running or waiting when the stop came) ended FAILED "stopped by the user".
+    assert states.pop(running[0]["trial"]) == ("FAILED", "killed by the user")
+    assert set(states.values()) == {("FAILED", "stopped by the user")}
+    daemon.stop()
+    daemon.start()
+    again = daemon.json("status", "slow2")["experiments"][0]
+    assert again["state"] == "STOPPED" and set(again["trials"]) == {"FAILED"}
 
 
 def test_one_daemon_per_state_dir(daemon):
@@ -336,7 +344,9 @@ def test_a_scheduled_experiment_waits_for_its_time(daemon, tmp_path):
     daemon.stop()
     daemon.start()
     assert daemon.json("status", "later")["experiments"][0] == {
-        "experiment": "later", "state": "STOPPED", "trials": {}, "best": None}
+        "experiment": "later", "state": "STOPPED", "reason": "cancelled by the user before "
+        "it started", "waiting": None, "trials": {}, "best": None, "num_trials": 2,
+        "time_out": None, "metric": "accuracy", "mode": "max"}
 
 
 def _argv_probe(tmp_path: Path) -> Path:
@@ -459,7 +469,7 @@ def test_trials_pages_and_best_curves(daemon, tmp_path):
     last = daemon.json("trials", "paged", "--limit", "3")
     assert [t["trial"] for t in last["trials"]] == [5, 6, 7] and last["offset"] == 5
     text = daemon.ctl("trials", "paged", "--limit", "3")
-    assert text.returncode == 0 and len(text.stdout.splitlines()) == 3
+    assert text.returncode == 0 and len(text.stdout.splitlines()) == 1 + 3  # a header
     assert "3 of 8 trials shown: positions 5-7" in text.stderr and "--all" in text.stderr
     assert daemon.ctl("trials", "paged").stderr == ""  # 8 trials fit the default page
     best_two = sorted(everything, key=lambda t: -t["reward"])[:2]

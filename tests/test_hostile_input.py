@@ -10,8 +10,7 @@ import socket
 import time
 from collections import Counter
 
-import pytest
-from test_daemon import Daemon, _toy_spec
+from test_daemon import _toy_spec
 
 from tuned.control import MAX_BAD_FRAMES
 from tuned.protocol import ERRORS
@@ -190,14 +189,6 @@ class _Fuzz:
     def totals(self) -> tuple[int, int]:
         """Frames sent and answers read, over every connection, hellos included."""
         return (sum(c.sent for c in self.closed), sum(c.answered for c in self.closed))
-
-
-@pytest.fixture
-def daemon(tmp_path):
-    d = Daemon(tmp_path)
-    d.start()
-    yield d
-    d.stop()
 
 
 def test_ten_thousand_hostile_frames_leave_the_daemon_up_and_small(daemon, tmp_path):

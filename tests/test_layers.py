@@ -28,6 +28,7 @@ PURE_GLOBS = [
     "tuned/space.py",
     "tuned/decisions.py",
     "tuned/states.py",
+    "tuned/lifecycle.py",
     "tuned/searchers/**/*.py",
     "tuned/schedulers/**/*.py",
 ]
@@ -43,8 +44,8 @@ FORBIDDEN = frozenset({
 })
 
 #: The tuned modules the pure core may import: itself.
-PURE_TUNED = ("tuned.space", "tuned.decisions", "tuned.states", "tuned.searchers",
-              "tuned.schedulers")
+PURE_TUNED = ("tuned.space", "tuned.decisions", "tuned.states", "tuned.lifecycle",
+              "tuned.searchers", "tuned.schedulers")
 
 
 def pure_files() -> list[Path]:

@@ -139,5 +139,5 @@ def test_clones_continue_from_their_parents_checkpoints(tmp_path):
     out = subprocess.run([sys.executable, "-c", code, "trials", "--db", str(tmp_path / "t.db"),
                           "--json", s.experiment.name], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    shown = {r["trial"]: r["parent"] for r in json.loads(out.stdout)}
+    shown = {r["trial"]: r["parent"] for r in json.loads(out.stdout)["trials"]}
     assert {n for n, p in shown.items() if p is not None} == {t.number for t in clones}

@@ -27,14 +27,6 @@ def _parent(pid: int) -> int:
     return int(stat[stat.rfind(b")") + 2:].split()[1])
 
 
-@pytest.fixture
-def daemon(tmp_path):
-    d = Daemon(tmp_path)
-    d.start()
-    yield d
-    d.stop()
-
-
 def _sleeper(tmp_path: Path) -> Path:
     """A module whose trial touches `<tmp_path>/running` and then sleeps a minute."""
     module = tmp_path / "sleeper.py"

@@ -2,8 +2,9 @@
 
 ``import tuned as ag`` gives the API of AutoGluon's searcher/scheduler system:
 ``ag.args``, ``ag.space``, ``ag.scheduler.FIFOScheduler``, ``HyperbandScheduler``,
-``RLScheduler``. They are imported on first use, so that light commands (`tunectl`) do not
-pay for numpy and the engine.
+``RLScheduler``; and ``ag.ExperimentFailed``, what ``run()`` raises when every trial
+failed. They are imported on first use, so that light commands (`tunectl`) do not pay for
+numpy and the engine.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["Args", "args", "scheduler", "space", "__version__"]
+__all__ = ["Args", "ExperimentFailed", "args", "scheduler", "space", "__version__"]
 
 _LAZY = {"scheduler": ("tuned.scheduler", None), "space": ("tuned.space", None),
-         "args": ("tuned.trial_args", "args"), "Args": ("tuned.trial_args", "Args")}
+         "args": ("tuned.trial_args", "args"), "Args": ("tuned.trial_args", "Args"),
+         "ExperimentFailed": ("tuned.lifecycle", "ExperimentFailed")}
 
 
 def __getattr__(name: str) -> Any:

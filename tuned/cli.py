@@ -1,12 +1,20 @@
 """Command lines: `tuned` (the daemon, `tuned serve`, and reading a store directly) and
 `tunectl` (talking to the daemon over its socket).
 
-Exit codes: 0 ok, 1 error, 2 usage, 3 daemon not running, 4 not found.
+Contract for scripts:
+- Exit codes: 0 ok, 1 error, 2 usage, 3 daemon not running, 4 not found (the `tunectl`
+  column of the protocol's error table, `tuned.protocol.ERRORS`).
+- `--json`, before or after the command, prints each answer as one JSON document on
+  stdout, and every error as one JSON object ``{"error": {"code", "message"}}`` on stdout
+  (a code of the table: the daemon's, or one of the client's own, ``usage``,
+  ``no_daemon``, ``unavailable``, ``error``), with the code's exit status. Without it,
+  errors go to stderr as ``error: <message>``.
+- Human output fits 100 columns (`tuned.render`).
 
 `tunectl` starts once per command, so this module imports only what every command needs
-(click, json, the package's version); each command imports the rest itself: the store,
-logging and the daemon for `tuned`, the lean control client (`tuned.client`, not the
-server in `tuned.control`) for `tunectl`.
+(click, json, the package's version, the renderer); each command imports the rest itself:
+the store, logging and the daemon for `tuned`, the lean control client (`tuned.client`, not
+the server in `tuned.control`) for `tunectl`.
 """
 
 from __future__ import annotations
@@ -16,10 +24,10 @@ import json
 import os
 import sys
 import time
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, NoReturn
 
-from tuned import __version__
-from tuned.paths import DEFAULT_CHECKPOINT
+from tuned import __version__, render
 
 # Importing click makes many objects and no garbage: the collections its allocations set off
 # find nothing, and cost a tunectl run about 8 ms. They are paused while it loads.
@@ -31,81 +39,91 @@ finally:
     if _collecting:
         gc.enable()
 
-EXIT_ERROR, EXIT_NO_DAEMON, EXIT_NOT_FOUND = 1, 3, 4
 # What `trials` and `curves` show without --all: a page whose size does not grow with the
 # experiment, like a pager's first screen (the last PAGE trials; the TOP_CURVES best curves).
 PAGE = 50
 TOP_CURVES = 20
-
-db_option = click.option("--db", default=DEFAULT_CHECKPOINT, show_default=True,
-                         type=click.Path(dir_okay=False),
-                         help="The SQLite file of the experiments (a run's `checkpoint`).")
-json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+EXPORT_PAGE = 5000
 
 
-def _open(db: str) -> Any:
-    from tuned.store import Store, StoreError
+class Failure(Exception):
+    """A command's failure: `code` from the protocol's error table, and a message."""
 
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def fail(code: str, message: str) -> NoReturn:
+    raise Failure(code, message)
+
+
+class _Output:
+    """Whether this run prints JSON (`--json` anywhere before a ``--``)."""
+
+    json = False
+
+
+OUTPUT = _Output()
+
+
+def _json_flag(command: Any) -> Any:
+    """`--json` on a group or command; it only marks the run (see `run`)."""
+
+    def mark(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+        if value:
+            OUTPUT.json = True
+
+    return click.option("--json", "json_flag", is_flag=True, expose_value=False,
+                        callback=mark, help="Machine-readable output (also before the "
+                        "command); errors as JSON objects.")(command)
+
+
+def run(group: click.Group, args: list[str] | None, prog: str) -> NoReturn:
+    """Run `group` on `args` (default: the process's) and exit with the documented code;
+    errors are printed as the run's `--json` asks (see the module docstring)."""
+    from tuned.protocol import exit_code_for
+
+    args = sys.argv[1:] if args is None else list(args)
+    head = args[:args.index("--")] if "--" in args else args
+    OUTPUT.json = "--json" in head
     try:
-        return Store(db, preallocate=False)
-    except StoreError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_ERROR)
+        code = group.main(args=args, prog_name=prog, standalone_mode=False)
+    except Failure as exc:
+        _print_error(exc.code, exc.message)
+        code = exit_code_for(exc.code)
+    except click.UsageError as exc:
+        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+        _print_error("usage", exc.format_message() + hint)
+        code = 2
+    except click.ClickException as exc:
+        _print_error("error", exc.format_message())
+        code = exc.exit_code
+    except click.exceptions.Abort:
+        _print_error("error", "aborted")
+        code = 1
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)
 
 
-def _experiment(store: Any, name: str) -> Any:
-    from tuned.store import NotFound
-
-    try:
-        return store.experiment(name)
-    except NotFound:
-        click.echo(f"error: no experiment {name!r} in {store.path}", err=True)
-        sys.exit(EXIT_NOT_FOUND)
+def _print_error(code: str, message: str) -> None:
+    if OUTPUT.json:
+        click.echo(json.dumps({"error": {"code": code, "message": message}}))
+    else:
+        click.echo(f"error: {message}", err=True)
 
 
-def _emit(data: Any, as_json: bool, text: str) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=True) if as_json else text)
+def emit(data: Any, text: str | Callable[[], str]) -> None:
+    """Print `data` as JSON with --json, else `text` (or what `text()` gives)."""
+    if OUTPUT.json:
+        click.echo(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        click.echo(text() if callable(text) else text)
 
 
-@click.group()
-@click.version_option(__version__, prog_name="tuned")
-def tuned_main() -> None:
-    """tuned: persistent hyperparameter tuning."""
-
-
-@tuned_main.command("experiments")
-@db_option
-@json_option
-def experiments_cmd(db: str, as_json: bool) -> None:
-    """List the experiments in a store, with their trials by state and best reward."""
-    store = _open(db)
-    rows = []
-    for exp in store.experiments():
-        best = store.best_trial(exp.id)
-        rows.append({"experiment": exp.name, "state": exp.state,
-                     "trials": store.count_trials(exp.id),
-                     "best_reward": best.last_reward if best else None})
-    text = "\n".join(f"{r['experiment']:<24} {r['state']:<10} best={r['best_reward']} "
-                     f"{r['trials']}" for r in rows) or "no experiments"
-    _emit(rows, as_json, text)
-
-
-@tuned_main.command("best")
-@db_option
-@json_option
-@click.argument("experiment")
-def best_cmd(db: str, as_json: bool, experiment: str) -> None:
-    """The best trial of EXPERIMENT: its number, config and reward."""
-    store = _open(db)
-    exp = _experiment(store, experiment)
-    best = store.best_trial(exp.id)
-    if best is None:
-        click.echo(f"error: experiment {experiment!r} has no reported trial yet", err=True)
-        sys.exit(EXIT_NOT_FOUND)
-    data = {"experiment": exp.name, "trial": best.number, "config": best.config,
-            "reward": best.last_reward}
-    _emit(data, as_json, f"trial {best.number}: reward {best.last_reward} "
-                         f"config {json.dumps(best.config)}")
+# -- options shared by both command lines ---------------------------------------------------
 
 
 def page_options(command: Any) -> Any:
@@ -134,38 +152,320 @@ def page(limit: int | None, offset: int | None, show_all: bool) -> tuple[int | N
 def page_note(shown: int, first: int, total: int) -> None:
     """On stderr, when the page is not every trial: which trials it holds and how to see
     the others (stdout keeps only the listing)."""
-    if shown < total:
+    if shown < total and not OUTPUT.json:
         last = first + shown - 1
         where = f"positions {first}-{last}" if shown else f"none from position {first}"
         click.echo(f"({shown} of {total} trials shown: {where}; --all lists every trial, "
                    "--limit and --offset another page)", err=True)
 
 
-@tuned_main.command("trials")
+def show_trials(data: dict[str, Any]) -> None:
+    """Print a `trials` answer: the table (`render.trials_text`), and on stderr which page
+    it is when it is not every trial."""
+    emit(data, lambda: render.trials_text(data))
+    page_note(len(data["trials"]), data["offset"], data["total"])
+
+
+def curves_options(command: Any) -> Any:
+    """The options of `curves` (see `show_curves`)."""
+    for option in reversed([
+        click.option("--metric", default=None, help="The metric to draw [default: the "
+                     "reward]."),
+        click.option("--png", type=click.Path(dir_okay=False), default=None,
+                     help="Also save the chart as a PNG (needs matplotlib)."),
+        click.option("--top", type=click.IntRange(min=0), default=None,
+                     help=f"The N trials of highest score [default: {TOP_CURVES}]."),
+        click.option("--all", "show_all", is_flag=True,
+                     help="Every trial's curve (the answer grows with the experiment)."),
+        click.option("--best-so-far", is_flag=True, help="The best reward so far against "
+                     "trials and against time, instead of the curves."),
+    ]):
+        command = option(command)
+    return command
+
+
+def curves_args(metric: str | None, top: int | None, show_all: bool) -> dict[str, Any]:
+    if show_all and top is not None:
+        raise click.UsageError("--all and --top exclude each other")
+    args: dict[str, Any] = {"metric": metric} if metric else {}
+    if not show_all:
+        args["top"] = TOP_CURVES if top is None else top
+    return args
+
+
+def show_curves(data: dict[str, Any], png: str | None, show_all: bool) -> None:
+    """Print a `curves` answer as a chart with a legend of the best trials (and save it as
+    a PNG with `png`)."""
+    from tuned.curves import draw_curves_png, text_chart
+
+    curves = {int(k): v for k, v in data["curves"].items()}
+    mode = data.get("mode") or "max"
+    if png:
+        _png(lambda: draw_curves_png(curves, data["metric"], data["time_attr"], png,
+                                     mode=mode, title=f"{data['experiment']}: "
+                                     f"{render.metric_label(data['metric'], data.get('mode'))}"))
+    emit(data, lambda: text_chart(curves, data["metric"], data["time_attr"], mode=mode)
+         + (f"\nsaved {png}" if png else ""))
+    total = data.get("total")
+    if not OUTPUT.json and not show_all and total is not None and total > len(curves):
+        click.echo(f"(the curves of the {len(curves)} best of {total} trials; --top N for "
+                   "more, --all for every one)", err=True)
+
+
+def show_progress(data: dict[str, Any], png: str | None) -> None:
+    """Print a `progress` answer: best so far against trials and against time."""
+    from tuned.curves import best_so_far_chart, draw_best_so_far_png
+
+    if png:
+        _png(lambda: draw_best_so_far_png(data["by_trial"], data["by_time"], data["metric"],
+                                          data["mode"], png,
+                                          title=f"{data['experiment']}: best so far"))
+    emit(data, lambda: best_so_far_chart(data["by_trial"], data["by_time"], data["metric"],
+                                         data["mode"]) + (f"\nsaved {png}" if png else ""))
+
+
+def _png(draw: Callable[[], None]) -> None:
+    try:
+        draw()
+    except (RuntimeError, OSError) as exc:
+        fail("error", str(exc))
+
+
+def export_options(command: Any) -> Any:
+    for option in reversed([
+        click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="csv",
+                     show_default=True, help="CSV with a header, or one JSON object a line."),
+        click.option("--reports", is_flag=True, help="One row per report (trial, seq, time, "
+                     "reward, decision, created, a column per metric) instead of one per "
+                     "trial (number, state, attempt, reward, times, a column per "
+                     "parameter)."),
+        click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
+                     default=None, help="Write to this file instead of stdout."),
+    ]):
+        command = option(command)
+    return command
+
+
+def write_export(fetch: Callable[[int | None, Any, Any], dict[str, Any]], reports: bool,
+                 fmt: str, output: str | None) -> None:
+    """Write every page `fetch(offset, after, columns)` gives (export answers: `columns`,
+    `rows`) as CSV or JSON Lines to `output` (default stdout). A file is written whole or
+    not at all (a temporary name, renamed at the end)."""
+    from tuned.export import write_csv, write_jsonl
+
+    first = fetch(0, None, None)
+    columns = first["columns"]
+
+    def pages() -> Iterator[list[dict[str, Any]]]:
+        page, offset = first, 0
+        while True:
+            yield page["rows"]
+            if len(page["rows"]) < EXPORT_PAGE:
+                return
+            offset += len(page["rows"])
+            last = page["rows"][-1]
+            page = fetch(offset, [last["trial"], last["seq"]] if reports else None,
+                         columns if reports else None)
+
+    target = output + ".tmp" if output else None
+    try:
+        with (open(target, "w", newline="", encoding="utf-8") if target
+              else _stdout()) as out:
+            if fmt == "csv":
+                write_csv(pages(), columns, out)
+            else:
+                write_jsonl(pages(), out)
+        if target:
+            os.replace(target, output)
+    except OSError as exc:
+        fail("error", f"cannot write {output or 'stdout'}: {exc}")
+    finally:
+        if target and os.path.exists(target):
+            os.unlink(target)
+
+
+class _stdout:
+    """sys.stdout as a context manager that does not close it."""
+
+    def __enter__(self) -> Any:
+        return sys.stdout
+
+    def __exit__(self, *exc: object) -> None:
+        sys.stdout.flush()
+
+
+# -- tuned -----------------------------------------------------------------------------------
+
+
+def _store_candidates() -> list[str]:
+    """Where `tuned`'s store commands look for a store without --db: the daemon's state
+    directory (TUNED_STATE_DIR, else the default), then the in-process API's default."""
+    from tuned.paths import DEFAULT_CHECKPOINT, default_state_dir, system_state_dir
+
+    places = [os.path.join(default_state_dir(), "tuned.db")]
+    if os.environ.get("TUNED_STATE_DIR"):
+        places.append(os.path.join(system_state_dir(), "tuned.db"))
+    places.append(DEFAULT_CHECKPOINT)
+    return list(dict.fromkeys(places))
+
+
+def _open(db: str | None) -> Any:
+    """The store to read (`db`, or the first of `_store_candidates` that exists), opened
+    read-only: nothing is created. Failure `not_found` when there is none, `unavailable`
+    when it cannot be read."""
+    from tuned.store import Store, StoreError, StoreMissing
+
+    if db is None:
+        found = [p for p in _store_candidates() if os.path.isfile(p)]
+        if not found:
+            fail("not_found", "no store found (looked at "
+                 f"{', '.join(_store_candidates())}); give --db FILE")
+        db = found[0]
+    try:
+        return Store(db, readonly=True)
+    except StoreMissing as exc:
+        fail("not_found", str(exc))
+    except StoreError as exc:
+        fail("unavailable", str(exc))
+
+
+def _view(call: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    """A `tuned.views` answer; its ProtocolError becomes this run's Failure."""
+    from tuned.protocol import ProtocolError
+
+    try:
+        return call(*args)
+    except ProtocolError as exc:
+        fail(exc.code, exc.message)
+
+
+def _store_experiment(store: Any, name: str) -> Any:
+    from tuned import views
+
+    return _view(views.experiment, store, name)
+
+
+def _complete_stored(ctx: click.Context, param: click.Parameter,
+                     incomplete: str) -> list[str]:
+    """Shell completion of experiment names from the store (never raises)."""
+    try:
+        from tuned.store import Store
+
+        db = ctx.params.get("db") or next(
+            (p for p in _store_candidates() if os.path.isfile(p)), None)
+        if db is None:
+            return []
+        store = Store(db, readonly=True)
+        try:
+            return [e.name for e in store.experiments() if e.name.startswith(incomplete)]
+        finally:
+            store.close()
+    except Exception:
+        return []
+
+
+db_option = click.option("--db", default=None, type=click.Path(dir_okay=False),
+                         help="The SQLite file of the experiments [default: the daemon's "
+                              "store, TUNED_STATE_DIR/tuned.db, else the default state "
+                              "directory's, else ./tuned-runs/tuned.db]. Read only.")
+stored_experiment = click.argument("experiment", shell_complete=_complete_stored)
+
+
+@click.group()
+@click.version_option(__version__, prog_name="tuned")
+@_json_flag
+def tuned_group() -> None:
+    """tuned: persistent hyperparameter tuning. Exit codes: 0 ok, 1 error, 2 usage,
+    4 not found."""
+
+
+def tuned_main(args: list[str] | None = None) -> NoReturn:
+    """The `tuned` command line (see the module docstring)."""
+    run(tuned_group, args, "tuned")
+
+
+@tuned_group.command("experiments")
 @db_option
-@json_option
+@_json_flag
+def experiments_cmd(db: str | None) -> None:
+    """The experiments of a store: state, trials by state, best (as `tunectl status`)."""
+    from tuned import views
+
+    store = _open(db)
+    data = {"experiments": [views.summary(store, e) for e in store.experiments()]}
+    emit(data, lambda: render.status_text(data))
+
+
+@tuned_group.command("best")
+@db_option
+@_json_flag
+@stored_experiment
+def best_cmd(db: str | None, experiment: str) -> None:
+    """The best trial of EXPERIMENT: its number, reward and config (as `tunectl best`)."""
+    from tuned import views
+
+    store = _open(db)
+    data = _view(views.best, store, _store_experiment(store, experiment))
+    emit(data, lambda: render.best_line(data))
+
+
+@tuned_group.command("trials")
+@db_option
+@_json_flag
 @page_options
-@click.argument("experiment")
-def trials_cmd(db: str, as_json: bool, experiment: str, limit: int | None,
-               offset: int | None, show_all: bool) -> None:
-    """The trials of EXPERIMENT: state, attempts, reports, last reward, error (by default
-    the last 50)."""
+@stored_experiment
+def trials_cmd(db: str | None, experiment: str, limit: int | None, offset: int | None,
+               show_all: bool) -> None:
+    """The trials of EXPERIMENT: state, attempt, reports, reward, config, error (by default
+    the last 50; as `tunectl trials`)."""
+    from tuned import views
+
     limit, offset = page(limit, offset, show_all)
     store = _open(db)
-    exp = _experiment(store, experiment)
-    rows = [{"trial": t.number, "state": t.state, "attempt": t.attempt, "reports": t.last_seq,
-             "reward": t.last_reward, "config": t.config, "error": t.error, "parent": t.parent}
-            for t in store.trials(exp.id, limit=limit, offset=offset)]
-    text = "\n".join(f"{r['trial']:>5} {r['state']:<10} reports={r['reports']:<4} "
-                     f"reward={r['reward']} {json.dumps(r['config'])}"
-                     + (f"  error: {r['error']}" if r["error"] else "") for r in rows)
-    _emit(rows, as_json, text or "no trials")
-    if not as_json:
-        total = sum(store.count_trials(exp.id).values())
-        page_note(len(rows), offset if offset >= 0 else max(0, total + offset), total)
+    data = views.trials_page(store, _store_experiment(store, experiment), limit, offset)
+    show_trials(data)
 
 
-@tuned_main.command("serve")
+@tuned_group.command("curves")
+@db_option
+@_json_flag
+@curves_options
+@stored_experiment
+def curves_cmd(db: str | None, experiment: str, metric: str | None, png: str | None,
+               top: int | None, show_all: bool, best_so_far: bool) -> None:
+    """Learning curves of EXPERIMENT's best trials, or its best so far (as `tunectl
+    curves`)."""
+    from tuned import views
+
+    store = _open(db)
+    exp = _store_experiment(store, experiment)
+    if best_so_far:
+        show_progress(views.progress(store, exp), png)
+        return
+    args = curves_args(metric, top, show_all)
+    show_curves(_view(views.curves, store, exp, args.get("metric"), args.get("top")), png,
+                show_all)
+
+
+@tuned_group.command("export")
+@db_option
+@_json_flag
+@export_options
+@stored_experiment
+def export_cmd(db: str | None, experiment: str, fmt: str, reports: bool,
+               output: str | None) -> None:
+    """EXPERIMENT's trials (or reports) as CSV or JSON Lines (as `tunectl export`)."""
+    from tuned import views
+    from tuned.export import snapshot
+
+    store = _open(db)
+    exp = _store_experiment(store, experiment)
+    with snapshot(store):  # one consistent state, whatever a daemon commits meanwhile
+        write_export(lambda offset, after, columns: views.export_page(
+            store, exp, reports, EXPORT_PAGE, offset, after, columns), reports, fmt, output)
+
+
+@tuned_group.command("serve")
 @click.option("--state-dir", default=None, help="State directory [default: TUNED_STATE_DIR, "
               "/var/lib/tuned as root, else $XDG_STATE_HOME/tuned].")
 @click.option("--socket", "socket_path", default=None, help="Control socket [default: "
@@ -178,10 +478,11 @@ def trials_cmd(db: str, as_json: bool, experiment: str, limit: int | None,
               "which adopts them.")
 def serve_cmd(state_dir: str | None, socket_path: str | None, log_level: str,
               stop_trials: bool) -> None:
-    """Run the daemon: experiments from the socket and the spool, until SIGTERM."""
+    """Run the daemon: experiments from the socket and the spool, until SIGTERM. A refused
+    start (another daemon, an unsafe socket folder) writes nothing."""
     import logging
 
-    from tuned.control import AlreadyRunning, InsecureDirectory
+    from tuned.control import AlreadyRunning, ControlError, InsecureDirectory
     from tuned.daemon import AlreadyServing, Daemon
     from tuned.paths import default_socket, default_state_dir
     from tuned.store import StoreError
@@ -192,55 +493,75 @@ def serve_cmd(state_dir: str | None, socket_path: str | None, log_level: str,
                     stop_trials=stop_trials)
     try:
         daemon.serve()
-    except (AlreadyServing, AlreadyRunning, InsecureDirectory, StoreError) as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_ERROR)
+    except (AlreadyServing, AlreadyRunning, InsecureDirectory, ControlError,
+            StoreError) as exc:
+        fail("error", str(exc))
 
 
 # -- tunectl ---------------------------------------------------------------------------------
 
 
 class Ctl:
-    """What every tunectl command shares: the socket and the output format."""
+    """What every tunectl command shares: the socket."""
 
-    def __init__(self, socket_path: str, as_json: bool):
+    def __init__(self, socket_path: str):
         self.socket_path = socket_path
-        self.as_json = as_json
 
     def call(self, op: str, timeout: float = 10.0, **args: Any) -> dict[str, Any]:
-        """One request, answered within `timeout` seconds; on failure print the error and
-        exit with its code."""
+        """One request, answered within `timeout` seconds; Failure with the error's code
+        (`no_daemon` when nothing listens)."""
         from tuned.client import ControlClient, ControlError, DaemonNotRunning
         from tuned.protocol import ProtocolError
 
         try:
             with ControlClient(self.socket_path, timeout=timeout) as client:
-                return client.request(op, **args)
+                answer = client.request(op, **args)
         except DaemonNotRunning as exc:
-            click.echo(f"error: no tuned daemon at {self.socket_path} ({exc})", err=True)
-            sys.exit(EXIT_NO_DAEMON)
-        except (ControlError, ProtocolError) as exc:
-            click.echo(f"error: {getattr(exc, 'message', exc)}", err=True)
-            sys.exit(getattr(exc, "exit_code", EXIT_ERROR))
+            fail("no_daemon", f"no tuned daemon at {self.socket_path} ({exc})")
+        except ProtocolError as exc:
+            fail(exc.code, exc.message)
+        except ControlError as exc:
+            fail("error", str(exc))
+        return {k: v for k, v in answer.items() if k not in ("v", "ok")}
 
-    def emit(self, data: dict[str, Any], text: str) -> None:
-        payload = {k: v for k, v in data.items() if k not in ("v", "ok")}
-        _emit(payload, self.as_json, text)
+
+def _complete_running(ctx: click.Context, param: click.Parameter,
+                      incomplete: str) -> list[str]:
+    """Shell completion of experiment names from the daemon (never raises)."""
+    try:
+        from tuned.client import ControlClient
+        from tuned.paths import default_socket
+
+        root = ctx.find_root()
+        path = root.params.get("socket_path") or default_socket()
+        with ControlClient(path, timeout=1.0) as client:
+            names = [e["experiment"] for e in client.request("status")["experiments"]]
+        return [n for n in names if n.startswith(incomplete)]
+    except Exception:
+        return []
+
+
+experiment_arg = click.argument("experiment", shell_complete=_complete_running)
 
 
 @click.group()
 @click.version_option(__version__, prog_name="tunectl")
 @click.option("--socket", "socket_path", default=None,
               help="The daemon's control socket [default: TUNED_SOCKET, or the daemon's].")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_json_flag
 @click.pass_context
-def tunectl_main(ctx: click.Context, socket_path: str | None, as_json: bool) -> None:
+def tunectl_group(ctx: click.Context, socket_path: str | None) -> None:
     """Control a running tuned daemon. Exit codes: 0 ok, 1 error, 2 usage, 3 daemon not
-    running, 4 not found."""
+    running, 4 not found. --json (before or after the command): JSON answers and errors."""
     from tuned.paths import default_socket
 
     _no_final_collection()
-    ctx.obj = Ctl(socket_path or default_socket(), as_json)
+    ctx.obj = Ctl(socket_path or default_socket())
+
+
+def tunectl_main(args: list[str] | None = None) -> NoReturn:
+    """The `tunectl` command line (see the module docstring)."""
+    run(tunectl_group, args, "tunectl")
 
 
 def _no_final_collection() -> None:
@@ -250,94 +571,66 @@ def _no_final_collection() -> None:
     from an atexit handler hides them from those collections; the exit is otherwise the
     usual one (atexit handlers, flushed streams)."""
     import atexit
-    import gc
 
     atexit.register(gc.freeze)
 
 
-def _best_text(best: dict[str, Any] | None) -> str:
-    if not best:
-        return "-"
-    return f"trial {best['trial']} reward {best['reward']:.6g} {json.dumps(best['config'])}"
-
-
-@tunectl_main.command("status")
-@click.argument("experiment", required=False)
+@tunectl_group.command("status")
+@click.argument("experiment", required=False, shell_complete=_complete_running)
+@_json_flag
 @click.pass_obj
 def ctl_status(ctl: Ctl, experiment: str | None) -> None:
-    """Experiments with their state, trials by state and best so far; GPUs in use."""
+    """Experiments: state (and why), trials by state, best so far, why one waits; CPUs and
+    GPUs."""
     data = ctl.call("status", **({"experiment": experiment} if experiment else {}))
-    lines = [f"{e['experiment']:<28} {e['state']:<10} "
-             + " ".join(f"{k.lower()}={v}" for k, v in sorted(e["trials"].items()))
-             + f"  best: {_best_text(e['best'])}" for e in data["experiments"]]
-    lines.append(f"CPUs free {data['cpus_free']:g} of {data['cpus']:g}; GPUs in use: "
-                 f"{', '.join(data['gpus_in_use']) or 'none'}")
-    ctl.emit(data, "\n".join(lines))
+    emit(data, lambda: render.status_text(data))
 
 
-@tunectl_main.command("best")
-@click.argument("experiment")
+@tunectl_group.command("best")
+@experiment_arg
+@_json_flag
 @click.pass_obj
 def ctl_best(ctl: Ctl, experiment: str) -> None:
-    """The best trial: {"experiment", "trial", "config", "reward"} with --json."""
+    """The best trial: {"experiment", "trial", "config", "reward", "metric", "mode"} with
+    --json."""
     data = ctl.call("best", experiment=experiment)
-    ctl.emit(data, _best_text(data))
+    emit(data, lambda: render.best_line(data))
 
 
-@tunectl_main.command("trials")
-@click.argument("experiment")
+@tunectl_group.command("trials")
+@experiment_arg
 @page_options
+@_json_flag
 @click.pass_obj
 def ctl_trials(ctl: Ctl, experiment: str, limit: int | None, offset: int | None,
                show_all: bool) -> None:
-    """The trials: state, attempt, reports, last reward, config, error (by default the last
-    50; the JSON answer's "offset" and "total" say which)."""
+    """The trials: state, attempt, reports, reward, config, error (by default the last 50;
+    the JSON answer's "offset" and "total" say which)."""
     limit, offset = page(limit, offset, show_all)
     page_args = {"limit": limit} if limit is not None else {}
     data = ctl.call("trials", experiment=experiment, offset=offset, **page_args)
-    ctl.emit(data, "\n".join(
-        f"{t['trial']:>5} {t['state']:<10} attempt={t['attempt']} reports={t['reports']:<4} "
-        f"reward={t['reward']} {json.dumps(t['config'])}"
-        + (f"  from trial {t['parent']}" if t.get("parent") is not None else "")
-        + (f"  error: {t['error']}" if t["error"] else "") for t in data["trials"]))
-    if not ctl.as_json:
-        page_note(len(data["trials"]), data["offset"], data["total"])
+    show_trials(data)
 
 
-@tunectl_main.command("curves")
-@click.argument("experiment")
-@click.option("--metric", default=None, help="The metric to draw [default: the reward].")
-@click.option("--png", type=click.Path(dir_okay=False), default=None,
-              help="Also save the chart as a PNG (needs matplotlib).")
-@click.option("--top", type=click.IntRange(min=0), default=None,
-              help=f"The N trials of highest score [default: {TOP_CURVES}].")
-@click.option("--all", "show_all", is_flag=True,
-              help="Every trial's curve (the answer grows with the experiment).")
+@tunectl_group.command("curves")
+@experiment_arg
+@curves_options
+@_json_flag
 @click.pass_obj
 def ctl_curves(ctl: Ctl, experiment: str, metric: str | None, png: str | None,
-               top: int | None, show_all: bool) -> None:
-    """Learning curves of the best trials: a chart in the terminal, a PNG with --png."""
-    from tuned.curves import draw_curves_png, text_chart
-
-    if show_all and top is not None:
-        raise click.UsageError("--all and --top exclude each other")
-    args: dict[str, Any] = {"metric": metric} if metric else {}
-    if not show_all:
-        args["top"] = TOP_CURVES if top is None else top
-    data = ctl.call("curves", experiment=experiment, **args)
-    curves = {int(k): v for k, v in data["curves"].items()}
-    if png:
-        draw_curves_png(curves, data["metric"], data["time_attr"], png)
-    ctl.emit(data, text_chart(curves, data["metric"], data["time_attr"])
-             + (f"\nsaved {png}" if png else ""))
-    total = data.get("total")
-    if not ctl.as_json and not show_all and total is not None and total > len(curves):
-        click.echo(f"(the curves of the {len(curves)} best of {total} trials; --top N for "
-                   "more, --all for every one)", err=True)
+               top: int | None, show_all: bool, best_so_far: bool) -> None:
+    """Learning curves of the best trials (a chart with a legend; a PNG with --png), or
+    with --best-so-far the best reward so far against trials and time."""
+    if best_so_far:
+        show_progress(ctl.call("progress", experiment=experiment), png)
+        return
+    data = ctl.call("curves", experiment=experiment, **curves_args(metric, top, show_all))
+    show_curves(data, png, show_all)
 
 
-@tunectl_main.command("submit")
+@tunectl_group.command("submit")
 @click.argument("spec", type=click.Path(exists=True, dir_okay=False))
+@_json_flag
 @click.pass_obj
 def ctl_submit(ctl: Ctl, spec: str) -> None:
     """Submit an experiment spec (TOML or JSON)."""
@@ -346,44 +639,97 @@ def ctl_submit(ctl: Ctl, spec: str) -> None:
     # Answered once the experiment's template has loaded the entry (up to 120 s).
     data = ctl.call("submit", timeout=130.0, text=text, filename=os.path.basename(spec),
                     workdir=os.path.dirname(os.path.abspath(spec)))
-    ctl.emit(data, f"submitted {data['experiment']}")
+    emit(data, f"submitted {data['experiment']}")
 
 
 def _simple(op: str, doc: str) -> None:
-    @tunectl_main.command(op, help=doc)
-    @click.argument("experiment")
+    @tunectl_group.command(op, help=doc)
+    @experiment_arg
+    @_json_flag
     @click.pass_obj
     def command(ctl: Ctl, experiment: str) -> None:
         data = ctl.call(op, experiment=experiment)
-        ctl.emit(data, f"{data['experiment']}: {data['state']}")
+        emit(data, f"{data['experiment']}: {data['state']}")
 
 
-_simple("stop", "Stop an experiment: its trials end, nothing more starts.")
+_simple("stop", "Stop an experiment: it ends STOPPED; its running trials get SIGTERM (SIGKILL "
+                "5 s later) and end FAILED, nothing more starts. `resume` runs the rest of "
+                "its budget.")
 _simple("pause", "Pause an experiment: running trials stop at their next report, with their "
                  "reports kept; nothing new starts.")
-_simple("resume", "Resume a paused experiment.")
 
 
-@tunectl_main.command("kill")
-@click.argument("experiment")
+@tunectl_group.command("resume")
+@experiment_arg
+@click.option("--num-trials", type=click.IntRange(min=1), default=None,
+              help="A new budget: the total number of trials (more than it has made).")
+@click.option("--time-out", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="A new budget: seconds from now.")
+@_json_flag
+@click.pass_obj
+def ctl_resume(ctl: Ctl, experiment: str, num_trials: int | None,
+               time_out: float | None) -> None:
+    """Resume a paused experiment, or run a STOPPED or COMPLETED one again: its searcher
+    and scheduler go on where they stopped, no finished trial runs again. A COMPLETED one
+    needs a larger budget; --num-trials / --time-out also extend a running one."""
+    budget = {k: v for k, v in (("num_trials", num_trials), ("time_out", time_out))
+              if v is not None}
+    data = ctl.call("resume", timeout=130.0, experiment=experiment, **budget)
+    total = data.get("num_trials")
+    emit(data, f"{data['experiment']}: {data['state']}"
+         + (f" (num_trials {total})" if total is not None else ""))
+
+
+@tunectl_group.command("delete")
+@experiment_arg
+@_json_flag
+@click.pass_obj
+def ctl_delete(ctl: Ctl, experiment: str) -> None:
+    """Delete a finished experiment: its trials, reports, logs and checkpoints. Its name is
+    free again. Refused while it runs (stop it first)."""
+    data = ctl.call("delete", experiment=experiment)
+    emit(data, f"deleted {data['experiment']}")
+
+
+@tunectl_group.command("export")
+@experiment_arg
+@export_options
+@_json_flag
+@click.pass_obj
+def ctl_export(ctl: Ctl, experiment: str, fmt: str, reports: bool,
+               output: str | None) -> None:
+    """The trials (or reports) as CSV or JSON Lines: one row per trial (number, state,
+    attempt, reward, times, a column per parameter) or per report."""
+    def fetch(offset: int | None, after: Any, columns: Any) -> dict[str, Any]:
+        args = {"after": after, "columns": columns} if reports else {"offset": offset}
+        return ctl.call("export", timeout=60.0, experiment=experiment, reports=reports,
+                        limit=EXPORT_PAGE, **{k: v for k, v in args.items() if v is not None})
+
+    write_export(fetch, reports, fmt, output)
+
+
+@tunectl_group.command("kill")
+@experiment_arg
 @click.argument("trial", type=int)
+@_json_flag
 @click.pass_obj
 def ctl_kill(ctl: Ctl, experiment: str, trial: int) -> None:
     """Kill one running trial (it ends FAILED)."""
     data = ctl.call("kill", experiment=experiment, trial=trial)
-    ctl.emit(data, f"killed trial {trial} of {experiment}")
+    emit(data, f"killed trial {trial} of {experiment}")
 
 
-@tunectl_main.command("logs")
-@click.argument("experiment")
+@tunectl_group.command("logs")
+@experiment_arg
 @click.argument("trial", type=int)
 @click.option("-f", "--follow", is_flag=True, help="Keep printing what the trial writes.")
+@_json_flag
 @click.pass_obj
 def ctl_logs(ctl: Ctl, experiment: str, trial: int, follow: bool) -> None:
     """A trial's output (stdout and stderr)."""
     data = ctl.call("logs", experiment=experiment, trial=trial, offset=0)
-    if ctl.as_json and not follow:
-        ctl.emit(data, "")
+    if OUTPUT.json and not follow:
+        emit(data, "")
         return
     click.echo(data["text"], nl=False)
     while follow:
@@ -392,8 +738,9 @@ def ctl_logs(ctl: Ctl, experiment: str, trial: int, follow: bool) -> None:
         click.echo(data["text"], nl=False)
 
 
-@tunectl_main.command("watch")
-@click.argument("experiment", required=False)
+@tunectl_group.command("watch")
+@click.argument("experiment", required=False, shell_complete=_complete_running)
+@_json_flag
 @click.pass_obj
 def ctl_watch(ctl: Ctl, experiment: str | None) -> None:
     """Follow trials live: a line per start, report and end (Ctrl-C to leave)."""
@@ -405,33 +752,20 @@ def ctl_watch(ctl: Ctl, experiment: str | None) -> None:
         with ControlClient(ctl.socket_path) as client:
             frames = client.stream("watch", **args)
             first = next(frames)
-            if ctl.as_json:
+            if OUTPUT.json:
                 click.echo(json.dumps(first))
             else:
                 for e in first["experiments"]:
-                    click.echo(f"{e['experiment']}: {e['state']} {e['trials']}")
+                    click.echo(render.clip(f"{e['experiment']}: {e['state']}, "
+                                           f"{render.counts_text(e['trials'])}"))
             sys.stdout.flush()
             for frame in frames:
-                click.echo(json.dumps(frame) if ctl.as_json else _event_line(frame))
+                click.echo(json.dumps(frame) if OUTPUT.json else render.event_line(frame))
     except KeyboardInterrupt:
         return
     except DaemonNotRunning as exc:
-        click.echo(f"error: no tuned daemon at {ctl.socket_path} ({exc})", err=True)
-        sys.exit(EXIT_NO_DAEMON)
-    except (ControlError, ProtocolError) as exc:
-        click.echo(f"error: {getattr(exc, 'message', exc)}", err=True)
-        sys.exit(getattr(exc, "exit_code", EXIT_ERROR))
-
-
-def _event_line(event: dict[str, Any]) -> str:
-    head = f"{event.get('experiment')} trial {event.get('trial')}"
-    kind = event.get("event")
-    if kind == "start":
-        return f"{head} started (attempt {event['attempt']}) {json.dumps(event['config'])}"
-    if kind == "report":
-        return (f"{head} report {event['seq']}: reward {event['reward']:.6g} at "
-                f"{event['time']:g} -> {event['decision']}")
-    if kind == "end":
-        return f"{head} ended {event['state']}" + (f": {event['error']}" if event["error"]
-                                                    else "")
-    return json.dumps(event)
+        fail("no_daemon", f"no tuned daemon at {ctl.socket_path} ({exc})")
+    except ProtocolError as exc:
+        fail(exc.code, exc.message)
+    except ControlError as exc:
+        fail("error", str(exc))

@@ -201,6 +201,14 @@ def ensure_private_dir(directory: str) -> None:
             os.makedirs(parent, exist_ok=True)
         with contextlib.suppress(FileExistsError):
             os.mkdir(directory, 0o700)  # the umask may only take bits away
+    check_private_dir(directory)
+
+
+def check_private_dir(directory: str) -> bool:
+    """False when `directory` does not exist; True when it is a directory of mode 0700
+    owned by euid; InsecureDirectory otherwise (see `ensure_private_dir`)."""
+    if not os.path.lexists(directory):
+        return False
     st = os.stat(directory)
     if not stat.S_ISDIR(st.st_mode):
         raise InsecureDirectory(f"{directory} is not a directory")
@@ -211,6 +219,17 @@ def ensure_private_dir(directory: str) -> None:
         raise InsecureDirectory(
             f"{directory} has mode {stat.S_IMODE(st.st_mode):04o}; it must be 0700 "
             f"(chmod 700 {directory})")
+    return True
+
+
+def check_socket_path(path: str) -> None:
+    """Refuse, before anything is created, a socket path a server could not open: too long
+    (ControlError), an unsafe folder (InsecureDirectory), a live server there already
+    (AlreadyRunning), something else than a socket there (ControlError). Writes nothing."""
+    _check_path_length(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    if check_private_dir(directory) and probe(path):
+        raise AlreadyRunning(f"a daemon already listens at {path}")
 
 
 def probe(path: str, timeout: float = 1.0) -> bool:

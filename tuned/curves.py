@@ -16,6 +16,8 @@ import string
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from tuned.render import clip
+
 MAX_COLUMNS = 100
 """No line of a text chart is wider than this."""
 
@@ -210,10 +212,6 @@ class _Canvas:
         return lines
 
 
-def _clip(line: str) -> str:
-    return line if len(line) <= MAX_COLUMNS else line[:MAX_COLUMNS - 3] + "..."
-
-
 def _trials(n: int) -> str:
     return f"{n} trial" if n == 1 else f"{n} trials"
 
@@ -269,12 +267,12 @@ def text_chart(curves: Curves, metric: str, time_attr: str | None, width: int = 
         for c in points:
             canvas.put(c, mark)
 
-    lines = [_clip(f"{metric} ({mode}), {_trials(len(series))}")]
+    lines = [clip(f"{metric} ({mode}), {_trials(len(series))}")]
     lines += canvas.render(time_attr or "report")
     number_width = max((len(str(n)) for n in chosen), default=0)
     for rank, number in enumerate(chosen):
         xs, ys = series[number]
-        lines.append(_clip(f"{HIGHLIGHT_MARKS[rank]} trial {number!s:<{number_width}}  "
+        lines.append(clip(f"{HIGHLIGHT_MARKS[rank]} trial {number!s:<{number_width}}  "
                            f"{ys[-1]:.5g} at {xs[-1]:.5g}"))
     if others:
         lines.append(f"{OTHER_MARK} {len(others)} other " + _trials(len(others)).split()[1])
@@ -294,7 +292,7 @@ def _staircase(xs: Sequence[float], ys: Sequence[float], header: str, x_name: st
     pairs = [(float(x), float(y)) for x, y in zip(xs, ys, strict=True)
              if math.isfinite(x) and math.isfinite(y)]
     if not pairs:
-        return [_clip(header), NO_REPORTS]
+        return [clip(header), NO_REPORTS]
     xs, ys = [p[0] for p in pairs], [p[1] for p in pairs]
     canvas = _Canvas(xs, ys, width, height)
     cells = [canvas.cell(x, y) for x, y in zip(xs, ys, strict=True)]
@@ -309,8 +307,8 @@ def _staircase(xs: Sequence[float], ys: Sequence[float], header: str, x_name: st
         if i == 0 or ys[i] != ys[i - 1]:
             canvas.put(c, STEP_MARK)
     last_step = max(i for i in range(len(ys)) if i == 0 or ys[i] != ys[i - 1])
-    return ([_clip(header)] + canvas.render(x_name)
-            + [_clip(f"best {ys[-1]:.5g}, reached {reached.format(xs[last_step])}")])
+    return ([clip(header)] + canvas.render(x_name)
+            + [clip(f"best {ys[-1]:.5g}, reached {reached.format(xs[last_step])}")])
 
 
 def best_so_far_chart(by_trial: Sequence[Sequence[float]], by_time: Sequence[Sequence[float]],

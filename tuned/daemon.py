@@ -31,14 +31,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tuned import __version__
-from tuned.control import ControlServer, Deferred, Handoff, Subscribe
-from tuned.curves import curve_points
+from tuned import __version__, views
+from tuned.control import ControlServer, Deferred, Handoff, Subscribe, check_socket_path
 from tuned.engine import Engine
 from tuned.executors.local import Exited, Message, process_start_time
 from tuned.executors.template import READY_TIMEOUT, TemplateError, TemplateExecutor
 from tuned.gpus import make_provider
+from tuned.lifecycle import (
+    EXPERIMENT_FAILED,
+    FINISHED_EXPERIMENT_STATES,
+    STOPPED_BY_USER,
+    BadTransition,
+)
 from tuned.notify import Notifier
+from tuned.protocol import is_text
 from tuned.reporter import ADOPT_SOCKET_ENV, ADOPT_TIMEOUT_ENV, DEFAULT_ADOPT_TIMEOUT
 from tuned.resources import ResourcePool
 from tuned.scheduler import available_cpus
@@ -48,7 +54,6 @@ from tuned.store import NameTaken, NotFound, Store
 
 log = logging.getLogger("tuned.daemon")
 
-FINISHED_EXPERIMENT_STATES = ("COMPLETED", "STOPPED", "FAILED")
 # Seconds between the loop's chores: watchdog ping, idle-client sweep, status line.
 CHORE_INTERVAL = 1.0
 STALE_SWEEP_SECONDS = 1.0
@@ -81,13 +86,15 @@ class Runner:
 
 @dataclass
 class _Loading:
-    """A submitted experiment whose template is loading its entry; `finish` hears the
-    submit's answer (or its OpError) once it is known."""
+    """An experiment whose template is loading its entry (a submit, or a resume of a
+    finished experiment): once loaded, `complete(executor)` stores and starts it and gives
+    the answer (or raises OpError); `finish` hears that answer (or the OpError)."""
 
     spec: ExperimentSpec
     executor: TemplateExecutor
     finish: Callable[[dict[str, Any] | OpError], None]
     deadline: float
+    complete: Callable[[TemplateExecutor], dict[str, Any]]
 
 
 class Daemon:
@@ -136,9 +143,12 @@ class Daemon:
     def serve(self) -> None:
         """Lock the state directory, recover, bind the socket, then loop until stopped.
 
-        Raises AlreadyServing when another daemon holds the state directory (the store is
-        not touched then).
+        Raises AlreadyServing when another daemon holds the state directory, AlreadyRunning
+        when another daemon listens at the socket, InsecureDirectory for an unsafe socket
+        folder: all found before anything is created or written.
         """
+        self._check_lock()
+        check_socket_path(self.socket_path)
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
         self._lock()
         self.store = Store(os.path.join(self.state_dir, "tuned.db"))
@@ -317,6 +327,22 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda signum, frame: self.request_stop())
 
+    def _check_lock(self) -> None:
+        """AlreadyServing if a daemon holds the state directory's lock; creates nothing."""
+        try:
+            fd = os.open(os.path.join(self.state_dir, "daemon.lock"),
+                         os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise AlreadyServing(f"another tuned daemon (pid {holder}) serves "
+                                 f"{self.state_dir}") from None
+        finally:
+            os.close(fd)
+
     def _lock(self) -> None:
         path = os.path.join(self.state_dir, "daemon.lock")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -408,6 +434,8 @@ class Daemon:
             del self._held[exp_id]
         for exp_id in list(self.runners):
             runner = self.runners[exp_id]
+            if not runner.engine.wants_launch:
+                self.resources.withdraw(exp_id)
             fresh = events.get(exp_id, [])
             runner.engine.arrived(fresh)
             batch = self._held.pop(exp_id, []) + fresh
@@ -423,28 +451,60 @@ class Daemon:
                 runner.engine.close()
                 runner.executor.close_template()
                 del self.runners[exp_id]
-                log.info("experiment %s finished", runner.engine.experiment.name)
+                log.info("experiment %s ended %s", runner.engine.experiment.name,
+                         runner.engine.ended.value if runner.engine.ended else "?")
+        self._serve_waiting()
+
+    def _serve_waiting(self) -> None:
+        """Let the experiment that has waited longest for resources launch as soon as they
+        are free (resources freed in another experiment's step are held for it: see
+        `tuned.resources`); then the next, while each can be served."""
+        served: set[Any] = set()
+        while (head := self.resources.head()) is not None and head not in served:
+            served.add(head)
+            runner = self.runners.get(head)
+            if runner is None or not runner.engine.wants_launch:
+                self.resources.withdraw(head)
+                continue
+            spec = runner.engine.spec
+            if not self.resources.can_take(spec.num_cpus, spec.num_gpus):
+                return
+            runner.engine.step([])
 
     # -- experiments ---------------------------------------------------------------------
 
     def _recover(self) -> None:
+        """Go on with what the store holds: finish the deletes cut short, end the trials a
+        finished experiment left unfinished (a daemon killed while a stop was under way),
+        and start every RUNNING or PAUSED experiment (SCHEDULED ones wait for their jobs)."""
         assert self.store is not None
+        self._empty_trash()
         for exp in self.store.experiments():
-            if exp.state in FINISHED_EXPERIMENT_STATES or exp.state == "SCHEDULED":
-                continue
-            try:
-                self._start_runner(exp.id)
-            except (SpecError, ValueError) as exc:
-                log.error("experiment %s cannot resume: %s", exp.name, exc)
-                self._fail_experiment(exp.id, f"the experiment cannot resume: {exc}")
+            if exp.state == "DELETING":
+                self._delete(exp)
+            elif exp.state in FINISHED_EXPERIMENT_STATES:
+                why = STOPPED_BY_USER if exp.state == "STOPPED" else EXPERIMENT_FAILED
+                self._end_unfinished(exp.id, why)
+            elif exp.state != "SCHEDULED":
+                try:
+                    self._start_runner(exp.id)
+                except (SpecError, ValueError) as exc:
+                    log.error("experiment %s cannot resume: %s", exp.name, exc)
+                    reason = f"the experiment cannot resume: {exc}"
+                    with self.store.transaction():
+                        self._end_unfinished(exp.id, reason)
+                        self.store.set_experiment_state(exp.id, "FAILED", reason)
 
-    def _fail_experiment(self, experiment_id: int, reason: str) -> None:
-        """End an experiment that cannot run: its unfinished trials FAILED with `reason`,
-        the processes of those left RUNNING killed (only the very processes that ran them: a
-        pid reused since is left alone)."""
+    def _end_unfinished(self, experiment_id: int, reason: str) -> None:
+        """End every unfinished trial of an experiment that will not run them: FAILED with
+        `reason`, the processes of those left RUNNING killed (only the very processes that
+        ran them: a pid reused since is left alone)."""
         from tuned.decisions import TrialState
 
         assert self.store is not None
+        counts = self.store.count_trials(experiment_id)
+        if not any(counts.get(s) for s in ("RUNNING", "PENDING", "PAUSED")):
+            return
         with self.store.transaction():
             for trial in self.store.trials(experiment_id, ("RUNNING", "PENDING", "PAUSED")):
                 proc = self.store.trial_process(trial.id)
@@ -455,7 +515,34 @@ class Daemon:
                     except (ProcessLookupError, PermissionError):
                         pass
                 self.store.finish_trial(trial.id, TrialState.FAILED, reason)
-            self.store.set_experiment_state(experiment_id, "FAILED")
+
+    def _delete(self, exp: Any) -> None:
+        """Delete a finished (or scheduled) experiment: marked DELETING first, so that a
+        daemon killed half-way finishes the delete at its next start; its logs and
+        checkpoints moved to ``trash/`` (one rename each), its rows removed in one
+        transaction, then the trash emptied. Its name is free again."""
+        import shutil
+
+        assert self.store is not None
+        self.store.set_experiment_state(exp.id, "DELETING")
+        if self.jobs is not None and self.jobs.get_job(f"start-{exp.id}") is not None:
+            self.jobs.remove_job(f"start-{exp.id}")
+        trash = os.path.join(self.state_dir, "trash")
+        os.makedirs(trash, mode=0o700, exist_ok=True)
+        for part in ("logs", "checkpoints"):
+            folder = os.path.join(self.state_dir, part, exp.name)
+            if os.path.lexists(folder):
+                os.rename(folder, os.path.join(trash, f"{part}-{os.urandom(8).hex()}"))
+        self.store.delete_experiment(exp.id)
+        shutil.rmtree(trash, ignore_errors=True)
+        log.info("experiment %s deleted", exp.name)
+
+    def _empty_trash(self) -> None:
+        """Remove what a delete cut short left in ``trash/`` (its rows are gone, or its
+        experiment is DELETING and is deleted next)."""
+        import shutil
+
+        shutil.rmtree(os.path.join(self.state_dir, "trash"), ignore_errors=True)
 
     def _start_runner(self, experiment_id: int,
                       executor: TemplateExecutor | None = None) -> Runner:
@@ -507,13 +594,23 @@ class Daemon:
             spec.seed = int.from_bytes(os.urandom(4), "little")
         if self.store_has(spec.name) or spec.name in self._loading:
             raise OpError("conflict", f"an experiment named {spec.name!r} exists already")
+        too_large = self.resources.fits_ever(spec.num_cpus, spec.num_gpus)
+        if too_large is not None:
+            raise OpError("invalid", str(SpecError([too_large])))
         try:
             executor = self._template(spec, os.path.join(self.state_dir, "logs", spec.name),
                                       wait=False)
         except SpecError as exc:
             raise OpError("invalid", str(exc)) from None
+        self._load(spec, executor, finish, lambda ex: self._store_submitted(spec, ex))
+
+    def _load(self, spec: ExperimentSpec, executor: TemplateExecutor,
+              finish: Callable[[dict[str, Any] | OpError], None],
+              complete: Callable[[TemplateExecutor], dict[str, Any]]) -> None:
+        """Wait (in the loop) for `executor`'s template to load `spec`'s entry, then
+        `complete` and `finish` (see `_Loading`)."""
         self._loading[spec.name] = _Loading(spec, executor, finish,
-                                            self.clock() + READY_TIMEOUT)
+                                            self.clock() + READY_TIMEOUT, complete)
         self.selector.register(executor.ctl, selectors.EVENT_READ, ("loading", spec.name))
 
     def _loaded(self, name: str, timed_out: bool = False) -> None:
@@ -535,7 +632,7 @@ class Daemon:
             return
         del self._loading[name]
         try:
-            result = self._store_submitted(loading.spec, executor)
+            result = loading.complete(executor)
         except OpError as exc:
             loading.finish(exc)
             return
@@ -607,19 +704,15 @@ class Daemon:
 
     def _experiment(self, args: dict[str, Any]):
         assert self.store is not None
-        name = args.get("experiment")
-        if not isinstance(name, str) or not _is_text(name):
-            raise OpError("bad_request", "this op needs an 'experiment' name (valid Unicode)")
-        try:
-            return self.store.experiment(name)
-        except NotFound:
-            raise OpError("not_found", f"no experiment {name!r}") from None
+        return views.experiment(self.store, args.get("experiment"))
 
     def _runner(self, args: dict[str, Any]) -> Runner:
         exp = self._experiment(args)
         runner = self.runners.get(exp.id)
-        if runner is None:
-            raise OpError("conflict", f"experiment {exp.name!r} is {exp.state}, not running")
+        if runner is None or runner.engine.ended is not None:
+            ending = "" if runner is None else " (its last trials are ending)"
+            raise OpError("conflict", f"experiment {exp.name!r} is {exp.state}, not "
+                                      f"running{ending}")
         return runner
 
     def op_hello(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -637,61 +730,50 @@ class Daemon:
     op_experiments = op_status
 
     def _summary(self, exp) -> dict[str, Any]:
+        """One experiment in `status` (`views.summary`), with why it waits, if it does."""
         assert self.store is not None
-        best = self.store.best_trial(exp.id)
-        return {"experiment": exp.name, "state": exp.state,
-                "trials": self.store.count_trials(exp.id),
-                "best": None if best is None else {"trial": best.number,
-                                                   "reward": best.last_reward,
-                                                   "config": best.config}}
+        waiting = self.resources.wait_reason(exp.id, self._name_of) \
+            if exp.id in self.runners else None
+        return views.summary(self.store, exp, waiting)
+
+    def _name_of(self, experiment_id: Any) -> str:
+        runner = self.runners.get(experiment_id)
+        return repr(runner.engine.experiment.name) if runner else f"experiment {experiment_id}"
 
     def op_best(self, args: dict[str, Any]) -> dict[str, Any]:
         assert self.store is not None
-        exp = self._experiment(args)
-        best = self.store.best_trial(exp.id)
-        if best is None:
-            raise OpError("not_found", f"experiment {exp.name!r} has no reported trial yet")
-        return {"experiment": exp.name, "trial": best.number, "config": best.config,
-                "reward": best.last_reward}
+        return views.best(self.store, self._experiment(args))
 
     def op_trials(self, args: dict[str, Any]) -> dict[str, Any]:
-        """A page of the experiment's trials by number: `limit` (default all) from `offset`
-        (default 0; negative: counted from the end, -50 the last 50). The answer's `offset`
-        is the position of its first trial, `total` the experiment's number of trials."""
+        """A page of the experiment's trials (`views.trials_page`): `limit` (default all)
+        from `offset` (default 0; negative: counted from the end)."""
         assert self.store is not None
         exp = self._experiment(args)
         limit, offset = _count(args, "limit"), _integer(args, "offset") or 0
-        rows = self.store.trials(exp.id, limit=limit, offset=offset)
-        total = sum(self.store.count_trials(exp.id).values())
         self._trim_due = self.clock() + 2.0
-        return {"experiment": exp.name, "total": total,
-                "offset": offset if offset >= 0 else max(0, total + offset), "trials": [
-                    {"trial": t.number, "state": t.state, "attempt": t.attempt,
-                     "reports": t.last_seq, "reward": t.last_reward, "config": t.config,
-                     "error": t.error, "pid": t.pid, "parent": t.parent} for t in rows]}
+        return views.trials_page(self.store, exp, limit, offset)
 
     def op_curves(self, args: dict[str, Any]) -> dict[str, Any]:
-        """Learning curves of `metric` (default the reward): of every trial, or with `top`
-        of the `top` trials of highest score. `total`: the experiment's number of trials."""
+        """Learning curves of `metric` (`views.curves`), of every trial or the `top`."""
         assert self.store is not None
         exp = self._experiment(args)
-        reward_attr = exp.spec.get("reward_attr", "accuracy")
-        metric = args.get("metric") or reward_attr
-        if not isinstance(metric, str):
-            raise OpError("bad_request", f"metric must be a metric name, got {metric!r}")
-        time_attr = exp.spec.get("time_attr")
         top = _count(args, "top")
         self._trim_due = self.clock() + 2.0
-        if metric == reward_attr:
-            curves = {str(n): c for n, c in self.store.reward_curves(exp.id, top).items()}
-        else:
-            curves = {}
-            for number, reports in self.store.history(exp.id, top).items():
-                xs, ys = curve_points(reports, metric, time_attr)
-                if xs:
-                    curves[str(number)] = [xs, ys]
-        return {"experiment": exp.name, "metric": metric, "time_attr": time_attr,
-                "total": sum(self.store.count_trials(exp.id).values()), "curves": curves}
+        return views.curves(self.store, exp, args.get("metric"), top)
+
+    def op_progress(self, args: dict[str, Any]) -> dict[str, Any]:
+        """The best reward so far against trials and against time (`views.progress`)."""
+        assert self.store is not None
+        return views.progress(self.store, self._experiment(args))
+
+    def op_export(self, args: dict[str, Any]) -> dict[str, Any]:
+        """A page of the export (`views.export_page`): trials, or with `reports` reports."""
+        assert self.store is not None
+        exp = self._experiment(args)
+        self._trim_due = self.clock() + 2.0
+        return views.export_page(self.store, exp, bool(args.get("reports")),
+                                 _count(args, "limit"), _count(args, "offset"),
+                                 args.get("after"), args.get("columns"))
 
     def op_submit(self, args: dict[str, Any]) -> Deferred:
         """Answered once the experiment's template has loaded its entry."""
@@ -699,10 +781,10 @@ class Daemon:
 
         text, filename = args.get("text"), args.get("filename", "spec.toml")
         workdir = args.get("workdir")
-        if not isinstance(text, str) or not _is_text(text):
+        if not isinstance(text, str) or not is_text(text):
             raise OpError("bad_request", "submit needs the spec's 'text'")
-        if not isinstance(filename, str) or not _is_text(filename) or \
-                (workdir is not None and (not isinstance(workdir, str) or not _is_text(workdir))):
+        if not isinstance(filename, str) or not is_text(filename) or \
+                (workdir is not None and (not isinstance(workdir, str) or not is_text(workdir))):
             raise OpError("bad_request", "submit: 'filename' and 'workdir' must be strings")
         try:
             spec = parse_spec_text(text, filename, workdir)
@@ -717,7 +799,8 @@ class Daemon:
         exp = self._experiment(args)
         if exp.state == "SCHEDULED" and exp.id not in self.runners:
             assert self.store is not None
-            self.store.set_experiment_state(exp.id, "STOPPED")
+            self.store.set_experiment_state(exp.id, "STOPPED",
+                                            "cancelled by the user before it started")
             if self.jobs is not None and self.jobs.get_job(f"start-{exp.id}") is not None:
                 self.jobs.remove_job(f"start-{exp.id}")
             log.info("scheduled experiment %s cancelled", exp.name)
@@ -731,10 +814,97 @@ class Daemon:
         runner.engine.pause()
         return {"experiment": runner.engine.experiment.name, "state": "PAUSED"}
 
-    def op_resume(self, args: dict[str, Any]) -> dict[str, Any]:
-        runner = self._runner(args)
-        runner.engine.resume()
-        return {"experiment": runner.engine.experiment.name, "state": "RUNNING"}
+    def op_resume(self, args: dict[str, Any]) -> dict[str, Any] | Deferred:
+        """Resume a paused experiment, or run a STOPPED or COMPLETED one again with its
+        remaining or a larger budget: `num_trials` (the new total), `time_out` (seconds
+        from now). Its searcher and scheduler go on from their stored state; no finished
+        trial runs again. Also extends a running experiment's budget."""
+        exp = self._experiment(args)
+        num_trials = _count(args, "num_trials")
+        time_out = _seconds(args, "time_out")
+        runner = self.runners.get(exp.id)
+        if runner is not None and runner.engine.ended is not None:
+            raise OpError("conflict", f"experiment {exp.name!r} is {exp.state} and its last "
+                                      "trials are ending; resume it once they have")
+        if exp.name in self._loading:
+            raise OpError("conflict", f"experiment {exp.name!r} is loading its entry already")
+        if runner is None and exp.state not in ("STOPPED", "COMPLETED"):
+            hint = {"FAILED": "; fix the cause, then delete it and submit it again",
+                    "SCHEDULED": "; it starts at its scheduled time"}.get(exp.state, "")
+            raise OpError("conflict", f"experiment {exp.name!r} is {exp.state}: it cannot "
+                                      f"be resumed{hint}")
+        spec = self._extended(exp, num_trials, time_out, running=runner is not None)
+        if runner is not None:
+            runner.engine.extend(spec.get("num_trials"), spec.get("time_out"))
+            if runner.engine.paused:
+                runner.engine.resume()
+            return self._resumed(exp.name, spec)
+        executor = self._template(ExperimentSpec.from_dict(spec),
+                                  os.path.join(self.state_dir, "logs", exp.name), wait=False)
+        deferred = Deferred()
+        self._load(ExperimentSpec.from_dict(spec), executor,
+                   lambda result: self.server.resolve(deferred, result),
+                   lambda ex: self._restart(exp.id, spec, ex))
+        return deferred
+
+    def _extended(self, exp: Any, num_trials: int | None, time_out: float | None,
+                  running: bool) -> dict[str, Any]:
+        """The experiment's spec with its new budget, stored; OpError `invalid` for a total
+        below the trials made, `conflict` when a finished experiment would have nothing
+        left to run."""
+        assert self.store is not None
+        spec = dict(exp.spec)
+        made = sum(self.store.count_trials(exp.id).values())
+        first = self.store.first_trial_created(exp.id)
+        elapsed = 0.0 if first is None else max(0.0, self.store.clock() - first)
+        if num_trials is not None:
+            if num_trials < made or num_trials == 0:
+                raise OpError("invalid", f"num_trials: {num_trials} is below the {made} "
+                                         f"trial(s) {exp.name!r} has made (it is the new total)")
+            spec["num_trials"] = num_trials
+        if time_out is not None:
+            spec["time_out"] = elapsed + time_out  # counted from the first trial, as stored
+        left_trials = spec.get("num_trials") is None or made < spec["num_trials"]
+        left_time = spec.get("time_out") is None or elapsed < spec["time_out"]
+        if not running and not (left_trials and left_time):
+            raise OpError("conflict", f"experiment {exp.name!r} is {exp.state} and its budget "
+                                      f"is spent ({made} trial(s) made): give a larger "
+                                      "num_trials (--num-trials N, the new total) or a "
+                                      "time_out (--time-out S, seconds from now)")
+        if spec != exp.spec:
+            self.store.update_spec(exp.id, spec)
+        return spec
+
+    def _restart(self, experiment_id: int, spec: dict[str, Any],
+                 executor: TemplateExecutor) -> dict[str, Any]:
+        """Run a STOPPED or COMPLETED experiment again, its template loaded."""
+        assert self.store is not None
+        exp = self.store.experiment(experiment_id)
+        try:
+            self.store.set_experiment_state(experiment_id, "RUNNING")
+        except BadTransition as exc:  # it changed while the template loaded
+            executor.close_template()
+            raise OpError("conflict", str(exc)) from None
+        self._start_runner(experiment_id, executor)
+        log.info("experiment %s resumed (num_trials %s, time_out %s)", exp.name,
+                 spec.get("num_trials"), spec.get("time_out"))
+        return self._resumed(exp.name, spec)
+
+    @staticmethod
+    def _resumed(name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        return {"experiment": name, "state": "RUNNING", "num_trials": spec.get("num_trials"),
+                "time_out": spec.get("time_out")}
+
+    def op_delete(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Delete a finished or scheduled experiment: its rows, logs and checkpoints; the
+        name is free again. `conflict` while it runs (or is paused, or loading)."""
+        exp = self._experiment(args)
+        if exp.id in self.runners or exp.name in self._loading or \
+                exp.state in ("RUNNING", "PAUSED"):
+            raise OpError("conflict", f"experiment {exp.name!r} is {exp.state}: stop it "
+                                      f"first (tunectl stop {exp.name})")
+        self._delete(exp)
+        return {"experiment": exp.name, "deleted": True}
 
     def op_kill(self, args: dict[str, Any]) -> dict[str, Any]:
         runner = self._runner(args)
@@ -788,15 +958,6 @@ def _release_memory() -> None:
         pass
 
 
-def _is_text(value: str) -> bool:
-    """Whether `value` is valid Unicode (JSON's \\ud800 escapes decode to lone surrogates)."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _entry_error(exc: TemplateError) -> SpecError:
     message = str(exc)
     return SpecError([message if message.startswith("entry") else f"entry: {message}"])
@@ -825,6 +986,17 @@ def _integer(args: dict[str, Any], key: str) -> int | None:
     return value
 
 
+def _seconds(args: dict[str, Any], key: str) -> float | None:
+    """An optional number of seconds > 0; OpError `bad_request` otherwise."""
+    value = args.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not 0 < value < 1e12:
+        raise OpError("bad_request", f"{key} must be a number of seconds > 0, got {value!r}")
+    return float(value)
+
+
 def _never_called(args: Any, reporter: Any) -> None:  # pragma: no cover
     raise RuntimeError("the daemon's trials run the function their template imported")
 
@@ -844,4 +1016,4 @@ def _described_by(executor: TemplateExecutor | None):
 
 
 OPS = ("hello", "status", "experiments", "trials", "best", "curves", "submit", "stop", "pause",
-       "resume", "kill", "logs", "watch", "adopt")
+       "resume", "kill", "logs", "watch", "delete", "progress", "export", "adopt")

@@ -34,6 +34,16 @@ from tuned.executors.local import Exited, LocalExecutor, Message, process_start_
 from tuned.executors.template import ForkServerExecutor
 from tuned.gpus import discover_gpus
 from tuned.interrupts import sigint_guard
+from tuned.lifecycle import (
+    EXPERIMENT_FAILED,
+    KILLED_BY_USER,
+    NOT_FAILURES,
+    STOPPED_BY_USER,
+    ExperimentState,
+    failed_early,
+    failure_reason,
+    final_state,
+)
 from tuned.protocol import flat_json
 from tuned.reporter import REPORT_LAG_ENV
 from tuned.resources import Grant, ResourcePool
@@ -170,6 +180,12 @@ class Engine:
             resources = ResourcePool(self.slots * spec.num_cpus, gpus)
         self.resources = resources
         self.paused = False
+        # How it ends: set by stop() and by giving up after too many failures; otherwise
+        # decided when its budget is spent (`close`).
+        self.ended: ExperimentState | None = None
+        counts = store.count_trials(experiment.id)
+        self.successes = counts.get("COMPLETED", 0) + counts.get("STOPPED", 0)
+        self.failures = store.count_failures(experiment.id)
         self._searcher_dirty = False
         self._outbox: list[tuple[int, dict[str, Any]]] = []
         self._to_start: list[tuple[int, dict[str, Any], str]] = []
@@ -208,6 +224,12 @@ class Engine:
         after the first trial was created (store clock), so that a restart does not count
         again from zero."""
         self.recover()
+        self._set_deadline()
+
+    def _set_deadline(self) -> None:
+        """The `time_out` deadline on this engine's clock: `time_out` seconds after the
+        first trial was created (store clock), or None without a time_out."""
+        self.deadline = None
         if self.spec.time_out is not None:
             first = self.store.first_trial_created(self.experiment.id)
             elapsed = 0.0 if first is None else max(0.0, self.store.clock() - first)
@@ -233,10 +255,20 @@ class Engine:
         return not self.live and not self.paused and not self._has_work()
 
     def close(self) -> None:
-        """Mark a finished experiment COMPLETED and end its spare processes."""
+        """End the spare processes; a finished experiment gets its final state: the one a
+        stop or a failure gave it, else (its budget spent) FAILED if trials failed and none
+        succeeded, COMPLETED otherwise (`tuned.lifecycle.final_state`)."""
         self.executor.close_spares()
-        if self.finished:
-            self.store.set_experiment_state(self.experiment.id, "COMPLETED")
+        self.resources.withdraw(self.experiment.id)
+        if not self.finished or self.ended is not None:
+            return
+        self.ended = final_state(self.successes, self.failures)
+        reason = None
+        if self.ended is ExperimentState.FAILED:
+            reason = failure_reason(self.failures, None,
+                                    self.store.last_errors(self.experiment.id))
+            log.warning("experiment %s FAILED: %s", self.experiment.name, reason)
+        self.store.set_experiment_state(self.experiment.id, self.ended.value, reason)
 
     def _next_events(self) -> list[Message | Exited]:
         """The next batch of events; while none is waiting, fork spare trial processes for
@@ -377,8 +409,11 @@ class Engine:
         return self.deadline is None or self.clock() < self.deadline
 
     def _launch_ready(self) -> None:
-        while self.wants_launch and self.resources.can_take(self.spec.num_cpus,
-                                                            self.spec.num_gpus):
+        """Launch what the freed resources allow (`ResourcePool.admit`: an experiment that
+        cannot launch waits in the pool's queue, and leaves it once it wants nothing)."""
+        owner = self.experiment.id
+        while self.wants_launch and self.resources.admit(owner, self.spec.num_cpus,
+                                                         self.spec.num_gpus):
             if self.queue:
                 self._launch(self.queue.popleft())
             elif (promoted := self._promote()) is not None:
@@ -388,6 +423,8 @@ class Engine:
                 if trial is None:
                     break
                 self._launch(trial)
+        if not self.wants_launch:
+            self.resources.withdraw(owner)
         if not self.live and not self.paused and not self._has_work():
             self._retire_waiting()
 
@@ -453,7 +490,7 @@ class Engine:
                       "config": clone.config})
 
     def _launch(self, trial: Trial) -> None:
-        grant = self.resources.take(self.spec.num_cpus, self.spec.num_gpus)
+        grant = self.resources.take(self.spec.num_cpus, self.spec.num_gpus, self.experiment.id)
         assert grant is not None, "_launch_ready checked the resources"
         payload = {"config": trial.config, "seed": trial_seed(self.spec.seed, trial.number),
                    "number": trial.number, "env": dict(self.trial_env),
@@ -612,6 +649,7 @@ class Engine:
         self.scheduler.on_trial_end(trial.id)
         self.store.finish_trial(trial.id, state, error)
         self._searcher_dirty = True
+        self._count_end(state, error)
         self._retain_checkpoints(trial)
         if self.on_trial_end is not None:
             self.on_trial_end(trial.number, state.value)
@@ -619,6 +657,45 @@ class Engine:
             self._notify({"event": "end", "trial": trial.number, "state": state.value,
                            "error": error, "reward": trial.last_reward if score is None
                            else self.spec.sign(score)})
+
+    def _count_end(self, state: TrialState, error: str | None) -> None:
+        """Count a trial's end as a success or a failure (`tuned.lifecycle`); give the
+        experiment up once `max_failures` trials failed before any succeeded."""
+        if state is TrialState.FAILED:
+            if error in NOT_FAILURES:
+                return
+            self.failures += 1
+        else:
+            self.successes += 1
+        if self.ended is None and failed_early(self.failures, self.successes,
+                                               self.spec.max_failures):
+            self._give_up()
+
+    def _give_up(self) -> None:
+        """End the experiment FAILED now: nothing more starts, running trials are stopped,
+        waiting ones end FAILED; the reason names the last trials' errors."""
+        reason = failure_reason(self.failures, self.spec.max_failures,
+                                self.store.last_errors(self.experiment.id))
+        log.warning("experiment %s FAILED: %s", self.experiment.name, reason)
+        with self.store.transaction():
+            self._halt(EXPERIMENT_FAILED, grace=5.0)
+            self.store.set_experiment_state(self.experiment.id, "FAILED", reason)
+        self.ended = ExperimentState.FAILED
+
+    def _halt(self, why: str, grace: float) -> None:
+        """Start nothing more; stop the running trials (SIGTERM, SIGKILL after `grace`; they
+        end FAILED with `why`, never retried) and end the waiting ones FAILED with `why`."""
+        self.exhausted = True
+        self.queue.clear()
+        self.resources.withdraw(self.experiment.id)
+        for trial_id, live in self.live.items():
+            live.failure = live.failure or why
+            live.final = True
+            self.executor.stop(trial_id, grace)
+        with self.store.transaction():
+            for trial in self.store.trials(self.experiment.id, ("PENDING", "PAUSED")):
+                self.store.finish_trial(trial.id, TrialState.FAILED, why)
+                self.scheduler.on_trial_end(trial.id)
 
     def _retain_checkpoints(self, ended: Trial) -> None:
         """Apply `keep_checkpoints` after `ended` finished: its checkpoints go unless it is
@@ -763,6 +840,7 @@ class Engine:
     def pause(self) -> None:
         """Start nothing more; running trials are told to pause at their next report."""
         self.paused = True
+        self.resources.withdraw(self.experiment.id)
         self.store.set_experiment_state(self.experiment.id, "PAUSED")
 
     def resume(self) -> None:
@@ -775,19 +853,24 @@ class Engine:
             self.store.set_experiment_state(self.experiment.id, "RUNNING")
 
     def stop(self, grace: float = 5.0) -> None:
-        """Stop the experiment: nothing more starts, running trials get SIGTERM (then SIGKILL
-        after `grace`) and end FAILED ("stopped by the user"); queued ones are dropped."""
-        self.exhausted = True
-        self.queue.clear()
-        for trial_id, live in self.live.items():
-            live.failure = live.failure or "stopped by the user"
-            live.final = True
-            self.executor.stop(trial_id, grace)
+        """Stop the experiment: it is STOPPED at once (and stays so once its trials are
+        gone, across restarts); nothing more starts, running trials get SIGTERM (then
+        SIGKILL after `grace`) and end FAILED ("stopped by the user"), never retried;
+        pending and paused ones end FAILED too. A resume may run its remaining budget."""
+        self.paused = False
         with self.store.transaction():
-            for trial in self.store.trials(self.experiment.id, ("PENDING", "PAUSED")):
-                self.store.finish_trial(trial.id, TrialState.FAILED, "stopped by the user")
-                self.scheduler.on_trial_end(trial.id)
-            self.store.set_experiment_state(self.experiment.id, "STOPPED")
+            self._halt(STOPPED_BY_USER, grace)
+            self.store.set_experiment_state(self.experiment.id, "STOPPED", STOPPED_BY_USER)
+        self.ended = ExperimentState.STOPPED
+
+    def extend(self, num_trials: int | None, time_out: float | None) -> None:
+        """Give a running experiment a new budget: `num_trials` (the new total) and/or
+        `time_out` (seconds from the first trial's creation, as in the spec)."""
+        if num_trials is not None:
+            self.spec.num_trials = num_trials
+        if time_out is not None:
+            self.spec.time_out = time_out
+            self._set_deadline()
 
     def sweep_stale(self) -> list[int]:
         """Kill the trials silent for longer than the spec's `report_timeout` (since their
@@ -807,7 +890,7 @@ class Engine:
         """SIGKILL one running trial (by number); it ends FAILED. False if it is not running."""
         for trial_id, live in self.live.items():
             if live.trial.number == number:
-                live.failure = live.failure or "killed by the user"
+                live.failure = live.failure or KILLED_BY_USER
                 live.final = True
                 self.executor.kill(trial_id)
                 return True

@@ -15,8 +15,15 @@ DEFAULT_CHECKPOINT = os.path.join("tuned-runs", "tuned.db")
 
 
 def default_state_dir() -> str:
+    """TUNED_STATE_DIR, else `system_state_dir()`."""
     if os.environ.get("TUNED_STATE_DIR"):
         return os.environ["TUNED_STATE_DIR"]
+    return system_state_dir()
+
+
+def system_state_dir() -> str:
+    """The state directory without TUNED_STATE_DIR: /var/lib/tuned as root, else
+    $XDG_STATE_HOME/tuned (~/.local/state/tuned)."""
     if os.geteuid() == 0:
         return "/var/lib/tuned"
     base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")

@@ -47,6 +47,12 @@ ERRORS: dict[str, ErrorSpec] = {
     "internal": ErrorSpec(EXIT_ERROR, "the daemon failed while handling the op"),
     "forbidden": ErrorSpec(EXIT_ERROR, "the peer's uid may not use this socket"),
     "busy": ErrorSpec(EXIT_ERROR, "the daemon has too many connections"),
+    # Raised by the command lines themselves, never sent by a daemon:
+    "usage": ErrorSpec(EXIT_USAGE, "the command line is wrong (client only)"),
+    "no_daemon": ErrorSpec(EXIT_NOT_RUNNING, "no daemon listens at the socket (client only)"),
+    "unavailable": ErrorSpec(EXIT_ERROR, "the store cannot be read: locked, damaged, of "
+                                         "another version (client only)"),
+    "error": ErrorSpec(EXIT_ERROR, "any other failure of the command (client only)"),
 }
 
 
@@ -233,6 +239,16 @@ class LineDecoder:
             out.append(decode(line))
         except ProtocolError as exc:
             out.append(exc)
+
+
+def is_text(value: str) -> bool:
+    """Whether `value` is valid Unicode (JSON's \\ud800 escapes decode to lone surrogates,
+    which cannot be encoded, stored or printed)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def error(code: str, message: str) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from typing import Any
 
 from tuned.engine import Engine
 from tuned.executors.template import ForkServerExecutor
+from tuned.lifecycle import DEFAULT_MAX_FAILURES, ExperimentFailed
 from tuned.paths import DEFAULT_CHECKPOINT
 from tuned.spec import ExperimentSpec, json_safe
 from tuned.store import NotFound, Store
@@ -59,7 +60,8 @@ class FIFOScheduler:
                  checkpoint: str | None = DEFAULT_CHECKPOINT, resume: bool = False,
                  mode: str = "max", seed: int | None = None, name: str | None = None,
                  max_concurrent: int | None = None, max_retries: int = 0,
-                 report_lag: float = 0.0, **scheduler_options: Any):
+                 max_failures: int = DEFAULT_MAX_FAILURES, report_lag: float = 0.0,
+                 **scheduler_options: Any):
         if not callable(train_fn):
             raise ValueError(f"train_fn: expected a function, got {train_fn!r}")
         self.train_fn = train_fn
@@ -92,6 +94,7 @@ class FIFOScheduler:
             "num_gpus": resource.get("num_gpus", 0),
             "max_concurrent": max_concurrent,
             "max_retries": max_retries,
+            "max_failures": max_failures,
             "report_lag": report_lag,
         }
         self.spec = ExperimentSpec.from_dict(spec_data)
@@ -142,6 +145,9 @@ class FIFOScheduler:
                                  f"{found} GPU(s) were found on this machine")
 
     def _open_experiment(self, resume: bool):
+        """The experiment to run: with `resume`, the newest one of the same name, scheduler
+        and searcher, with this run's budget (a FAILED one is not resumed: a new one
+        starts), else a new one under a name not taken yet."""
         spec = self.spec.to_dict()
         if resume:
             try:
@@ -149,11 +155,23 @@ class FIFOScheduler:
             except NotFound:
                 log.info("nothing to resume in %s; starting %s", self.checkpoint, spec["name"])
             else:
-                self._check_same_space(experiment.spec)
-                budget = {"num_trials": spec["num_trials"], "time_out": spec["time_out"]}
-                return self.store.update_spec(experiment.id, {**experiment.spec, **budget})
+                if experiment.state == "FAILED":
+                    log.warning("experiment %s FAILED (%s); starting a new one",
+                                experiment.name, experiment.reason)
+                else:
+                    return self._resumed(experiment, spec)
         spec["name"] = self.store.unique_name(spec["name"])
         return self.store.create_experiment(spec["name"], spec)
+
+    def _resumed(self, experiment, spec: dict[str, Any]):
+        """`experiment` with this run's budget, RUNNING again."""
+        self._check_same_space(experiment.spec)
+        budget = {"num_trials": spec["num_trials"], "time_out": spec["time_out"],
+                  "max_failures": spec["max_failures"]}
+        with self.store.transaction():
+            experiment = self.store.update_spec(experiment.id, {**experiment.spec, **budget})
+            self.store.set_experiment_state(experiment.id, "RUNNING")
+        return self.store.experiment(experiment.id)
 
     def _latest_name(self, spec: dict[str, Any]) -> str:
         """The newest experiment of this name (or its -2, -3, ... variants) run by the same
@@ -184,7 +202,10 @@ class FIFOScheduler:
         return by_cpu
 
     def run(self) -> None:
-        """Run the experiment until every trial has ended (or `time_out` stopped new ones)."""
+        """Run the experiment until every trial has ended (or `time_out` stopped new ones).
+
+        Raises ExperimentFailed (naming the last trials' errors) when it ends FAILED: every
+        trial failed, or `max_failures` did before any succeeded."""
         from tuned.progress import progress_bar
 
         done = sum(n for s, n in self.store.count_trials(self.experiment.id).items()
@@ -196,6 +217,10 @@ class FIFOScheduler:
                                   constants=getattr(self.train_fn, "constants", {}),
                                   on_trial_end=lambda number, state: bar.update(1))
             self._engine.run()
+        self.experiment = self.store.experiment(self.experiment.id)
+        if self.experiment.state == "FAILED":
+            raise ExperimentFailed(f"experiment {self.experiment.name!r} FAILED: "
+                                   f"{self.experiment.reason}")
 
     def join_jobs(self, timeout: float | None = None) -> None:
         """Wait for the trials started by `run()`; `run()` returns only when all have ended,
@@ -226,13 +251,44 @@ class FIFOScheduler:
 
     def get_training_curves(self, filename: str | None = None, plot: bool = False,
                             use_legend: bool = True) -> None:
-        """Draw each trial's reward against `time_attr`; save a PNG to `filename` when given,
-        show it when `plot`."""
+        """Draw each trial's reward against `time_attr`, the best few in colour with a
+        legend beside the plot (`use_legend`), the others grey; save a PNG to `filename`
+        when given, show it when `plot`. RuntimeError without matplotlib."""
         from tuned.curves import draw_training_curves
 
         draw_training_curves(self.training_history, self.spec.reward_attr,
                              self.spec.time_attr, filename=filename, plot=plot,
-                             use_legend=use_legend)
+                             use_legend=use_legend, mode=self.spec.mode,
+                             title=f"{self.experiment.name}: {self.spec.reward_attr} "
+                                   f"({self.spec.mode})")
+
+    def get_best_so_far(self) -> dict[str, Any]:
+        """The best reward so far as step points: ``{"by_trial": [trials, rewards],
+        "by_time": [seconds since the first trial, rewards], "metric", "mode"}``."""
+        from tuned import views
+
+        return views.progress(self.store, self.store.experiment(self.experiment.id))
+
+    def plot_best_so_far(self, filename: str | None = None) -> str | None:
+        """The best reward so far against trials and against time: a PNG at `filename`
+        (needs matplotlib), else a text chart (returned)."""
+        from tuned.curves import best_so_far_chart, draw_best_so_far_png
+
+        data = self.get_best_so_far()
+        if filename is None:
+            return best_so_far_chart(data["by_trial"], data["by_time"], data["metric"],
+                                     data["mode"])
+        draw_best_so_far_png(data["by_trial"], data["by_time"], data["metric"], data["mode"],
+                             filename, title=f"{self.experiment.name}: best so far")
+        return None
+
+    def trials_frame(self):
+        """The trials as a pandas DataFrame, one row per trial (number, state, attempt,
+        reward, reports, times, a column per parameter: `tuned.export`). RuntimeError
+        when pandas is not installed."""
+        from tuned.export import trials_frame
+
+        return trials_frame(self.store, self.store.experiment(self.experiment.id))
 
     def trials(self):
         """The experiment's trials as stored (state, config, reward, error, ...)."""

@@ -21,6 +21,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from tuned.lifecycle import DEFAULT_MAX_FAILURES
 from tuned.space import Space
 
 SEARCHER_NAMES = ("random", "grid", "rl", "bayesopt")
@@ -65,6 +66,7 @@ class ExperimentSpec:
     num_gpus: int = 0
     max_concurrent: int | None = None
     max_retries: int = 0
+    max_failures: int = DEFAULT_MAX_FAILURES
     entry: str | None = None
     command: list[str] | None = None
     workdir: str | None = None
@@ -138,6 +140,10 @@ def _check_values(v: dict[str, Any], problems: list[str]) -> None:
     if "max_retries" in v and (not isinstance(v["max_retries"], int) or v["max_retries"] < 0
                                or isinstance(v["max_retries"], bool)):
         problems.append(f"max_retries: must be an integer >= 0, got {v['max_retries']!r}")
+    failures = v.get("max_failures", DEFAULT_MAX_FAILURES)
+    if isinstance(failures, bool) or not isinstance(failures, int) or failures < 1:
+        problems.append(f"max_failures: must be an integer >= 1 (the experiment fails once "
+                        f"that many trials failed before any succeeded), got {failures!r}")
     t = v.get("time_out")
     if t is not None and (not _is_number(t) or t <= 0):
         problems.append(f"time_out: must be a number of seconds > 0, got {t!r}")

@@ -48,12 +48,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from tuned.decisions import FINISHED_STATES, Decision, TrialState
+from tuned.lifecycle import NOT_FAILURES, check_transition
 from tuned.schedulers.base import RungEntry
 
 if TYPE_CHECKING:
     import sqlite_utils
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 # Bytes of WAL written once when a store is opened; about the WAL's size between automatic
 # checkpoints (1000 pages).
 WAL_PREALLOCATE = 4 << 20
@@ -77,6 +78,10 @@ class StoreWriteError(StoreError):
     """A write failed: the disk (or a quota) is full, the file size limit was reached, or an
     I/O error. The transaction was rolled back, unless only the checkpoint that follows a
     commit failed (the commit then stands); what was committed before is intact."""
+
+
+class StoreMissing(StoreError):
+    """A store opened to be read does not exist."""
 
 
 class SchemaTooNew(StoreError):
@@ -103,6 +108,7 @@ class Experiment:
     searcher_state: dict[str, Any] | None
     created: float
     updated: float
+    reason: str | None = None  # why it ended STOPPED or FAILED
 
 
 @dataclass(frozen=True)
@@ -276,6 +282,12 @@ def _v5(db: sqlite_utils.Database) -> None:
                "SELECT experiment_id, state, COUNT(*) FROM trials GROUP BY experiment_id, state")
 
 
+def _v6(db: sqlite_utils.Database) -> None:
+    """An experiment keeps the reason of its state (why it FAILED or was STOPPED), shown by
+    `status`."""
+    db["experiments"].add_column("reason", str)
+
+
 # One more trial in (experiment, state); one fewer. Zero counts stay (count_trials skips them).
 _COUNT_UP = ("INSERT INTO trial_counts (experiment_id, state, n) VALUES ({row}.experiment_id, "
              "{row}.state, 1) ON CONFLICT (experiment_id, state) DO UPDATE SET n = n + 1;")
@@ -294,7 +306,7 @@ _COUNT_TRIGGERS = (
 
 # Step n turns a database of version n - 1 into version n. Append; never edit a shipped step.
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
-    1: _v1, 2: _v2, 3: _v3, 4: _v4, 5: _v5}
+    1: _v1, 2: _v2, 3: _v3, 4: _v4, 5: _v5, 6: _v6}
 
 
 class Store:
@@ -302,7 +314,7 @@ class Store:
 
     def __init__(self, path: str | os.PathLike, timeout: float = 10.0,
                  clock: Callable[[], float] = time.time, preallocate: bool = True,
-                 durable: bool = True):
+                 durable: bool = True, readonly: bool = False):
         self.path = os.fspath(path)
         self.clock = clock
         self.durable = durable
@@ -312,6 +324,9 @@ class Store:
         # Per experiment, a copy of each searcher-state part as last written.
         self._written_parts: dict[int, dict[str, Any]] = {}
         self._after_commit: list[Callable[[], None]] = []
+        if readonly:
+            self._open_readonly(timeout)
+            return
         parent = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(parent, exist_ok=True)
         try:
@@ -327,6 +342,33 @@ class Store:
             raise self._translate(exc) from exc
 
     # -- opening -------------------------------------------------------------------------
+
+    def _open_readonly(self, timeout: float) -> None:
+        """Open an existing store to read it, creating nothing (no folder, no database; a
+        WAL store's -wal and -shm files come and go with its readers, as for any reader).
+        StoreMissing when there is no file, StoreCorrupt / SchemaTooNew as for a writer,
+        StoreError for a store of an older schema (reading does not migrate it)."""
+        from urllib.parse import quote
+
+        if not os.path.isfile(self.path):
+            raise StoreMissing(f"no store at {self.path}")
+        uri = f"file:{quote(os.path.abspath(self.path))}?mode=ro"
+        try:
+            self.conn = sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None,
+                                        check_same_thread=False)
+            self._refuse_unusable(writes=False)
+            version = self.schema_version()
+        except sqlite3.DatabaseError as exc:
+            self._close_quietly()
+            raise self._translate(exc) from exc
+        if version != SCHEMA_VERSION:
+            self._close_quietly()
+            if version > SCHEMA_VERSION:
+                raise SchemaTooNew(f"{self.path}: schema version {version} is newer than this "
+                                   f"tuned understands ({SCHEMA_VERSION}); upgrade tuned")
+            raise StoreError(f"{self.path}: a store of schema version {version}, this tuned "
+                             f"reads version {SCHEMA_VERSION}: the daemon (tuned serve) or the "
+                             "in-process API upgrades it when it opens it")
 
     def _translate(self, exc: sqlite3.DatabaseError) -> StoreError:
         text = str(exc)
@@ -525,12 +567,13 @@ class Store:
         state (which can be large) is read only when asked for."""
         column = "id" if isinstance(key, int) else "name"
         row = self.conn.execute(
-            f"SELECT id, name, spec, state, created, updated "
+            f"SELECT id, name, spec, state, created, updated, reason "
             f"FROM experiments WHERE {column} = ?", (key,)).fetchone()
         if row is None:
             raise NotFound(f"no experiment {key!r}")
         state = self.searcher_state(row[0]) if with_searcher_state else None
-        return Experiment(row[0], row[1], json.loads(row[2]), row[3], state, row[4], row[5])
+        return Experiment(row[0], row[1], json.loads(row[2]), row[3], state, row[4], row[5],
+                          row[6])
 
     def searcher_state(self, experiment_id: int) -> dict[str, Any] | None:
         """The experiment's stored searcher state, or None before its first suggestion."""
@@ -575,10 +618,36 @@ class Store:
                       (_dumps(spec), self.clock(), experiment_id))
         return self.experiment(experiment_id)
 
-    def set_experiment_state(self, experiment_id: int, state: str) -> None:
+    def set_experiment_state(self, experiment_id: int, state: str,
+                             reason: str | None = None) -> None:
+        """Move the experiment to `state` with `reason` (None clears it), if the lifecycle's
+        table allows it from its current state (`tuned.lifecycle.TRANSITIONS`; staying in
+        a state is allowed). Raises BadTransition (nothing written) when it does not,
+        NotFound for an unknown id."""
         with self.transaction() as c:
-            c.execute("UPDATE experiments SET state = ?, updated = ? WHERE id = ?",
-                      (state, self.clock(), experiment_id))
+            row = c.execute("SELECT state FROM experiments WHERE id = ?",
+                            (experiment_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"no experiment {experiment_id!r}")
+            check_transition(row[0], state)
+            c.execute("UPDATE experiments SET state = ?, reason = ?, updated = ? WHERE id = ?",
+                      (state, reason, self.clock(), experiment_id))
+
+    def delete_experiment(self, experiment_id: int) -> None:
+        """Remove the experiment and everything stored of it (trials, reports, rungs, counts,
+        searcher state) in one transaction; its name is free again. The caller checks that
+        nothing of it runs. NotFound for an unknown id."""
+        with self.transaction() as c:
+            if c.execute("SELECT 1 FROM experiments WHERE id = ?",
+                         (experiment_id,)).fetchone() is None:
+                raise NotFound(f"no experiment {experiment_id!r}")
+            trials = "SELECT id FROM trials WHERE experiment_id = ?"
+            c.execute(f"DELETE FROM reports WHERE trial_id IN ({trials})", (experiment_id,))
+            for table in ("rungs", "trials", "trial_counts", "searcher_state"):
+                c.execute(f"DELETE FROM {table} WHERE experiment_id = ?", (experiment_id,))
+            c.execute("DELETE FROM experiments WHERE id = ?", (experiment_id,))
+            # A new experiment may get this id: it must not inherit what was written here.
+            self._after_commit.append(lambda: self._written_parts.pop(experiment_id, None))
 
     # -- trials --------------------------------------------------------------------------
 
@@ -729,6 +798,32 @@ class Store:
         return dict(self.conn.execute(
             "SELECT state, n FROM trial_counts WHERE experiment_id = ? AND n > 0 "
             "ORDER BY state", (experiment_id,)).fetchall())
+
+    def count_failures(self, experiment_id: int) -> int:
+        """How many of the experiment's trials failed for a reason of their own (FAILED, not
+        ended by the user: `tuned.lifecycle.NOT_FAILURES`)."""
+        return self.conn.execute(
+            f"SELECT COUNT(*) FROM trials WHERE experiment_id = ? AND state = 'FAILED' "
+            f"AND (error IS NULL OR error NOT IN ({','.join('?' * len(NOT_FAILURES))}))",
+            (experiment_id, *NOT_FAILURES)).fetchone()[0]
+
+    def last_errors(self, experiment_id: int, n: int = 3) -> list[tuple[int, str]]:
+        """(number, error) of the last `n` trials that failed for a reason of their own,
+        the most recently ended first."""
+        return [tuple(r) for r in self.conn.execute(
+            f"SELECT number, error FROM trials WHERE experiment_id = ? AND state = 'FAILED' "
+            f"AND (error IS NULL OR error NOT IN ({','.join('?' * len(NOT_FAILURES))})) "
+            f"ORDER BY ended DESC, number DESC LIMIT ?", (experiment_id, *NOT_FAILURES, n))]
+
+    def reward_timeline(self, experiment_id: int) -> list[tuple[int, float, float]]:
+        """(number, reward, when) of every trial that has reported, by number: its last
+        reported reward (the one `best_trial` ranks it by) and when that report was stored
+        (store clock). One index lookup per trial, no scan of the reports."""
+        return [tuple(r) for r in self.conn.execute(
+            "SELECT t.number, t.last_reward, r.created FROM trials t "
+            "JOIN reports r ON r.trial_id = t.id AND r.seq = t.last_seq "
+            "WHERE t.experiment_id = ? AND t.score IS NOT NULL ORDER BY t.number",
+            (experiment_id,))]
 
     def best_trial(self, experiment_id: int) -> Trial | None:
         """The trial with the highest score (its last report's reward, signed by mode);

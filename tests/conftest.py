@@ -1,0 +1,15 @@
+"""Fixtures shared by the test modules."""
+
+from __future__ import annotations
+
+import pytest
+from test_daemon import Daemon
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    """A `tuned serve` on temporary directories (see `test_daemon.Daemon`), stopped after."""
+    d = Daemon(tmp_path)
+    d.start()
+    yield d
+    d.stop()
