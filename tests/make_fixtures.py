@@ -49,6 +49,7 @@ COMMITS = {
     3: "a3c2baf",  # async submit, checkpoints, Hyperband promotion (the last of v3)
     4: "2a40fb5",  # clones get their parent's checkpoint (HEAD when the fixtures were made)
     5: "2c56d41",  # trials by state kept by triggers (the commit that introduced v5)
+    6: "5106052",  # experiments keep the reason of their state (introduced v6)
 }
 
 GENERATOR = r'''
