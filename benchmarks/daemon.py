@@ -29,7 +29,7 @@ and prints:
   with a bytecode cache, as after a usual install; with --baseline DIR they run again with
   DIR/tuned (another version of the package) first on PYTHONPATH. Notes say what an
   editable install's finder costs every interpreter start;
-- the same requests in-process through `tuned.control.ControlClient` (connect, request,
+- the same requests in-process through `tuned.daemon.control.ControlClient` (connect, request,
   answer: the daemon's latency without Python start-up), with each answer's size, plus a
   page from the middle (--offset N/4) and, unless --no-dumps, the whole listings
   (`trials --all`, `curves --all`), whose answers grow with the store by nature;
@@ -84,8 +84,8 @@ BYTES_PER_REPORT = 110  # about what a report takes in the file (for the free-sp
 
 
 def _spec(name: str, seed: int) -> dict[str, Any]:
-    from tuned.space import Real, Space
-    from tuned.spec import ExperimentSpec
+    from tuned.core.space import Real, Space
+    from tuned.experiment.spec import ExperimentSpec
 
     space = Space({"lr": Real(1e-3, 1e-2, log=True), "wd": Real(1e-3, 1e-2)})
     return ExperimentSpec.from_dict({
@@ -110,10 +110,10 @@ def build(path: str, trials: int, reports: int, seed: int = 0) -> float:
     Configurations come from each experiment's random searcher, whose state (it remembers
     every configuration it suggested) is stored as the engine stores it.
     """
-    from tuned.decisions import Decision, TrialState
-    from tuned.searchers import make_searcher
-    from tuned.spec import ExperimentSpec
-    from tuned.store import Store
+    from tuned.core.decisions import Decision, TrialState
+    from tuned.core.searchers import make_searcher
+    from tuned.experiment.spec import ExperimentSpec
+    from tuned.store.database import Store
 
     rng = random.Random(seed)
     start = time.perf_counter()
@@ -197,7 +197,7 @@ class Daemon:
 
     def start(self, timeout: float = 120.0) -> float:
         """Start it; return the seconds until the socket answers hello."""
-        from tuned.control import ControlClient, ControlError
+        from tuned.daemon.control import ControlClient, ControlError
 
         start = time.perf_counter()
         with open(self.log_path, "ab") as log:
@@ -426,7 +426,7 @@ def run_process(argv: list[str], env: dict[str, str] | None = None) -> None:
 
 def client_request(socket_path: str, op: str, args: dict[str, Any]) -> dict[str, Any]:
     """One request on a fresh connection, as tunectl makes it."""
-    from tuned.control import ControlClient
+    from tuned.daemon.control import ControlClient
 
     with ControlClient(socket_path, timeout=120) as client:
         return client.request(op, **args)

@@ -18,7 +18,7 @@ import tempfile
 import time
 
 import tuned as ag
-from tuned.gpus import discover_gpus
+from tuned.executors.gpus import discover_gpus
 
 
 @ag.args(x=ag.space.Real(0, 1), use_torch=False)

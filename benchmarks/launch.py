@@ -9,7 +9,7 @@ the machine, so it compares with the benchmark's own reading taken just before t
 With --entry-imports the entry file imports those modules first (numpy, say), as a real
 training script would; that import is the user's own cost, paid once by the template with
 "fork" and by every trial with "spawn". (--entry-imports numpy.random also shows what a
-forked trial costs when the template has numpy.random loaded: tuned.worker seeds numpy's
+forked trial costs when the template has numpy.random loaded: tuned.trial.worker seeds numpy's
 global generator in every trial, and numpy >= 2 imports numpy.random on that first use,
 after the fork, unless something imported it before.)
 
@@ -151,8 +151,8 @@ def measure_local(entry: str, folder: str, count: int, pause: float) -> list[Lau
     """Launches by the in-process API's executor (a fork server forked from this process)
     with a spare forked beforehand, as the engine asks for one while it waits."""
     from tuned.executors.template import ForkServerExecutor
-    from tuned.specfile import resolve_entry
-    from tuned.worker import make_runner
+    from tuned.experiment.files import resolve_entry
+    from tuned.trial.worker import make_runner
 
     fn, _, constants = resolve_entry(entry, folder)
     logs = tempfile.mkdtemp(prefix="local-", dir=folder)
@@ -182,8 +182,9 @@ def entry_import_seconds(folder: str, runs: int) -> list[float]:
             for _ in range(runs)]
 
 
-# What `python -m tuned.template --trial` imports before the entry (see tuned.template).
-SPAWN_IMPORTS = "import tuned.template, tuned.specfile, tuned.worker, numpy.random"
+# What `python -m tuned.trial.template --trial` imports before the entry (see that module).
+SPAWN_IMPORTS = ("import tuned.trial.template, tuned.experiment.files, tuned.trial.worker, "
+                 "numpy.random")
 
 
 def process_seconds(argv: list[str], runs: int) -> list[float]:

@@ -295,7 +295,7 @@ def child_tuned(n: int, times: str, seconds: float, lag: float = 0.0,
             fn = ag.args(x=ag.space.Real(0.5, 0.6), seconds=seconds)(overhead_entry.train)
             sched = ag.scheduler.FIFOScheduler(fn, num_trials=2, **common)
             if not durable:
-                from tuned.store import Store
+                from tuned.store.database import Store
                 sched.store.close()
                 sched.store = Store(common["checkpoint"], durable=False)
         else:
@@ -309,7 +309,7 @@ def child_tuned(n: int, times: str, seconds: float, lag: float = 0.0,
     return {"wall": wall, "trials": sum(counts.values()), "states": counts}
 
 
-FLOOR_WINDOW = 8  # as tuned.reporter.WINDOW
+FLOOR_WINDOW = 8  # as tuned.trial.reporter.WINDOW
 FLOOR_LOG_BYTES = 4 << 20
 
 
@@ -694,7 +694,7 @@ def print_throughput(rows: list[Row], floor: tuple[float, float]) -> None:
           "from the first\n  send to the last answer; ack: from a report's send to its "
           "answer, as the trial saw it (at its\n  next call, or its final flush); call: the "
           "time reporter() took. With report_lag 0 every call\n  waits for its answer; "
-          "with a lag, a call returns once its report is sent (tuned.reporter).\n  floor: "
+          "with a lag, a call returns once its report is sent (tuned.trial.reporter).\n  floor: "
           "the same 2 trials' lines over Unix sockets to a process that only appends what it\n"
           "  read to a preallocated file, fdatasyncs it and answers (no JSON, no database, no "
           "decisions):\n  what a durable report costs on this machine, under the same load.\n"

@@ -21,8 +21,8 @@ from collections import deque
 
 import numpy as np
 
-from tuned.searchers.rl import RLSearcher
-from tuned.space import Categorical, Space
+from tuned.core.searchers.rl import RLSearcher
+from tuned.core.space import Categorical, Space
 
 TRIALS = 300
 IN_FLIGHT = 2

@@ -107,7 +107,7 @@ import numpy as np  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from tuned.space import Int, Real, Space  # noqa: E402
+from tuned.core.space import Int, Real, Space  # noqa: E402
 
 LCBENCH = os.path.normpath(os.path.join(ROOT, "..", "shared", "data", "lcbench",
                                         "lcbench_tabular.npz"))
@@ -118,7 +118,7 @@ StepFunction = Callable[[dict[str, Any], int, int], Iterator[tuple[float, dict[s
 
 
 def trial_seed(seed: int, number: int) -> int:
-    """A trial's seed, as tuned's engine derives it (`tuned.engine.trial_seed`)."""
+    """A trial's seed, as tuned's engine derives it (`tuned.engine.engine.trial_seed`)."""
     return zlib.crc32(f"{seed}:{number}".encode())
 
 
@@ -321,7 +321,7 @@ OPTUNA_BASELINES = ("optuna:tpe+hyperband", "optuna:tpe+sha", "optuna:tpe+hyperb
 
 def tuned_spec(problem: Problem, method: Method, seed: int, num_trials: int) -> Any:
     """The ExperimentSpec of a tuned method on `problem`; ValueError if tuned refuses it."""
-    from tuned.spec import ExperimentSpec
+    from tuned.experiment.spec import ExperimentSpec
 
     options = dict(method.scheduler_options)
     if method.scheduler != "fifo":
@@ -343,8 +343,8 @@ def available(name: str) -> str | None:
         except ImportError:
             return "optuna is not installed (pip install -e '.[bench]')"
         return None
-    from tuned.engine import make_scheduler
-    from tuned.searchers import make_searcher
+    from tuned.core.searchers import make_searcher
+    from tuned.engine.engine import make_scheduler
 
     problem = hartmann_problem()
     try:

@@ -35,12 +35,12 @@ class ServedDaemon:
         self._wait_hello()
 
     def client(self) -> Any:
-        from tuned.client import ControlClient
+        from tuned.daemon.client import ControlClient
 
         return ControlClient(self.socket, timeout=300)
 
     def _wait_hello(self, timeout: float = 60) -> None:
-        from tuned.client import ControlError
+        from tuned.daemon.client import ControlError
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -48,7 +48,7 @@ def engine_costs(trials: int, reports: int, slots: int) -> tuple[list[float], li
     """(launch overheads, report round trips) in seconds from an in-process FIFO run with
     `slots` trials at a time."""
     import tuned as ag
-    from tuned import engine
+    from tuned.engine import engine
 
     launches: dict[int, float] = {}
     original = engine.Engine._launch

@@ -42,7 +42,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-# schema version -> the last commit that shipped it (see `git log -- tuned/store.py`).
+# schema version -> the last commit that shipped it
+# (see `git log --follow -- tuned/store/database.py`).
 COMMITS = {
     1: "64a90d8",  # Engine step API for a daemon (the last commit of schema v1)
     2: "4145d9e",  # trials pages and curves of the best N trials (the last of v2)

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 from test_searchers import MIXED  # the mixed space every searcher is tested on
 
-from tuned.searchers import SearcherStateError, gp, make_searcher
-from tuned.searchers.bayesopt import CHUNK, BayesOptSearcher, Encoder
-from tuned.searchers.random import RandomSearcher, config_key
-from tuned.space import Bool, Categorical, Int, Real, Space
+from tuned.core.searchers import SearcherStateError, gp, make_searcher
+from tuned.core.searchers.bayesopt import CHUNK, BayesOptSearcher, Encoder
+from tuned.core.searchers.random import RandomSearcher, config_key
+from tuned.core.space import Bool, Categorical, Int, Real, Space
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -410,8 +410,8 @@ def test_loading_rewinds_a_used_searcher() -> None:
 
 CHILD = """
 import json, sys
-from tuned.searchers import make_searcher
-from tuned.space import Space
+from tuned.core.searchers import make_searcher
+from tuned.core.space import Space
 sys.path.insert(0, sys.argv[3])
 from test_bayesopt import run, run_multi
 

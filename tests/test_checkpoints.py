@@ -11,7 +11,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from tuned.checkpoints import CheckpointError, TrialCheckpoints
+from tuned.trial.checkpoints import CheckpointError, TrialCheckpoints
 
 
 def test_json_bytes_and_file_checkpoints_round_trip(tmp_path):
@@ -61,7 +61,7 @@ def test_a_trial_killed_in_the_middle_of_a_write_leaves_the_previous_one(tmp_pat
     directory = tmp_path / "t"
     script = textwrap.dedent(f"""
         import os, signal
-        import tuned.checkpoints as c
+        import tuned.trial.checkpoints as c
 
         ckpts = c.TrialCheckpoints({str(directory)!r})
         ckpts.save({{"epoch": 1}}, 1)

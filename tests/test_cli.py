@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from tuned.decisions import Decision, TrialState
-from tuned.store import Store
+from tuned.core.decisions import Decision, TrialState
+from tuned.store.database import Store
 
 
 def _run(*args: str, env: dict[str, str] | None = None,
@@ -158,6 +158,6 @@ def test_tunectl_loads_the_client_only(tmp_path):
     out = subprocess.run([sys.executable, "-c", code, "--socket", str(tmp_path / "none.sock"),
                           "status"], capture_output=True, text=True, timeout=60)
     loaded = set(out.stdout.split())
-    assert "tuned.client" in loaded, out.stderr
-    assert not loaded & {"tuned.control", "tuned.store", "tuned.daemon", "logging",
-                         "selectors", "numpy", "sqlite3"}
+    assert "tuned.daemon.client" in loaded, out.stderr
+    assert not loaded & {"tuned.daemon.control", "tuned.store.database", "tuned.daemon.daemon",
+                         "logging", "selectors", "numpy", "sqlite3"}

@@ -1,4 +1,5 @@
-"""The control channel: wire format (`tuned.protocol`) and transport (`tuned.control`).
+"""The control channel: wire format (`tuned.protocol.control`) and transport
+(`tuned.daemon.control`).
 
 Real Unix sockets in short temporary directories under /tmp (socket paths must fit in 108
 bytes); the server runs in a small selector loop thread like the daemon's.
@@ -28,8 +29,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tuned import __version__
-from tuned import protocol as P
-from tuned.control import (
+from tuned.daemon.control import (
     AlreadyRunning,
     Connection,
     ControlClient,
@@ -42,7 +42,8 @@ from tuned.control import (
     Subscribe,
     topic_matches,
 )
-from tuned.protocol import MAX_FRAME, ProtocolError, RemoteError, ok
+from tuned.protocol import control as P
+from tuned.protocol.control import MAX_FRAME, ProtocolError, RemoteError, ok
 
 # -- protocol ------------------------------------------------------------------------------
 
@@ -428,7 +429,7 @@ def test_handler_failures_are_internal_errors(serve, sock_path, caplog):
             assert info.value.code == "internal"
             assert op != "boom" or "RuntimeError: kaput" in info.value.message
         assert c.request("echo")["ok"]
-    boom = [r for r in caplog.records if r.name == "tuned.control" and r.exc_info]
+    boom = [r for r in caplog.records if r.name == "tuned.daemon.control" and r.exc_info]
     assert len(boom) == 3 and "kaput" in str(boom[0].exc_info[1])
 
 
@@ -556,7 +557,7 @@ def test_daemon_not_running(sock_path):
 
 
 def test_the_client_is_tuned_client_s_and_control_re_exports_it():
-    import tuned.client as client
+    import tuned.daemon.client as client
 
     assert (ControlClient, ControlError, DaemonNotRunning) == (
         client.ControlClient, client.ControlError, client.DaemonNotRunning)

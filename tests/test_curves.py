@@ -1,4 +1,4 @@
-"""tuned.curves: text charts, PNGs (real matplotlib, in tmp_path) and best-so-far."""
+"""tuned.ui.charts: text charts, PNGs (real matplotlib, in tmp_path) and best-so-far."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tuned import curves as C
+from tuned.ui import charts as C
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

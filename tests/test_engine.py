@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 import tuned as ag
-from tuned.decisions import Decision
-from tuned.schedulers.hyperband import HyperbandStopping
+from tuned.core.decisions import Decision
+from tuned.core.schedulers.hyperband import HyperbandStopping
 
 
 def _sched(cls, fn, tmp_path, **kw):

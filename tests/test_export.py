@@ -10,10 +10,10 @@ from datetime import datetime, timezone
 
 import pytest
 
-from tuned import export
-from tuned.decisions import Decision, TrialState
-from tuned.space import Bool, Categorical, Int, Real, Space
-from tuned.store import Store
+from tuned.core.decisions import Decision, TrialState
+from tuned.core.space import Bool, Categorical, Int, Real, Space
+from tuned.store import export
+from tuned.store.database import Store
 
 T0 = 1796630462.25  # 2026-12-07T08:01:02.250Z, exact in binary like every step added to it
 SPACE = Space({"lr": Real(1e-5, 1.0, log=True), "layers": Int(1, 8),
@@ -325,7 +325,7 @@ def test_trials_frame_without_pandas_says_how_to_install_it(store, exp, monkeypa
 
 
 def test_importing_export_does_not_import_pandas():
-    code = "import sys, tuned.export; print('pandas' in sys.modules)"
+    code = "import sys, tuned.store.export; print('pandas' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout == "False\n"

@@ -8,11 +8,11 @@ from __future__ import annotations
 import sqlite3
 
 import tuned as ag
-from tuned.decisions import Decision
-from tuned.engine import HOLD_MAX, Engine
+from tuned.core.decisions import Decision
+from tuned.core.schedulers.base import Outcome
+from tuned.core.schedulers.hyperband import HyperbandStopping
+from tuned.engine.engine import HOLD_MAX, Engine
 from tuned.executors.local import LocalExecutor, Message
-from tuned.schedulers.base import Outcome
-from tuned.schedulers.hyperband import HyperbandStopping
 
 
 def _is_report(event) -> bool:

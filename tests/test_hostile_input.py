@@ -12,8 +12,8 @@ from collections import Counter
 
 from test_daemon import _toy_spec
 
-from tuned.control import MAX_BAD_FRAMES
-from tuned.protocol import ERRORS
+from tuned.daemon.control import MAX_BAD_FRAMES
+from tuned.protocol.control import ERRORS
 
 #: Ops fuzzed with ill-typed arguments (never "delete": the fuzz names "toy", which must stay),
 #: plus an empty op and one no daemon has.

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tuned.decisions import Decision
-from tuned.schedulers import CONTINUE, HyperbandStopping, RungEntry
-from tuned.schedulers.hyperband import _SortedScores
+from tuned.core.decisions import Decision
+from tuned.core.schedulers import CONTINUE, HyperbandStopping, RungEntry
+from tuned.core.schedulers.hyperband import _SortedScores
 
 # --- rung levels and arguments ---------------------------------------------------------
 
@@ -295,7 +295,7 @@ def test_load_rungs_updates_a_trial_already_seen():
 
 
 def test_promotion_pauses_at_each_rung_and_promotes_the_top_fraction():
-    from tuned.schedulers.hyperband import HyperbandPromotion
+    from tuned.core.schedulers.hyperband import HyperbandPromotion
 
     sched = HyperbandPromotion(max_t=9, grace_period=1, reduction_factor=3)
     assert sched.kind == "hyperband_promotion"
@@ -324,7 +324,7 @@ def test_promotion_pauses_at_each_rung_and_promotes_the_top_fraction():
 @given(st.lists(st.tuples(st.integers(0, 11), st.floats(0, 1)), min_size=1, max_size=120),
        st.data())
 def test_promotion_replay_equals_live_and_never_promotes_twice(ops, data):
-    from tuned.schedulers.hyperband import HyperbandPromotion
+    from tuned.core.schedulers.hyperband import HyperbandPromotion
 
     live = HyperbandPromotion(max_t=27, grace_period=1, reduction_factor=3, brackets=2)
     stored: dict[tuple[int, float, int], RungEntry] = {}

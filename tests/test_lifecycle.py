@@ -17,14 +17,14 @@ import pytest
 from test_daemon import Daemon, _spec, _toy_spec
 
 import tuned
-from tuned.lifecycle import (
+from tuned.core.lifecycle import (
     TRANSITIONS,
     BadTransition,
     ExperimentFailed,
     ExperimentState,
     check_transition,
 )
-from tuned.store import Store
+from tuned.store.database import Store
 
 
 def _module(tmp_path: Path, name: str, body: str) -> Path:
@@ -173,7 +173,7 @@ def test_every_trial_failing_ends_failed_with_the_errors(daemon, tmp_path):
     assert ended["state"] == "FAILED" and ended["trials"] == {"FAILED": 4}
     assert ended["reason"].startswith("4 trial(s) failed and none succeeded; last errors: ")
     assert "ValueError: bad data for x=" in ended["reason"]
-    assert "WARNING tuned.engine: experiment bad FAILED: 4 trial(s) failed" in daemon.log()
+    assert "WARNING tuned.engine.engine: experiment bad FAILED: 4 trial(s) failed" in daemon.log()
     daemon.stop()
     daemon.start()
     assert daemon.json("status", "bad")["experiments"][0]["state"] == "FAILED"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tuned.notify import Notifier, parse_address, parse_watchdog_usec
+from tuned.daemon.notify import Notifier, parse_address, parse_watchdog_usec
 
 
 @pytest.fixture
@@ -95,7 +95,7 @@ def test_noop_without_notify_socket() -> None:
 def test_send_errors_never_raise_and_warn_once(tmp_path: Path,
                                                caplog: pytest.LogCaptureFixture) -> None:
     notifier = Notifier({"NOTIFY_SOCKET": str(tmp_path / "nobody-listens.sock")})
-    with caplog.at_level(logging.DEBUG, logger="tuned.notify"):
+    with caplog.at_level(logging.DEBUG, logger="tuned.daemon.notify"):
         assert notifier.ready() is False
         assert notifier.watchdog() is False
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 import tuned as ag
-from tuned.decisions import Decision
-from tuned.schedulers.pbt import PopulationBasedTraining
-from tuned.space import Bool, Categorical, Int, Real, Space
+from tuned.core.decisions import Decision
+from tuned.core.schedulers.pbt import PopulationBasedTraining
+from tuned.core.space import Bool, Categorical, Int, Real, Space
 
 SPACE = Space({"lr": Real(1e-3, 1, log=True), "layers": Int(1, 4),
                "act": Categorical("relu", "tanh", "gelu"), "bn": Bool()})

@@ -12,7 +12,7 @@ import pytest
 from test_daemon import Daemon, _spec
 
 import tuned as ag
-from tuned.proctitle import set_title
+from tuned.trial.proctitle import set_title
 
 
 def _cmdline(pid: int | str) -> str:

@@ -17,7 +17,7 @@ import pytest
 from test_daemon import Daemon, _spec
 
 import tuned as ag
-from tuned.reporter import WINDOW, Reconnect, Reporter, TrialStopped
+from tuned.trial.reporter import WINDOW, Reconnect, Reporter, TrialStopped
 
 
 class FakeClock:

@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from tuned.reporter import ChannelClosed, Reconnect, Reporter, TrialStopped
+from tuned.trial.reporter import ChannelClosed, Reconnect, Reporter, TrialStopped
 
 
 @pytest.fixture

@@ -1,9 +1,9 @@
-"""The rule that shares CPUs and GPUs between experiments (`tuned.resources`): the longest
+"""The rule that shares CPUs and GPUs between experiments (`tuned.engine.resources`): the longest
 waiter goes first, and what it cannot use is lent to the others."""
 
 from __future__ import annotations
 
-from tuned.resources import ResourcePool
+from tuned.engine.resources import ResourcePool
 
 
 def _names(owner: object) -> str:

@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from tuned.searchers.base import SearcherStateError
-from tuned.searchers.rl import RLSearcher, init_params, log_prob_and_grad, param_names
-from tuned.space import Bool, Categorical, Int, Real, Space
+from tuned.core.searchers.base import SearcherStateError
+from tuned.core.searchers.rl import RLSearcher, init_params, log_prob_and_grad, param_names
+from tuned.core.space import Bool, Categorical, Int, Real, Space
 
 
 def mixed_space() -> Space:

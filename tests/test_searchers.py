@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
-from tuned.searchers import SearcherStateError, make_searcher
-from tuned.searchers.base import Searcher
-from tuned.searchers.grid import GridSearcher
-from tuned.searchers.random import RandomSearcher
-from tuned.space import Bool, Categorical, Int, Real, Space
+from tuned.core.searchers import SearcherStateError, make_searcher
+from tuned.core.searchers.base import Searcher
+from tuned.core.searchers.grid import GridSearcher
+from tuned.core.searchers.random import RandomSearcher
+from tuned.core.space import Bool, Categorical, Int, Real, Space
 
 #: The searchers every generic test runs against.
 SEARCHER_NAMES = ["random", "grid", "rl", "bayesopt"]
@@ -54,8 +54,8 @@ def run(searcher: Searcher, n: int, start: int = 0) -> list[dict[str, Any] | Non
 
 CHILD = """
 import json, sys, zlib
-from tuned.searchers import make_searcher
-from tuned.space import Space
+from tuned.core.searchers import make_searcher
+from tuned.core.space import Space
 
 name, space_json, seed, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 searcher = make_searcher(name, Space.from_json(json.loads(space_json)), seed=seed)
@@ -194,7 +194,7 @@ def test_random_tiny_spaces() -> None:
 
 
 def test_random_state_lists_seen_configurations_in_parts() -> None:
-    from tuned.searchers.random import CHUNK
+    from tuned.core.searchers.random import CHUNK
 
     searcher = RandomSearcher(MIXED, seed=0)
     configs = run(searcher, CHUNK + 3)

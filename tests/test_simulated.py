@@ -12,7 +12,8 @@ import time
 import numpy as np
 import pytest
 
-from tuned.engine import Engine
+from tuned.core.space import Real, Space
+from tuned.engine.engine import Engine
 from tuned.executors.local import Exited, Message, process_start_time
 from tuned.executors.simulated import (
     FAKE_PID_BASE,
@@ -20,10 +21,9 @@ from tuned.executors.simulated import (
     SimulationStalled,
     function_steps,
 )
+from tuned.experiment.spec import ExperimentSpec
 from tuned.simulate import simulate
-from tuned.space import Real, Space
-from tuned.spec import ExperimentSpec
-from tuned.store import Store
+from tuned.store.database import Store
 
 EPOCHS = 9
 
@@ -486,7 +486,7 @@ def test_bayesopt_under_hyperband_learns_from_every_report(tmp_path, scheduler):
 
 
 def test_a_searcher_option_max_t_wins_over_the_schedulers(tmp_path):
-    from tuned.searchers import make_searcher
+    from tuned.core.searchers import make_searcher
 
     searcher = make_searcher("bayesopt", Space({"x": Real(0.0, 1.0)}), seed=0,
                              resource_max=9, max_t=27)

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tuned.space import INT_LIMIT, Bool, Categorical, Domain, Int, Real, Space
+from tuned.core.space import INT_LIMIT, Bool, Categorical, Domain, Int, Real, Space
 
 SETTINGS = settings(max_examples=60, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])

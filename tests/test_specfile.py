@@ -10,16 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from tuned.space import Categorical, Int, Real, Space
-from tuned.spec import ExperimentSpec, SpecError
-from tuned.specfile import (
+from tuned.core.args import Args
+from tuned.core.space import Categorical, Int, Real, Space
+from tuned.experiment.files import (
     MAX_SPEC_BYTES,
     complete_spec,
     load_spec_file,
     parse_spec_text,
     resolve_entry,
 )
-from tuned.trial_args import Args
+from tuned.experiment.spec import ExperimentSpec, SpecError
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "specs"
 

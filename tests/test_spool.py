@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tuned.spec import SpecError
-from tuned.spool import Later, Outcome, Spool
+from tuned.daemon.spool import Later, Outcome, Spool
+from tuned.experiment.spec import SpecError
 
 GOOD = 'name = "exp"\n'
 

@@ -24,7 +24,7 @@ from make_fixtures import schema
 from test_daemon import Daemon, _spec
 
 import tuned as ag
-from tuned.store import (
+from tuned.store.database import (
     SCHEMA_VERSION,
     Store,
     StoreCorrupt,
@@ -206,7 +206,7 @@ def test_an_experiment_of_every_schema_version_resumes_and_finishes(tmp_path, ve
 # step's transaction, "after COMMIT" the first statement once it has committed.
 KILLER = r"""
 import os, signal, sys
-import tuned.store as store
+import tuned.store.database as store
 
 path, step, kill = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 real = store.MIGRATIONS[step]
@@ -378,7 +378,7 @@ def test_a_full_disk_stops_the_engine_with_a_clear_error_and_a_resume_finishes(t
     run = _engine_run(tmp_path, db, resume=False)
     assert run.returncode != 0 and "finished" not in run.stdout
     last = run.stderr.strip().splitlines()[-1]
-    assert last.startswith("tuned.store.StoreWriteError: "), run.stderr
+    assert last.startswith("tuned.store.database.StoreWriteError: "), run.stderr
     assert str(db) in last and "file size limit was reached" in last, last
     assert "StoreCorrupt" not in run.stderr
     assert 7 <= len(_acknowledged(acks)) < 20
@@ -395,7 +395,7 @@ def test_a_full_disk_stops_the_engine_with_a_clear_error_and_a_resume_finishes(t
 
 STORE_FILLS = """
 import resource, sys
-from tuned.store import Store, StoreWriteError
+from tuned.store.database import Store, StoreWriteError
 
 store = Store(sys.argv[1])
 exp = store.create_experiment("e", {})
@@ -568,8 +568,8 @@ def test_the_daemon_on_a_locked_database_exits_with_the_reason_and_leaves_it(tmp
     try:
         start = time.monotonic()
         # The daemon's lock timeout (10 s) made 1 s, to keep the test short.
-        d.start(wait=False, prelude="import functools, tuned.store as s; s.Store.__init__ = "
-                "functools.partialmethod(s.Store.__init__, timeout=1.0)")
+        d.start(wait=False, prelude="import functools, tuned.store.database as s; "
+                "s.Store.__init__ = functools.partialmethod(s.Store.__init__, timeout=1.0)")
         code, output = d.finish()
         assert time.monotonic() - start >= 1
     finally:

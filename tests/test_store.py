@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from tuned.decisions import Decision, TrialState
-from tuned.schedulers.base import RungEntry
-from tuned.store import (
+from tuned.core.decisions import Decision, TrialState
+from tuned.core.schedulers.base import RungEntry
+from tuned.store.database import (
     SCHEMA_VERSION,
     NameTaken,
     NewReport,
@@ -216,7 +216,7 @@ def test_failed_transaction_leaves_nothing(store):
 
 
 def test_a_version_1_database_is_migrated_to_the_current_schema(tmp_path):
-    from tuned.store import MIGRATIONS
+    from tuned.store.database import MIGRATIONS
 
     path = tmp_path / "old.db"
     import sqlite_utils

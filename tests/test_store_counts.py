@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tuned.decisions import Decision, TrialState
-from tuned.store import Store
+from tuned.core.decisions import Decision, TrialState
+from tuned.store.database import Store
 
 STATES = ["PENDING", "RUNNING", "PAUSED", "COMPLETED", "STOPPED", "FAILED"]
 

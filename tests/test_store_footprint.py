@@ -11,7 +11,7 @@ from pathlib import Path
 
 OPEN = """
 import json, sys
-from tuned.store import Store
+from tuned.store.database import Store
 Store(sys.argv[1]).close()
 print(json.dumps({m: m in sys.modules for m in ("sqlite_utils", "pandas")}))
 """
@@ -44,8 +44,9 @@ def test_pandas_imported_before_stays_usable_for_sqlite_utils(tmp_path):
     fake = tmp_path / "path"
     (fake / "pandas").mkdir(parents=True)
     (fake / "pandas" / "__init__.py").write_text("Timestamp = object\n")
-    code = ("import sys, pandas\nfrom tuned.store import Store\nStore(sys.argv[1]).close()\n"
-            "import sqlite_utils.db\nprint(sqlite_utils.db.pd is pandas)")
+    code = ("import sys, pandas\nfrom tuned.store.database import Store\n"
+            "Store(sys.argv[1]).close()\nimport sqlite_utils.db\n"
+            "print(sqlite_utils.db.pd is pandas)")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(fake), *filter(None, [os.environ.get("PYTHONPATH")])]))
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "t.db")],

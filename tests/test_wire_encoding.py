@@ -11,8 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tuned.executors.local import _parse
-from tuned.protocol import answer_line, compact_json, decode_line, flat_json
-from tuned.reporter import ReportRejected, encode_report
+from tuned.protocol.control import answer_line, compact_json, decode_line, flat_json
+from tuned.trial.reporter import ReportRejected, encode_report
 
 scalars = st.one_of(st.booleans(), st.integers(), st.floats(), st.text())
 flat_dicts = st.dictionaries(st.text(), scalars)

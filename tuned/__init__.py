@@ -12,13 +12,13 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from tuned._version import __version__
 
 __all__ = ["Args", "ExperimentFailed", "args", "scheduler", "space", "__version__"]
 
 _LAZY = {"scheduler": ("tuned.scheduler", None), "space": ("tuned.space", None),
-         "args": ("tuned.trial_args", "args"), "Args": ("tuned.trial_args", "Args"),
-         "ExperimentFailed": ("tuned.lifecycle", "ExperimentFailed")}
+         "args": ("tuned.core.args", "args"), "Args": ("tuned.core.args", "Args"),
+         "ExperimentFailed": ("tuned.core.lifecycle", "ExperimentFailed")}
 
 
 def __getattr__(name: str) -> Any:

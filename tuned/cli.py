@@ -3,18 +3,18 @@
 
 Contract for scripts:
 - Exit codes: 0 ok, 1 error, 2 usage, 3 daemon not running, 4 not found (the `tunectl`
-  column of the protocol's error table, `tuned.protocol.ERRORS`).
+  column of the protocol's error table, `tuned.protocol.control.ERRORS`).
 - `--json`, before or after the command, prints each answer as one JSON document on
   stdout, and every error as one JSON object ``{"error": {"code", "message"}}`` on stdout
   (a code of the table: the daemon's, or one of the client's own, ``usage``,
   ``no_daemon``, ``unavailable``, ``error``), with the code's exit status. Without it,
   errors go to stderr as ``error: <message>``.
-- Human output fits 100 columns (`tuned.render`).
+- Human output fits 100 columns (`tuned.ui.render`).
 
 `tunectl` starts once per command, so this module imports only what every command needs
 (click, json, the package's version, the renderer); each command imports the rest itself:
-the store, logging and the daemon for `tuned`, the lean control client (`tuned.client`, not
-the server in `tuned.control`) for `tunectl`.
+the store, logging and the daemon for `tuned`, the lean control client (`tuned.daemon.client`, not
+the server in `tuned.daemon.control`) for `tunectl`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
-from tuned import __version__, render
+from tuned._version import __version__
+from tuned.ui import render
 
 # Importing click makes many objects and no garbage: the collections its allocations set off
 # find nothing, and cost a tunectl run about 8 ms. They are paused while it loads.
@@ -83,7 +84,7 @@ def _json_flag(command: Any) -> Any:
 def run(group: click.Group, args: list[str] | None, prog: str) -> NoReturn:
     """Run `group` on `args` (default: the process's) and exit with the documented code;
     errors are printed as the run's `--json` asks (see the module docstring)."""
-    from tuned.protocol import exit_code_for
+    from tuned.protocol.control import exit_code_for
 
     args = sys.argv[1:] if args is None else list(args)
     head = args[:args.index("--")] if "--" in args else args
@@ -196,7 +197,7 @@ def curves_args(metric: str | None, top: int | None, show_all: bool) -> dict[str
 def show_curves(data: dict[str, Any], png: str | None, show_all: bool) -> None:
     """Print a `curves` answer as a chart with a legend of the best trials (and save it as
     a PNG with `png`)."""
-    from tuned.curves import draw_curves_png, text_chart
+    from tuned.ui.charts import draw_curves_png, text_chart
 
     curves = {int(k): v for k, v in data["curves"].items()}
     mode = data.get("mode") or "max"
@@ -214,7 +215,7 @@ def show_curves(data: dict[str, Any], png: str | None, show_all: bool) -> None:
 
 def show_progress(data: dict[str, Any], png: str | None) -> None:
     """Print a `progress` answer: best so far against trials and against time."""
-    from tuned.curves import best_so_far_chart, draw_best_so_far_png
+    from tuned.ui.charts import best_so_far_chart, draw_best_so_far_png
 
     if png:
         _png(lambda: draw_best_so_far_png(data["by_trial"], data["by_time"], data["metric"],
@@ -251,7 +252,7 @@ def write_export(fetch: Callable[[int | None, Any, Any], dict[str, Any]], report
     """Write every page `fetch(offset, after, columns)` gives (export answers: `columns`,
     `rows`) as CSV or JSON Lines to `output` (default stdout). A file is written whole or
     not at all (a temporary name, renamed at the end)."""
-    from tuned.export import write_csv, write_jsonl
+    from tuned.store.export import write_csv, write_jsonl
 
     first = fetch(0, None, None)
     columns = first["columns"]
@@ -300,7 +301,7 @@ class _stdout:
 def _store_candidates() -> list[str]:
     """Where `tuned`'s store commands look for a store without --db: the daemon's state
     directory (TUNED_STATE_DIR, else the default), then the in-process API's default."""
-    from tuned.paths import DEFAULT_CHECKPOINT, default_state_dir, system_state_dir
+    from tuned.daemon.paths import DEFAULT_CHECKPOINT, default_state_dir, system_state_dir
 
     places = [os.path.join(default_state_dir(), "tuned.db")]
     if os.environ.get("TUNED_STATE_DIR"):
@@ -313,7 +314,7 @@ def _open(db: str | None) -> Any:
     """The store to read (`db`, or the first of `_store_candidates` that exists), opened
     read-only: nothing is created. Failure `not_found` when there is none, `unavailable`
     when it cannot be read."""
-    from tuned.store import Store, StoreError, StoreMissing
+    from tuned.store.database import Store, StoreError, StoreMissing
 
     if db is None:
         found = [p for p in _store_candidates() if os.path.isfile(p)]
@@ -330,8 +331,8 @@ def _open(db: str | None) -> Any:
 
 
 def _view(call: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
-    """A `tuned.views` answer; its ProtocolError becomes this run's Failure."""
-    from tuned.protocol import ProtocolError
+    """A `tuned.store.views` answer; its ProtocolError becomes this run's Failure."""
+    from tuned.protocol.control import ProtocolError
 
     try:
         return call(*args)
@@ -340,7 +341,7 @@ def _view(call: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
 
 
 def _store_experiment(store: Any, name: str) -> Any:
-    from tuned import views
+    from tuned.store import views
 
     return _view(views.experiment, store, name)
 
@@ -349,7 +350,7 @@ def _complete_stored(ctx: click.Context, param: click.Parameter,
                      incomplete: str) -> list[str]:
     """Shell completion of experiment names from the store (never raises)."""
     try:
-        from tuned.store import Store
+        from tuned.store.database import Store
 
         db = ctx.params.get("db") or next(
             (p for p in _store_candidates() if os.path.isfile(p)), None)
@@ -389,7 +390,7 @@ def tuned_main(args: list[str] | None = None) -> NoReturn:
 @_json_flag
 def experiments_cmd(db: str | None) -> None:
     """The experiments of a store: state, trials by state, best (as `tunectl status`)."""
-    from tuned import views
+    from tuned.store import views
 
     store = _open(db)
     data = {"experiments": [views.summary(store, e) for e in store.experiments()]}
@@ -402,7 +403,7 @@ def experiments_cmd(db: str | None) -> None:
 @stored_experiment
 def best_cmd(db: str | None, experiment: str) -> None:
     """The best trial of EXPERIMENT: its number, reward and config (as `tunectl best`)."""
-    from tuned import views
+    from tuned.store import views
 
     store = _open(db)
     data = _view(views.best, store, _store_experiment(store, experiment))
@@ -418,7 +419,7 @@ def trials_cmd(db: str | None, experiment: str, limit: int | None, offset: int |
                show_all: bool) -> None:
     """The trials of EXPERIMENT: state, attempt, reports, reward, config, error (by default
     the last 50; as `tunectl trials`)."""
-    from tuned import views
+    from tuned.store import views
 
     limit, offset = page(limit, offset, show_all)
     store = _open(db)
@@ -435,7 +436,7 @@ def curves_cmd(db: str | None, experiment: str, metric: str | None, png: str | N
                top: int | None, show_all: bool, best_so_far: bool) -> None:
     """Learning curves of EXPERIMENT's best trials, or its best so far (as `tunectl
     curves`)."""
-    from tuned import views
+    from tuned.store import views
 
     store = _open(db)
     exp = _store_experiment(store, experiment)
@@ -455,8 +456,8 @@ def curves_cmd(db: str | None, experiment: str, metric: str | None, png: str | N
 def export_cmd(db: str | None, experiment: str, fmt: str, reports: bool,
                output: str | None) -> None:
     """EXPERIMENT's trials (or reports) as CSV or JSON Lines (as `tunectl export`)."""
-    from tuned import views
-    from tuned.export import snapshot
+    from tuned.store import views
+    from tuned.store.export import snapshot
 
     store = _open(db)
     exp = _store_experiment(store, experiment)
@@ -482,10 +483,10 @@ def serve_cmd(state_dir: str | None, socket_path: str | None, log_level: str,
     start (another daemon, an unsafe socket folder) writes nothing."""
     import logging
 
-    from tuned.control import AlreadyRunning, ControlError, InsecureDirectory
-    from tuned.daemon import AlreadyServing, Daemon
-    from tuned.paths import default_socket, default_state_dir
-    from tuned.store import StoreError
+    from tuned.daemon.control import AlreadyRunning, ControlError, InsecureDirectory
+    from tuned.daemon.daemon import AlreadyServing, Daemon
+    from tuned.daemon.paths import default_socket, default_state_dir
+    from tuned.store.database import StoreError
 
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -510,8 +511,8 @@ class Ctl:
     def call(self, op: str, timeout: float = 10.0, **args: Any) -> dict[str, Any]:
         """One request, answered within `timeout` seconds; Failure with the error's code
         (`no_daemon` when nothing listens)."""
-        from tuned.client import ControlClient, ControlError, DaemonNotRunning
-        from tuned.protocol import ProtocolError
+        from tuned.daemon.client import ControlClient, ControlError, DaemonNotRunning
+        from tuned.protocol.control import ProtocolError
 
         try:
             with ControlClient(self.socket_path, timeout=timeout) as client:
@@ -529,8 +530,8 @@ def _complete_running(ctx: click.Context, param: click.Parameter,
                       incomplete: str) -> list[str]:
     """Shell completion of experiment names from the daemon (never raises)."""
     try:
-        from tuned.client import ControlClient
-        from tuned.paths import default_socket
+        from tuned.daemon.client import ControlClient
+        from tuned.daemon.paths import default_socket
 
         root = ctx.find_root()
         path = root.params.get("socket_path") or default_socket()
@@ -553,7 +554,7 @@ experiment_arg = click.argument("experiment", shell_complete=_complete_running)
 def tunectl_group(ctx: click.Context, socket_path: str | None) -> None:
     """Control a running tuned daemon. Exit codes: 0 ok, 1 error, 2 usage, 3 daemon not
     running, 4 not found. --json (before or after the command): JSON answers and errors."""
-    from tuned.paths import default_socket
+    from tuned.daemon.paths import default_socket
 
     _no_final_collection()
     ctx.obj = Ctl(socket_path or default_socket())
@@ -744,8 +745,8 @@ def ctl_logs(ctl: Ctl, experiment: str, trial: int, follow: bool) -> None:
 @click.pass_obj
 def ctl_watch(ctl: Ctl, experiment: str | None) -> None:
     """Follow trials live: a line per start, report and end (Ctrl-C to leave)."""
-    from tuned.client import ControlClient, ControlError, DaemonNotRunning
-    from tuned.protocol import ProtocolError
+    from tuned.daemon.client import ControlClient, ControlError, DaemonNotRunning
+    from tuned.protocol.control import ProtocolError
 
     args = {"experiment": experiment} if experiment else {}
     try:

@@ -10,7 +10,7 @@ channel (README, "The report channel").
 
 `report(**metrics)` sends one report and waits until the daemon has stored it with its
 decision (under the spec's `report_lag`, a program whose steps are shorter than the lag goes
-on once the report is sent: `tuned.reporter`; its end waits for every answer). When the
+on once the report is sent: `tuned.trial.reporter`; its end waits for every answer). When the
 scheduler stops (or pauses) the trial, it exits the program with code 0
 (SystemExit: `finally` blocks run), unless `exit_on_stop=False`, when it returns False
 instead. Outside a trial (no channel in the environment) it raises RuntimeError. If the
@@ -32,8 +32,8 @@ import sys
 import traceback
 from typing import Any
 
-from tuned.command import CHECKPOINT_DIR_ENV, CONFIG_ENV, NUMBER_ENV, REPORT_FD_ENV, SEED_ENV
-from tuned.reporter import ChannelClosed, Reconnect, Reporter, ReportRejected, TrialStopped
+from tuned.trial.command import CHECKPOINT_DIR_ENV, CONFIG_ENV, NUMBER_ENV, REPORT_FD_ENV, SEED_ENV
+from tuned.trial.reporter import ChannelClosed, Reconnect, Reporter, ReportRejected, TrialStopped
 
 _reporter: Reporter | None = None
 _failed = False
@@ -77,7 +77,7 @@ def report(exit_on_stop: bool = True, **metrics: Any) -> bool:
 
 def save_checkpoint(obj: Any) -> None:
     """Commit a JSON-serialisable checkpoint for the reports sent so far (call it right after
-    a report); see `tuned.reporter.Reporter`."""
+    a report); see `tuned.trial.reporter.Reporter`."""
     _channel().save_checkpoint(obj)
 
 

@@ -19,14 +19,14 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from tuned.engine import Engine
+from tuned.core.args import Args
+from tuned.core.lifecycle import DEFAULT_MAX_FAILURES, ExperimentFailed
+from tuned.daemon.paths import DEFAULT_CHECKPOINT
+from tuned.engine.engine import Engine
 from tuned.executors.template import ForkServerExecutor
-from tuned.lifecycle import DEFAULT_MAX_FAILURES, ExperimentFailed
-from tuned.paths import DEFAULT_CHECKPOINT
-from tuned.spec import ExperimentSpec, json_safe
-from tuned.store import NotFound, Store
-from tuned.trial_args import Args
-from tuned.worker import make_runner
+from tuned.experiment.spec import ExperimentSpec, json_safe
+from tuned.store.database import NotFound, Store
+from tuned.trial.worker import make_runner
 
 __all__ = ["FIFOScheduler", "HyperbandScheduler", "PBTScheduler", "RLScheduler",
            "DEFAULT_CHECKPOINT"]
@@ -137,7 +137,7 @@ class FIFOScheduler:
             raise ValueError(f"resource: num_cpus={self.spec.num_cpus} per trial, but this "
                              f"machine has {cpus} CPU(s)")
         if self.spec.num_gpus > 0:
-            from tuned.gpus import discover_gpus
+            from tuned.executors.gpus import discover_gpus
 
             found = len(discover_gpus())
             if self.spec.num_gpus > found:
@@ -206,7 +206,7 @@ class FIFOScheduler:
 
         Raises ExperimentFailed (naming the last trials' errors) when it ends FAILED: every
         trial failed, or `max_failures` did before any succeeded."""
-        from tuned.progress import progress_bar
+        from tuned.ui.progress import progress_bar
 
         done = sum(n for s, n in self.store.count_trials(self.experiment.id).items()
                    if s in ("COMPLETED", "STOPPED", "FAILED"))
@@ -254,7 +254,7 @@ class FIFOScheduler:
         """Draw each trial's reward against `time_attr`, the best few in colour with a
         legend beside the plot (`use_legend`), the others grey; save a PNG to `filename`
         when given, show it when `plot`. RuntimeError without matplotlib."""
-        from tuned.curves import draw_training_curves
+        from tuned.ui.charts import draw_training_curves
 
         draw_training_curves(self.training_history, self.spec.reward_attr,
                              self.spec.time_attr, filename=filename, plot=plot,
@@ -265,14 +265,14 @@ class FIFOScheduler:
     def get_best_so_far(self) -> dict[str, Any]:
         """The best reward so far as step points: ``{"by_trial": [trials, rewards],
         "by_time": [seconds since the first trial, rewards], "metric", "mode"}``."""
-        from tuned import views
+        from tuned.store import views
 
         return views.progress(self.store, self.store.experiment(self.experiment.id))
 
     def plot_best_so_far(self, filename: str | None = None) -> str | None:
         """The best reward so far against trials and against time: a PNG at `filename`
         (needs matplotlib), else a text chart (returned)."""
-        from tuned.curves import best_so_far_chart, draw_best_so_far_png
+        from tuned.ui.charts import best_so_far_chart, draw_best_so_far_png
 
         data = self.get_best_so_far()
         if filename is None:
@@ -284,9 +284,9 @@ class FIFOScheduler:
 
     def trials_frame(self):
         """The trials as a pandas DataFrame, one row per trial (number, state, attempt,
-        reward, reports, times, a column per parameter: `tuned.export`). RuntimeError
+        reward, reports, times, a column per parameter: `tuned.store.export`). RuntimeError
         when pandas is not installed."""
-        from tuned.export import trials_frame
+        from tuned.store.export import trials_frame
 
         return trials_frame(self.store, self.store.experiment(self.experiment.id))
 
@@ -335,7 +335,7 @@ class HyperbandScheduler(FIFOScheduler):
 
 
 class PBTScheduler(FIFOScheduler):
-    """Population based training (`tuned.schedulers.pbt`): the first `num_trials` trials are
+    """Population based training (`tuned.core.schedulers.pbt`): the first `num_trials` trials are
     the population; every `perturbation_interval` units of `time_attr`, a trial in the
     bottom `quantile_fraction` is replaced by a clone of a top one (its checkpoint, its
     config perturbed or resampled with `resample_probability`). The training function must

@@ -20,10 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tuned.engine import Engine
+from tuned.engine.engine import Engine
 from tuned.executors.simulated import SimulatedExecutor, StepFunction
-from tuned.spec import ExperimentSpec
-from tuned.store import Report, Store, Trial
+from tuned.experiment.spec import ExperimentSpec
+from tuned.store.database import Report, Store, Trial
 
 __all__ = ["Simulation", "simulate"]
 

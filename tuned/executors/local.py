@@ -27,9 +27,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tuned.proctitle import set_title
-from tuned.protocol import answer_line, decode_line
-from tuned.reporter import MAX_LINE
+from tuned.protocol.control import answer_line, decode_line
+from tuned.trial.proctitle import set_title
+from tuned.trial.reporter import MAX_LINE
 
 _PR_SET_PDEATHSIG = 1
 _READ_SIZE = 1 << 16  # bytes asked of a report channel per recv
@@ -241,7 +241,7 @@ class LocalExecutor:
         """Give trial `trial_id` a copy of trial `source_id`'s latest checkpoint (files in
         `source_dir`, copied to `trial_dir`); the number of reports it covers, or None when
         the source has none."""
-        from tuned.checkpoints import TrialCheckpoints
+        from tuned.trial.checkpoints import TrialCheckpoints
 
         copied = TrialCheckpoints(source_dir).copy_latest_to(TrialCheckpoints(trial_dir))
         return None if copied is None else copied.seq

@@ -21,7 +21,7 @@ The life of a trial, in virtual time:
   function; its first report becomes a
   ``Message(trial_id, {"seq": start + 1, "metrics": ...})`` at ``now + launch_seconds +
   seconds``. Metrics go through the report channel's wire encoding
-  (`tuned.reporter.encode_report`): numpy scalars arrive as Python numbers, and a value JSON
+  (`tuned.trial.reporter.encode_report`): numpy scalars arrive as Python numbers, and a value JSON
   cannot carry fails the trial as it would fail a real one.
 - The trial then waits for the engine's answer, ``send(trial_id, {"seq", "decision"})``:
   "continue" schedules the next report at ``now + seconds``; "stop" or "pause" ends the trial
@@ -38,7 +38,7 @@ one (an int >= 0: the number of reports the resumed trial has already made, so i
 report is ``seq + 1``); otherwise its latest *virtual checkpoint*; otherwise 0. Virtual
 checkpoints live in this executor's memory, by trial id, and model a training loop that
 saves a checkpoint right after every report whose sequence number is a multiple of
-`checkpoint_every` (None: it never saves). As `tuned.reporter.Reporter` does, a trial that
+`checkpoint_every` (None: it never saves). As `tuned.trial.reporter.Reporter` does, a trial that
 keeps checkpoints (it saved one in this attempt, or resumed from one) hears a stop or pause
 and still saves the checkpoint of that report when one is due, then ends; when none is due,
 it computes its next step and ends at that step's end without reporting it (its next
@@ -69,9 +69,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from tuned.core.args import Args
 from tuned.executors.local import Exited, Message
-from tuned.reporter import ReportRejected, TrialStopped, encode_report
-from tuned.trial_args import Args
+from tuned.trial.reporter import ReportRejected, TrialStopped, encode_report
 
 __all__ = ["FAKE_PID_BASE", "SimulatedExecutor", "StepFunction", "function_steps"]
 

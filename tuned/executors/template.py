@@ -1,6 +1,6 @@
 """The template executor: trials forked by a per-experiment template process.
 
-The daemon never imports user code: `TemplateExecutor` starts ``python -m tuned.template``,
+The daemon never imports user code: `TemplateExecutor` starts ``python -m tuned.trial.template``,
 which imports the experiment's entry once and forks a child for each trial on request. The
 daemon hands the template the child's end of the trial's report channel (SCM_RIGHTS) and
 keeps its own end, so everything after the fork (orders, reports, answers, stopping process
@@ -22,9 +22,9 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from tuned import failpoints
+from tuned.engine import failpoints
+from tuned.engine.interrupts import uninterrupted
 from tuned.executors.local import Exited, LocalExecutor, Message, _Child
-from tuned.interrupts import uninterrupted
 
 READY_TIMEOUT = 120.0
 FORK_TIMEOUT = 30.0
@@ -39,7 +39,7 @@ class TemplateExecutor(LocalExecutor):
 
     Raises TemplateError when the template cannot import the entry. `entry_space` and
     `entry_constants` describe the entry function (its @tuned.args space, JSON, or None).
-    With `command` instead of `entry`, each trial execs that program (`tuned.command`).
+    With `command` instead of `entry`, each trial execs that program (`tuned.trial.command`).
     `spares`: children the template forks ahead (`prefork`, which asks for one and does not
     wait: the child becomes a spare when the template says it forked), so that a launch only
     sends the order (about 1 ms, against 10 for a fork on demand).
@@ -58,7 +58,7 @@ class TemplateExecutor(LocalExecutor):
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with open(log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "tuned.template", str(theirs.fileno())],
+                [sys.executable, "-m", "tuned.trial.template", str(theirs.fileno())],
                 pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True)
         theirs.close()
@@ -276,7 +276,7 @@ class ForkServerExecutor(TemplateExecutor):
         """Fork the server now, if it does not run (the first launch does otherwise)."""
         if self.process is not None:
             return
-        from tuned.template import serve_forks
+        from tuned.trial.template import serve_forks
 
         pid, ours = self._fork_running(
             socket.SOCK_SEQPACKET, lambda ctl, engine: serve_forks(ctl, self.runner, engine))

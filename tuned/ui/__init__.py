@@ -1,0 +1,1 @@
+"""What people read: terminal text, charts and PNGs, the progress bar."""
