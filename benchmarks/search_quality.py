@@ -343,14 +343,13 @@ def available(name: str) -> str | None:
         except ImportError:
             return "optuna is not installed (pip install -e '.[bench]')"
         return None
-    from tuned.core.searchers import make_searcher
-    from tuned.engine.engine import make_scheduler
+    from tuned.core.factory import make_scheduler, make_searcher
 
     problem = hartmann_problem()
     try:
         spec = tuned_spec(problem, method, 0, 1)
         make_searcher(spec.searcher, spec.space, seed=0, **spec.searcher_options)
-        make_scheduler(spec)
+        make_scheduler(spec.scheduler, spec.scheduler_options, seed=0, space=spec.space)
     except (ValueError, TypeError, ImportError) as exc:
         problems = getattr(exc, "problems", None)
         return "; ".join(problems) if problems else str(exc) or type(exc).__name__

@@ -11,7 +11,7 @@ import time
 import pytest
 from test_daemon import Daemon, _spec
 
-from tuned.trial.command import check_command, placeholders, render
+from tuned.experiment.command import check_command, placeholders, render
 
 
 def test_fields_are_replaced_and_braces_escaped():

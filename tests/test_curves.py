@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from tuned.core import curves as P
 from tuned.ui import charts as C
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -153,8 +154,8 @@ def test_text_chart_no_reports():
 
 def test_text_chart_nan_ranks_last_and_bad_arguments_raise():
     curves = {1: [[1, 2], [0.9, math.nan]], 2: [[1, 2], [0.1, 0.2]]}
-    assert C.rank_trials(curves, "max") == [2, 1]
-    assert C.rank_trials(curves, "min") == [2, 1]
+    assert P.rank_trials(curves, "max") == [2, 1]
+    assert P.rank_trials(curves, "min") == [2, 1]
     assert "A trial 2" in C.text_chart(curves, "acc", None)
     with pytest.raises(ValueError, match="mode"):
         C.text_chart(curves, "acc", None, mode="best")
@@ -210,7 +211,7 @@ def test_curves_png_of_100_trials(tmp_path, monkeypatch, highlight):
     C.draw_curves_png(curves, "accuracy", "epoch", str(out), highlight=highlight)
     assert out.read_bytes()[:8] == PNG
     ax, texts = _inspect(figures[0], highlight)
-    top = C.rank_trials(curves, "max")[:highlight]
+    top = P.rank_trials(curves, "max")[:highlight]
     assert texts == [f"trial {n} ({curves[n][1][-1]:.5g})" for n in top]
     assert ax.get_title() == "accuracy (max) against epoch: 100 trials"
     assert ax.get_xlabel() == "epoch" and ax.get_ylabel() == "accuracy"
@@ -266,20 +267,20 @@ def test_png_without_matplotlib_says_how_to_install(tmp_path, monkeypatch):
 
 def test_best_so_far_max_and_min():
     points = [(1, 0.5), (2, 0.4), (3, 0.7), (4, 0.7), (5, 0.6)]
-    assert C.best_so_far(points, "max") == ([1, 3, 5], [0.5, 0.7, 0.7])
-    assert C.best_so_far(points, "min") == ([1, 2, 5], [0.5, 0.4, 0.4])
+    assert P.best_so_far(points, "max") == ([1, 3, 5], [0.5, 0.7, 0.7])
+    assert P.best_so_far(points, "min") == ([1, 2, 5], [0.5, 0.4, 0.4])
     # The last point improves: it is not repeated.
-    assert C.best_so_far([(1, 1), (2, 3)]) == ([1, 2], [1, 3])
-    assert C.best_so_far([(1, 1), (2, 3)], "min") == ([1, 2], [1, 1])
-    assert C.best_so_far([(4, 2.0)]) == ([4], [2])
-    assert C.best_so_far([]) == ([], [])
+    assert P.best_so_far([(1, 1), (2, 3)]) == ([1, 2], [1, 3])
+    assert P.best_so_far([(1, 1), (2, 3)], "min") == ([1, 2], [1, 1])
+    assert P.best_so_far([(4, 2.0)]) == ([4], [2])
+    assert P.best_so_far([]) == ([], [])
 
 
 def test_best_so_far_only_improvements_and_final_point():
     rng = random.Random(3)
     points = [(t, rng.random()) for t in range(200)]
     for mode, better in (("max", float.__gt__), ("min", float.__lt__)):
-        xs, ys = C.best_so_far(points, mode)
+        xs, ys = P.best_so_far(points, mode)
         assert xs[-1] == 199
         assert all(better(b, a) for a, b in zip(ys[:-2], ys[1:-1], strict=True))
         assert ys[-1] == (max if mode == "max" else min)(v for _t, v in points)
@@ -287,12 +288,12 @@ def test_best_so_far_only_improvements_and_final_point():
 
 
 def test_best_so_far_skips_nan_and_checks_arguments():
-    assert C.best_so_far([(1, math.nan), (2, 0.3), (3, math.nan)]) == ([2, 3], [0.3, 0.3])
-    assert C.best_so_far([(1, math.nan)]) == ([], [])
+    assert P.best_so_far([(1, math.nan), (2, 0.3), (3, math.nan)]) == ([2, 3], [0.3, 0.3])
+    assert P.best_so_far([(1, math.nan)]) == ([], [])
     with pytest.raises(ValueError, match="order"):
-        C.best_so_far([(2, 1.0), (1, 2.0)])
+        P.best_so_far([(2, 1.0), (1, 2.0)])
     with pytest.raises(ValueError, match="mode"):
-        C.best_so_far([(1, 1.0)], "maximum")
+        P.best_so_far([(1, 1.0)], "maximum")
 
 
 def _sections(text: str) -> list[str]:
@@ -302,8 +303,8 @@ def _sections(text: str) -> list[str]:
 def test_best_so_far_chart_many_points():
     rng = random.Random(4)
     points = [(t, rng.random()) for t in range(1, 101)]
-    by_trial = C.best_so_far(points, "max")
-    by_time = C.best_so_far([(t * 3.5, v) for t, v in points], "max")
+    by_trial = P.best_so_far(points, "max")
+    by_time = P.best_so_far([(t * 3.5, v) for t, v in points], "max")
     text = C.best_so_far_chart(by_trial, by_time, "accuracy", "max")
     assert max(len(line) for line in text.splitlines()) <= 100
     trials, times = _sections(text)
@@ -320,7 +321,7 @@ def test_best_so_far_chart_many_points():
     reached = xs[-2] if len(ys) > 1 and ys[-1] == ys[-2] else xs[-1]
     assert trials.splitlines()[-1] == f"best {ys[-1]:.5g}, reached at trial {reached:.5g}"
     # for min, the final best is on the bottom row
-    low = C.best_so_far(points, "min")
+    low = P.best_so_far(points, "min")
     grid = _grid(_sections(C.best_so_far_chart(low, low, "loss", "min"))[0])
     assert grid[-1].rstrip().endswith(("-", "*")) and len(grid[-1].rstrip()) == 60
 
@@ -342,8 +343,8 @@ def test_best_so_far_chart_single_point_and_empty():
 def test_best_so_far_png(tmp_path, n):
     rng = random.Random(n)
     points = [(t, rng.random()) for t in range(1, n + 1)]
-    by_trial = C.best_so_far(points, "min")
-    by_time = C.best_so_far([(t * 2.0, v) for t, v in points], "min")
+    by_trial = P.best_so_far(points, "min")
+    by_time = P.best_so_far([(t * 2.0, v) for t, v in points], "min")
     out = tmp_path / "best.png"
     C.draw_best_so_far_png(by_trial, by_time, "loss", "min", str(out))
     assert out.read_bytes()[:8] == PNG

@@ -12,14 +12,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tuned.engine.gpupool import DEFAULT_FOREIGN_THRESHOLD, ForeignProcess, GPUPool, GPUUsage
 from tuned.engine.resources import ResourcePool
 from tuned.executors.gpus import (
-    DEFAULT_FOREIGN_THRESHOLD,
     GPU,
     FakeProvider,
-    ForeignProcess,
-    GPUPool,
-    GPUUsage,
     NullProvider,
     NVMLProvider,
     discover_gpus,
@@ -32,7 +29,7 @@ GiB = 1 << 30
 
 
 def _gpu_log(caplog) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "tuned.executors.gpus"]
+    return [r for r in caplog.records if r.name in ("tuned.executors.gpus", "tuned.engine.gpupool")]
 
 
 def _write_json(path, data) -> None:
@@ -88,7 +85,7 @@ def test_fake_file_gone_bad_means_no_information_once(tmp_path, caplog):
     _write_json(path, [{"uuid": "GPU-a"}])
     provider = FakeProvider(f"@{path}")
     path.write_text("[{")
-    with caplog.at_level(logging.INFO, logger="tuned.executors.gpus"):
+    with caplog.at_level(logging.INFO):
         assert provider.usage() == {}
         assert provider.usage() == {}
     assert len(_gpu_log(caplog)) == 1 and "not valid JSON" in caplog.text
@@ -184,7 +181,7 @@ def test_threshold_is_settable(monkeypatch, caplog):
     monkeypatch.setenv("TUNED_GPU_FOREIGN_MIB", "0")
     assert GPUPool(["GPU-a"]).foreign_threshold == 0
     monkeypatch.setenv("TUNED_GPU_FOREIGN_MIB", "lots")
-    with caplog.at_level(logging.INFO, logger="tuned.executors.gpus"):
+    with caplog.at_level(logging.INFO):
         assert GPUPool(["GPU-a"]).foreign_threshold == DEFAULT_FOREIGN_THRESHOLD
     assert "TUNED_GPU_FOREIGN_MIB" in caplog.text
     with pytest.raises(ValueError):
@@ -328,7 +325,7 @@ def _devices() -> list[dict]:
 def test_nvml_missing_means_no_gpus_with_one_log_line(monkeypatch, caplog):
     monkeypatch.delenv("TUNED_FAKE_GPUS", raising=False)
     monkeypatch.setitem(sys.modules, "pynvml", None)  # import pynvml raises ImportError
-    with caplog.at_level(logging.DEBUG, logger="tuned.executors.gpus"):
+    with caplog.at_level(logging.DEBUG):
         provider = NVMLProvider()
         assert provider.gpus() == [] and provider.usage() == {}
         provider.close()
@@ -337,7 +334,7 @@ def test_nvml_missing_means_no_gpus_with_one_log_line(monkeypatch, caplog):
     assert "CPU only" in records[0].getMessage()
 
     caplog.clear()
-    with caplog.at_level(logging.DEBUG, logger="tuned.executors.gpus"):
+    with caplog.at_level(logging.DEBUG):
         provider = make_provider()
         assert isinstance(provider, NullProvider) and "no NVML library" in provider.reason
         assert discover_gpus() == []
@@ -348,7 +345,7 @@ def test_nvml_init_failing_means_no_gpus_with_one_log_line(monkeypatch, caplog):
     monkeypatch.delenv("TUNED_FAKE_GPUS", raising=False)
     fake = _fake_pynvml(_devices(), init_error=FakeNVMLError("Driver Not Loaded"))
     monkeypatch.setitem(sys.modules, "pynvml", fake)
-    with caplog.at_level(logging.DEBUG, logger="tuned.executors.gpus"):
+    with caplog.at_level(logging.DEBUG):
         assert discover_gpus() == []
     records = _gpu_log(caplog)
     assert len(records) == 1 and "Driver Not Loaded" in records[0].getMessage()
@@ -357,7 +354,7 @@ def test_nvml_init_failing_means_no_gpus_with_one_log_line(monkeypatch, caplog):
 
 def test_nvml_without_gpus_means_cpu_only(caplog):
     fake = _fake_pynvml([])
-    with caplog.at_level(logging.DEBUG, logger="tuned.executors.gpus"):
+    with caplog.at_level(logging.DEBUG):
         provider = NVMLProvider(fake)
         assert provider.gpus() == [] and provider.usage() == {}
     assert len(_gpu_log(caplog)) == 1 and "no GPU" in provider.reason
@@ -398,14 +395,14 @@ def test_nvml_failure_after_init_is_no_information_with_one_log_line(caplog):
     fake = _fake_pynvml(devices)
     provider = NVMLProvider(fake)
     devices[0]["fail"] = FakeNVMLError("GPU is lost")
-    with caplog.at_level(logging.DEBUG, logger="tuned.executors.gpus"):
+    with caplog.at_level(logging.DEBUG):
         for _ in range(3):
             assert list(provider.usage()) == ["GPU-2222"]
     records = _gpu_log(caplog)
     assert len(records) == 1 and "GPU is lost" in records[0].getMessage()
     assert records[0].levelno == logging.WARNING
     del devices[0]["fail"]
-    with caplog.at_level(logging.DEBUG, logger="tuned.executors.gpus"):
+    with caplog.at_level(logging.DEBUG):
         assert list(provider.usage()) == ["GPU-1111", "GPU-2222"]
     assert "again" in _gpu_log(caplog)[-1].getMessage()
 
@@ -413,7 +410,7 @@ def test_nvml_failure_after_init_is_no_information_with_one_log_line(caplog):
 def test_nvml_gpu_that_cannot_be_opened_is_left_out(caplog):
     devices = _devices()
     devices[0]["open_fail"] = FakeNVMLError("Insufficient Permissions")
-    with caplog.at_level(logging.DEBUG, logger="tuned.executors.gpus"):
+    with caplog.at_level(logging.DEBUG):
         provider = NVMLProvider(_fake_pynvml(devices))
     assert [(g.index, g.uuid) for g in provider.gpus()] == [(1, "GPU-2222")]
     assert len(_gpu_log(caplog)) == 1 and "Insufficient Permissions" in caplog.text

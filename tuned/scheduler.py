@@ -20,9 +20,11 @@ from collections.abc import Callable
 from typing import Any
 
 from tuned.core.args import Args
+from tuned.core.factory import infer_max_t, max_t_problem
 from tuned.core.lifecycle import DEFAULT_MAX_FAILURES, ExperimentFailed
 from tuned.daemon.paths import DEFAULT_CHECKPOINT
 from tuned.engine.engine import Engine
+from tuned.executors.host import available_cpus
 from tuned.executors.template import ForkServerExecutor
 from tuned.experiment.spec import ExperimentSpec, json_safe
 from tuned.store.database import NotFound, Store
@@ -33,14 +35,6 @@ __all__ = ["FIFOScheduler", "HyperbandScheduler", "PBTScheduler", "RLScheduler",
 
 log = logging.getLogger("tuned.scheduler")
 
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 class FIFOScheduler:
@@ -299,15 +293,13 @@ class FIFOScheduler:
                 f"checkpoint={self.checkpoint!r})")
 
 
-def _infer_max_t(train_fn: Callable, max_t: int | None) -> int:
-    if max_t is not None:
-        return max_t
-    defaults = getattr(train_fn, "args", Args())
-    for key in ("epochs", "max_t"):
-        if key in defaults and isinstance(defaults[key], int):
-            return defaults[key]
-    raise ValueError("max_t: HyperbandScheduler needs the largest value of time_attr; give "
-                     "max_t, or an 'epochs' or 'max_t' argument in @tuned.args")
+def _infer_max_t(train_fn: Callable, max_t: int | None, scheduler: str) -> int:
+    """`max_t`, else inferred from `train_fn`'s @tuned.args (`core.factory.infer_max_t`);
+    ValueError naming it when there is none."""
+    found = infer_max_t({"max_t": max_t}, getattr(train_fn, "args", Args()))
+    if found is None:
+        raise ValueError(max_t_problem(scheduler))
+    return found
 
 
 class HyperbandScheduler(FIFOScheduler):
@@ -330,7 +322,7 @@ class HyperbandScheduler(FIFOScheduler):
         if unknown:
             raise TypeError(f"HyperbandScheduler got unexpected argument(s) {sorted(unknown)}")
         out = {k: v for k, v in options.items() if v is not None}
-        out["max_t"] = _infer_max_t(train_fn, options.get("max_t"))
+        out["max_t"] = _infer_max_t(train_fn, options.get("max_t"), self._scheduler)
         return out
 
 
@@ -353,7 +345,7 @@ class PBTScheduler(FIFOScheduler):
             raise ValueError("perturbation_interval: PBTScheduler needs it (in units of "
                              "time_attr)")
         out = {k: v for k, v in options.items() if v is not None}
-        out["max_t"] = _infer_max_t(train_fn, options.get("max_t"))
+        out["max_t"] = _infer_max_t(train_fn, options.get("max_t"), self._scheduler)
         return out
 
 

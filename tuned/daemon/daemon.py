@@ -44,11 +44,11 @@ from tuned.daemon.spool import Later, Spool
 from tuned.engine.engine import Engine
 from tuned.engine.resources import ResourcePool
 from tuned.executors.gpus import make_provider
+from tuned.executors.host import available_cpus
 from tuned.executors.local import Exited, Message, process_start_time
 from tuned.executors.template import READY_TIMEOUT, TemplateError, TemplateExecutor
 from tuned.experiment.spec import ExperimentSpec, SpecError, json_safe
 from tuned.protocol.control import is_text
-from tuned.scheduler import available_cpus
 from tuned.store import views
 from tuned.store.database import NameTaken, NotFound, Store
 from tuned.trial.reporter import ADOPT_SOCKET_ENV, ADOPT_TIMEOUT_ENV, DEFAULT_ADOPT_TIMEOUT

@@ -29,6 +29,7 @@ from typing import Any
 
 from tuned.core.args import Args
 from tuned.core.decisions import Decision, TrialState
+from tuned.core.factory import make_scheduler
 from tuned.core.lifecycle import (
     EXPERIMENT_FAILED,
     KILLED_BY_USER,
@@ -39,7 +40,7 @@ from tuned.core.lifecycle import (
     failure_reason,
     final_state,
 )
-from tuned.core.schedulers.base import Clone, FIFOScheduler, Outcome, TrialScheduler
+from tuned.core.schedulers.base import Clone, Outcome
 from tuned.core.searchers import Searcher, make_searcher
 from tuned.engine import failpoints
 from tuned.engine.interrupts import sigint_guard
@@ -55,27 +56,6 @@ from tuned.trial.reporter import REPORT_LAG_ENV
 from tuned.trial.worker import make_runner
 
 log = logging.getLogger("tuned.engine.engine")
-
-
-def make_scheduler(spec: ExperimentSpec) -> TrialScheduler:
-    """The trial scheduler the spec names; ValueError naming a bad option."""
-    options = dict(spec.scheduler_options)
-    if spec.scheduler == "fifo":
-        return FIFOScheduler(**options)
-    from tuned.core.schedulers.hyperband import HyperbandPromotion, HyperbandStopping
-
-    if spec.seed is not None:
-        options.setdefault("seed", spec.seed)
-    if options.get("max_t") is None:
-        raise ValueError(f"scheduler_options.max_t: {spec.scheduler} needs the maximum of "
-                         "time_attr (give max_t, or an 'epochs' or 'max_t' argument)")
-    if spec.scheduler == "hyperband_promotion":
-        return HyperbandPromotion(**options)
-    if spec.scheduler == "pbt":
-        from tuned.core.schedulers.pbt import PopulationBasedTraining
-
-        return PopulationBasedTraining(spec.space, **options)
-    return HyperbandStopping(**options)
 
 
 def trial_seed(experiment_seed: int, number: int) -> int:
@@ -156,7 +136,8 @@ class Engine:
         self.adopts = adopt
         self.checkpoint_dir = checkpoint_dir or os.path.join(log_dir, "checkpoints")
         self.clock = clock
-        self.scheduler = make_scheduler(spec)
+        self.scheduler = make_scheduler(spec.scheduler, spec.scheduler_options,
+                                        seed=spec.seed, space=spec.space)
         self.searcher: Searcher = make_searcher(
             spec.searcher, spec.space, seed=spec.seed,
             resource_max=getattr(self.scheduler, "max_t", None), **spec.searcher_options)

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 
-from tuned.executors.gpus import GPUPool
+from tuned.engine.gpupool import GPUPool
 
 _EPS = 1e-9
 

@@ -13,10 +13,6 @@ zombies.
 
 from __future__ import annotations
 
-import ctypes
-import faulthandler
-import functools
-import json
 import os
 import selectors
 import signal
@@ -28,10 +24,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tuned.protocol.control import answer_line, decode_line
-from tuned.trial.proctitle import set_title
+from tuned.trial.child import spare_main
 from tuned.trial.reporter import MAX_LINE
 
-_PR_SET_PDEATHSIG = 1
 _READ_SIZE = 1 << 16  # bytes asked of a report channel per recv
 
 
@@ -449,100 +444,6 @@ def _parse(trial_id: int, line: bytes) -> Message:
     if not isinstance(body, dict):
         return Message(trial_id, None, f"not a JSON object: {line[:80]!r}")
     return Message(trial_id, body)
-
-
-def spare_main(runner: Callable[[dict[str, Any], socket.socket], int], channel: socket.socket,
-               parent_pid: int, kill_with_parent: bool) -> None:  # pragma: no cover - child
-    """A freshly forked child's life: become a session leader, wait on `channel` for the
-    trial's order (payload and log path), run `runner(payload, channel)` with its output in
-    the log, and leave with its exit code (never returns)."""
-    code = 70
-    try:
-        become_spare(parent_pid, kill_with_parent)
-        order = _read_order(channel)
-        if order is not None:
-            set_title(order["payload"].get("title"))
-            _redirect_output(order["log"])
-            code = runner(order["payload"], channel)
-    except BaseException:
-        import traceback
-
-        traceback.print_exc()
-    finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code if isinstance(code, int) else 1)
-
-
-def become_spare(parent_pid: int, kill_with_parent: bool) -> None:
-    """In a forked child: own session, default signals, batch scheduling, output bound to
-    fds 1 and 2; with `kill_with_parent`, SIGKILL when the parent dies."""
-    os.setsid()
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    _batch_scheduling()
-    _prepare_output()
-    if kill_with_parent:
-        die_with_parent(parent_pid)
-
-
-def die_with_parent(parent_pid: int) -> None:
-    """In a forked child: SIGKILL when the parent dies; exit now if it died already."""
-    _libc().prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent_pid:
-        os._exit(70)
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    """The C library, loaded once (a fork server's children inherit it loaded)."""
-    return ctypes.CDLL(None, use_errno=True)
-
-
-def _read_order(sock: socket.socket) -> dict[str, Any] | None:
-    """In a spare: block until the engine sends the trial's order line; None if it left."""
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(65536)
-        if not chunk:
-            return None
-        data += chunk
-    return json.loads(data)
-
-
-def _batch_scheduling() -> None:
-    """Trials are batch work: under SCHED_BATCH a trial woken by its answer does not preempt
-    the engine that sent it, which keeps the engine's loop (and so every trial) moving. Same
-    priority otherwise; needs no privilege."""
-    policy = getattr(os, "SCHED_BATCH", None)
-    if policy is not None:
-        try:
-            os.sched_setscheduler(0, policy, os.sched_param(0))
-        except OSError:
-            pass
-
-
-def _prepare_output() -> None:
-    """In a spare: stdin from /dev/null; sys.stdout, sys.stderr and faulthandler bound to
-    fds 1 and 2, which `_redirect_output` points at the trial's log later. (The parent's
-    sys.stdout may not be fd 1 at all: pytest, Jupyter.)"""
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    os.close(devnull)
-    sys.stdout = sys.__stdout__ = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
-    sys.stderr = sys.__stderr__ = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
-    faulthandler.enable(file=sys.stderr)
-
-
-def _redirect_output(log_path: str) -> None:
-    """In a trial: stdout and stderr appended to the trial's log."""
-    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(log_fd, 1)
-    os.dup2(log_fd, 2)
-    os.close(log_fd)
 
 
 def process_start_time(pid: int) -> int | None:

@@ -34,7 +34,15 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
+from tuned.core.factory import (
+    infer_max_t,
+    make_scheduler,
+    make_searcher,
+    max_t_problem,
+    needs_max_t,
+)
 from tuned.core.space import Space
+from tuned.experiment.command import check_command
 from tuned.experiment.spec import ENTRY_RE, ExperimentSpec, SpecError
 
 if sys.version_info >= (3, 11):
@@ -323,8 +331,6 @@ def complete_spec(spec: ExperimentSpec, resolve: Resolver | None = None
             else:
                 space = fn_space
     elif spec.command is not None:
-        from tuned.trial.command import check_command
-
         if not spec.space:
             problems.append("space: a command spec needs a [space] table")
         problems += check_command(spec.command, set(spec.space) | set(constants))
@@ -344,28 +350,24 @@ def _scheduler_options(spec: ExperimentSpec, constants: dict[str, Any],
                        problems: list[str]) -> dict[str, Any]:
     """The scheduler options, with Hyperband's `max_t` inferred from the constants."""
     options = dict(spec.scheduler_options)
-    if spec.scheduler == "fifo" or options.get("max_t") is not None:
+    if not needs_max_t(spec.scheduler):
         return options
-    for key in ("epochs", "max_t"):
-        value = constants.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            options["max_t"] = value
-            return options
-    problems.append(f"scheduler_options: {spec.scheduler} needs max_t (the largest value of "
-                    "time_attr); give max_t, or an integer 'epochs' or 'max_t' constant")
+    max_t = infer_max_t(options, constants)
+    if max_t is None:
+        problems.append(f"scheduler_options: {max_t_problem(spec.scheduler)}")
+    else:
+        options["max_t"] = max_t
     return options
 
 
 def _check_builds(spec: ExperimentSpec, problems: list[str]) -> None:
     """Build the searcher and the scheduler once; a failure is a problem naming its table."""
-    from tuned.core.searchers import make_searcher
-    from tuned.engine.engine import make_scheduler
-
     try:
         make_searcher(spec.searcher, spec.space, seed=spec.seed, **spec.searcher_options)
     except (ValueError, TypeError) as exc:
         problems.append(f"searcher_options: {exc}")
     try:
-        make_scheduler(spec)
+        make_scheduler(spec.scheduler, spec.scheduler_options, seed=spec.seed,
+                       space=spec.space)
     except (ValueError, TypeError) as exc:
         problems.append(f"scheduler_options: {exc}")

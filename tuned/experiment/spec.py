@@ -21,13 +21,10 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from tuned.core.factory import SCHEDULER_ALIASES, SCHEDULER_NAMES, SEARCHER_NAMES
 from tuned.core.lifecycle import DEFAULT_MAX_FAILURES
 from tuned.core.space import Space
 
-SEARCHER_NAMES = ("random", "grid", "rl", "bayesopt")
-SCHEDULER_NAMES = ("fifo", "hyperband_stopping", "hyperband_promotion", "pbt")
-#: Other names a spec may use for a scheduler; `from_dict` replaces them with the canonical one.
-SCHEDULER_ALIASES = {"hyperband": "hyperband_stopping"}
 MODES = ("max", "min")
 START_METHODS = ("fork", "spawn")
 #: The longest report lag a spec may ask for (seconds): a stop reaches a trial that late.

@@ -13,10 +13,10 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
+from tuned.core.curves import best_so_far, curve_points
 from tuned.protocol.control import ProtocolError, is_text
 from tuned.store import export
 from tuned.store.database import Experiment, NotFound, Store
-from tuned.ui.charts import best_so_far, curve_points
 
 #: The most rows one export page may hold.
 MAX_EXPORT_PAGE = 10_000

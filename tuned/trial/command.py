@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import socket
 import sys
 from collections.abc import Callable
 from typing import Any
+
+from tuned.experiment.command import render
 
 REPORT_FD_ENV = "TUNED_REPORT_FD"
 CONFIG_ENV = "TUNED_TRIAL_CONFIG"
@@ -37,47 +38,6 @@ SEED_ENV = "TUNED_TRIAL_SEED"
 CHECKPOINT_DIR_ENV = "TUNED_CHECKPOINT_DIR"
 # Exit code of a trial whose program could not be started (as a shell says it).
 EXIT_CANNOT_RUN = 127
-
-_FIELD = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
-
-
-def placeholders(command: list[str]) -> list[str]:
-    """The names the command's ``{name}`` fields use, in order, each once."""
-    names: list[str] = []
-    for arg in command:
-        for match in _FIELD.finditer(arg):
-            name = match.group(1)
-            if name is not None and name not in names:
-                names.append(name)
-    return names
-
-
-def render(command: list[str], args: dict[str, Any]) -> list[str]:
-    """The argument list with each ``{name}`` replaced by ``args[name]`` (bools as
-    true/false, other values as `str` gives them). KeyError naming a missing argument."""
-
-    def field(match: re.Match[str]) -> str:
-        whole, name = match.group(0), match.group(1)
-        if name is None:
-            return whole[0]
-        value = args[name]
-        if isinstance(value, bool):
-            return "true" if value else "false"
-        return str(value)
-
-    return [_FIELD.sub(field, arg) for arg in command]
-
-
-def check_command(command: list[str], known: set[str]) -> list[str]:
-    """Problems with the command's fields: each name must be one of `known` (the space's
-    parameters and the constants)."""
-    problems = []
-    for name in placeholders(command):
-        if name not in known and name != "python":
-            problems.append(f"command: {{{name}}} names no parameter of [space] and no "
-                            f"constant (known: {', '.join(sorted(known)) or 'none'})")
-    return problems
-
 
 def command_runner(command: list[str], workdir: str | None, constants: dict[str, Any]
                    ) -> Callable[[dict[str, Any], socket.socket], int]:

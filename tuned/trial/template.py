@@ -8,7 +8,7 @@ FD is a SOCK_SEQPACKET socket to the daemon. The first message is the experiment
 entry and answers ``{"op": "ready"}`` or ``{"op": "error", "message"}`` (and exits). Then, for each
 ``{"op": "fork"}`` message carrying one file descriptor (the trial's report channel), it
 forks a child that waits on that channel for its order, exactly as the daemon's own spare
-children do (`tuned.executors.local.spare_main`), and answers ``{"op": "forked", "pid"}``.
+children do (`tuned.trial.child.spare_main`), and answers ``{"op": "forked", "pid"}``.
 When a child exits it sends ``{"op": "exited", "pid", "code"}``. When the daemon goes away
 (end of file) the template exits, leaving its trials running: they are in their own
 sessions, and a restarted daemon deals with them.
@@ -132,7 +132,7 @@ class Template:
         return True
 
     def _fork(self, channel: socket.socket) -> int:
-        from tuned.executors.local import spare_main
+        from tuned.trial.child import spare_main
 
         sys.stdout.flush()
         sys.stderr.flush()
@@ -176,7 +176,7 @@ def serve_forks(ctl: socket.socket, runner: Callable[[dict[str, Any], socket.soc
     away, then exit (never returns). The server has its own session, dies with the engine
     (SIGKILL), and its trials die with it; the garbage collector leaves the objects it
     inherited alone, so that trials forked from it copy fewer pages."""
-    from tuned.executors.local import die_with_parent
+    from tuned.trial.child import die_with_parent
 
     code = 0
     try:

@@ -16,6 +16,12 @@ import string
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from tuned.core.curves import (
+    Curves,
+    check_mode,
+    curve_points,
+    rank_trials,
+)
 from tuned.ui.render import clip
 
 MAX_COLUMNS = 100
@@ -31,32 +37,10 @@ NO_REPORTS = "no reports yet"
 
 _MATPLOTLIB_MISSING = "training curves need matplotlib: pip install 'tuned[plot]'"
 
-Curves = Mapping[Any, Sequence[Sequence[float]]]
-"""``{trial: [xs, ys]}``, xs and ys of the same length."""
 
 
 # ---------------------------------------------------------------------------------------------
-# Points and ranking (pure)
-
-
-def curve_points(reports: list[dict[str, Any]], reward_attr: str,
-                 time_attr: str | None) -> tuple[list[float], list[float]]:
-    """(times, rewards) of one trial; a report without `time_attr` counts as step 1, 2, ...
-
-    Reports without `reward_attr` are skipped (they still count as a step)."""
-    xs, ys = [], []
-    for i, metrics in enumerate(reports, start=1):
-        if reward_attr not in metrics:
-            continue
-        t = metrics.get(time_attr, i) if time_attr else i
-        xs.append(float(t))
-        ys.append(float(metrics[reward_attr]))
-    return xs, ys
-
-
-def _check_mode(mode: str) -> None:
-    if mode not in ("max", "min"):
-        raise ValueError(f"mode must be 'max' or 'min', not {mode!r}")
+# Ranking
 
 
 def _series(curves: Curves) -> dict[Any, tuple[list[float], list[float]]]:
@@ -69,26 +53,13 @@ def _series(curves: Curves) -> dict[Any, tuple[list[float], list[float]]]:
     return out
 
 
-def rank_trials(curves: Curves, mode: str = "max") -> list[Any]:
-    """The trials of `curves` (``{trial: [xs, ys]}``) that have at least one point, best
-    first by their last y value: higher first for ``mode="max"``, lower first for "min".
-
-    A trial whose last value is not finite (NaN, inf from a diverged run) ranks after the
-    finite ones; ties keep the order of `curves`. Raises ValueError on another mode."""
-    _check_mode(mode)
-    sign = -1.0 if mode == "max" else 1.0
-    last = {n: float(ys[-1]) for n, (_xs, ys) in curves.items() if len(ys)}
-    return sorted(last, key=lambda n: (not math.isfinite(last[n]),
-                                       sign * last[n] if math.isfinite(last[n]) else 0.0))
-
-
 def _highlighted(series: Mapping[Any, tuple[list[float], list[float]]], mode: str,
                  best: Sequence[Any] | None, highlight: int) -> list[Any]:
     """The trials to highlight, best first: the first `highlight` of `best` (or of our own
     ranking) that have points in `series`."""
     if highlight < 0:
         raise ValueError(f"highlight must be >= 0, not {highlight}")
-    _check_mode(mode)
+    check_mode(mode)
     if best is None:
         ranked = rank_trials({n: [xs, ys] for n, (xs, ys) in series.items()}, mode)
     else:
@@ -99,38 +70,6 @@ def _highlighted(series: Mapping[Any, tuple[list[float], list[float]]], mode: st
                 seen.add(n)
                 ranked.append(n)
     return ranked[:highlight]
-
-
-def best_so_far(points: Sequence[tuple[float, float]],
-                mode: str = "max") -> tuple[list[float], list[float]]:
-    """The running best of `points` (``(x, value)`` pairs in x order) as step points.
-
-    Returns ``(xs, ys)``: one point at each x where the best strictly improves (the first
-    finite value is the first improvement), then, unless the last point was itself an
-    improvement, the last x of `points` with the final best, so a step line drawn
-    through them reaches the end. Non-finite values (NaN, inf) never count as
-    improvements. ``([], [])`` when there is no finite value.
-
-    Raises ValueError when `mode` is not "max" or "min", or when the xs decrease.
-    """
-    _check_mode(mode)
-    xs: list[float] = []
-    ys: list[float] = []
-    prev_x = -math.inf
-    for x, value in points:
-        x, value = float(x), float(value)
-        if x < prev_x:
-            raise ValueError(f"points are not in x order: {x} after {prev_x}")
-        prev_x = x
-        if not math.isfinite(value):
-            continue
-        if not ys or (value > ys[-1] if mode == "max" else value < ys[-1]):
-            xs.append(x)
-            ys.append(value)
-    if ys and points and float(points[-1][0]) != xs[-1]:
-        xs.append(float(points[-1][0]))
-        ys.append(ys[-1])
-    return xs, ys
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,7 +267,7 @@ def best_so_far_chart(by_trial: Sequence[Sequence[float]], by_time: Sequence[Seq
     Raises ValueError for a `mode` other than "max"/"min", `width` or `height` under 2, or xs
     and ys of different lengths.
     """
-    _check_mode(mode)
+    check_mode(mode)
     (trial_xs, trial_ys), (time_xs, time_ys) = by_trial, by_time
     if not trial_xs and not time_xs:
         return NO_REPORTS
@@ -453,7 +392,7 @@ def _best_so_far_figure(by_trial: Sequence[Sequence[float]],
                         by_time: Sequence[Sequence[float]], metric: str, mode: str,
                         title: str | None = None) -> Any:
     """The best-so-far Figure (see `draw_best_so_far_png`), for saving or inspecting."""
-    _check_mode(mode)
+    check_mode(mode)
     fig = _new_figure((11.0, 4.5))
     panels = ((by_trial, "trials", "trial"), (by_time, "time (s)", "seconds since the first trial"))
     for i, ((xs, ys), against, x_label) in enumerate(panels, start=1):
