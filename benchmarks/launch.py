@@ -93,7 +93,7 @@ class Launch(NamedTuple):
 
 def _follow(executor: Any, trial_id: int, deadline: float) -> float:
     """Answer the trial's report, wait for its exit; return the `started` it reported."""
-    from tuned.executors.local import Exited, Message
+    from tuned.protocol.channel import Exited, Message
 
     started = None
     while time.monotonic() < deadline:
@@ -114,13 +114,15 @@ def _follow(executor: Any, trial_id: int, deadline: float) -> float:
 def run_launches(executor: Any, count: int, pause: float, logs: str,
                  before: Callable[[], None] = lambda: None) -> list[Launch]:
     """Launch `count` trials one after the other (plus one not counted, a warm-up)."""
+    from tuned.engine.executor import TrialOrder
+
     launches = []
     for i in range(count + 1):
         before()
         time.sleep(pause)
-        payload = {"config": {"x": 0.5}, "seed": i, "number": i, "env": {}}
+        order = TrialOrder(i, i, 1, {"x": 0.5}, i, log_path=os.path.join(logs, f"trial-{i}.log"))
         t0 = time.monotonic()
-        executor.launch(i, payload, os.path.join(logs, f"trial-{i}.log"))
+        executor.launch(order)
         t1 = time.monotonic()
         started = _follow(executor, i, t1 + 120)
         if i:
@@ -131,7 +133,7 @@ def run_launches(executor: Any, count: int, pause: float, logs: str,
 def measure_template(entry: str, folder: str, method: str, count: int, pause: float,
                      spare: bool = False) -> list[Launch]:
     """Launches by a TemplateExecutor with `start_method` = `method`. With `spare`, a child
-    is forked ahead of each launch (`spares = 1`, `prefork()`), as the daemon and the
+    is forked ahead of each launch (`spares = 1`, `prepare()`), as the daemon and the
     in-process engine do while an experiment may still launch trials."""
     from tuned.executors.template import TemplateExecutor
 
@@ -141,10 +143,10 @@ def measure_template(entry: str, folder: str, method: str, count: int, pause: fl
     executor.spares = 1 if spare else 0
     try:
         return run_launches(executor, count, pause, logs,
-                            before=executor.prefork if spare else lambda: None)
+                            before=executor.prepare if spare else lambda: None)
     finally:
         executor.shutdown()
-        executor.close_template()
+        executor.close()
 
 
 def measure_local(entry: str, folder: str, count: int, pause: float) -> list[Launch]:
@@ -158,10 +160,10 @@ def measure_local(entry: str, folder: str, count: int, pause: float) -> list[Lau
     logs = tempfile.mkdtemp(prefix="local-", dir=folder)
     executor = ForkServerExecutor(make_runner(fn, constants), spares=1)
     try:
-        return run_launches(executor, count, pause, logs, before=executor.prefork)
+        return run_launches(executor, count, pause, logs, before=executor.prepare)
     finally:
         executor.shutdown()
-        executor.close_template()
+        executor.close()
 
 
 # -- 2. import times -------------------------------------------------------------------------

@@ -11,8 +11,9 @@ import time
 
 from test_faulty_trials import _alive
 
-from tuned.executors.local import Exited
+from tuned.engine.executor import TrialOrder
 from tuned.executors.template import ForkServerExecutor
+from tuned.protocol.channel import Exited
 
 
 def _runner_writing_to(folder: str):
@@ -20,11 +21,15 @@ def _runner_writing_to(folder: str):
 
     def runner(payload, channel) -> int:
         assert token is not None
-        with open(os.path.join(folder, str(payload["n"])), "w") as f:
+        with open(os.path.join(folder, str(payload["number"])), "w") as f:
             f.write(str(os.getpid()))
-        return payload.get("code", 0)
+        return payload["config"].get("code", 0)
 
     return runner
+
+
+def _order(n: int, tmp_path, **config) -> TrialOrder:
+    return TrialOrder(n, n, 1, config, 0, log_path=str(tmp_path / f"{n}.log"))
 
 
 def _exits(executor: ForkServerExecutor, count: int, timeout: float = 20.0) -> dict[int, int]:
@@ -41,28 +46,25 @@ def _exits(executor: ForkServerExecutor, count: int, timeout: float = 20.0) -> d
 def test_trials_run_the_inherited_function_and_their_exits_come_back(tmp_path):
     executor = ForkServerExecutor(_runner_writing_to(str(tmp_path)), spares=1)
     try:
-        pids = {n: executor.launch(n, {"n": n, "code": n}, str(tmp_path / f"{n}.log"))
-                for n in (1, 2, 3)}
+        pids = {n: executor.launch(_order(n, tmp_path, code=n)).pid for n in (1, 2, 3)}
         assert _exits(executor, 3) == {1: 1, 2: 2, 3: 3}
         assert {n: int((tmp_path / str(n)).read_text()) for n in pids} == pids
         assert len(set(pids.values()) | {os.getpid(), executor.process.pid}) == 5
     finally:
-        executor.close_spares()
-        executor.close_template()
+        executor.close()
 
 
 def test_spares_given_up_before_they_were_forked_are_never_handed_out(tmp_path):
     executor = ForkServerExecutor(_runner_writing_to(str(tmp_path)), spares=3)
     try:
-        assert executor.prefork() and executor.prefork() and executor.prefork()
-        assert not executor.prefork()  # three asked for: enough
-        executor.close_spares()  # before the server answered for them
-        pid = executor.launch(7, {"n": 7}, str(tmp_path / "7.log"))
+        assert executor.prepare() and executor.prepare() and executor.prepare()
+        assert not executor.prepare()  # three asked for: enough
+        executor.release()  # before the server answered for them
+        pid = executor.launch(_order(7, tmp_path)).pid
         assert _exits(executor, 1) == {7: 0}
         assert int((tmp_path / "7").read_text()) == pid
     finally:
-        executor.close_spares()
-        executor.close_template()
+        executor.close()
     assert executor.process is None
 
 
@@ -70,6 +72,7 @@ def test_the_server_and_its_trials_die_with_the_engine(tmp_path):
     engine = tmp_path / "engine.py"
     engine.write_text(textwrap.dedent(f"""
         import os, sys, time
+        from tuned.engine.executor import TrialOrder
         from tuned.executors.template import ForkServerExecutor
 
         def runner(payload, channel):
@@ -77,7 +80,7 @@ def test_the_server_and_its_trials_die_with_the_engine(tmp_path):
             return 0
 
         ex = ForkServerExecutor(runner, spares=0)
-        pid = ex.launch(1, {{}}, {str(tmp_path / "t.log")!r})
+        pid = ex.launch(TrialOrder(1, 1, 1, {{}}, 0, log_path={str(tmp_path / "t.log")!r})).pid
         print(ex.process.pid, pid, flush=True)
         time.sleep(600)
     """))

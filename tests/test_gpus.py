@@ -29,7 +29,7 @@ GiB = 1 << 30
 
 
 def _gpu_log(caplog) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name in ("tuned.executors.gpus", "tuned.engine.gpupool")]
+    return [r for r in caplog.records if r.name == "tuned.gpus"]
 
 
 def _write_json(path, data) -> None:

@@ -12,7 +12,11 @@ from tuned.core.decisions import Decision
 from tuned.core.schedulers.base import Outcome
 from tuned.core.schedulers.hyperband import HyperbandStopping
 from tuned.engine.engine import HOLD_MAX, Engine
-from tuned.executors.local import LocalExecutor, Message
+from tuned.engine.resources import ResourcePool
+from tuned.executors.local import LocalExecutor
+from tuned.executors.template import ForkServerExecutor
+from tuned.protocol.channel import Message
+from tuned.trial.worker import make_runner
 
 
 def _is_report(event) -> bool:
@@ -129,7 +133,9 @@ def test_a_batch_is_held_only_for_trials_answered_within_the_hold(tmp_path):
     s = ag.scheduler.FIFOScheduler(halving_fn, resource={"num_cpus": 1}, num_trials=2,
                                    max_concurrent=2, checkpoint=str(tmp_path / "t.db"),
                                    seed=0)
-    engine = Engine(s.store, s.experiment, s.spec, halving_fn, str(tmp_path / "logs"), 2)
+    executor = ForkServerExecutor(make_runner(halving_fn, {}), spares=2)
+    engine = Engine(s.store, s.experiment, s.spec, executor, ResourcePool(2),
+                    str(tmp_path / "logs"), 2)
     engine._commit_seconds = 1.0  # a slow disk: the hold is HOLD_MAX
     try:
         engine.start()
@@ -154,5 +160,4 @@ def test_a_batch_is_held_only_for_trials_answered_within_the_hold(tmp_path):
         assert engine.hold_for([done, report]) is None
     finally:
         engine.executor.shutdown(grace=0.1)
-        engine.executor.close_spares()
-        engine.executor.close_template()
+        engine.executor.close()

@@ -173,7 +173,7 @@ def test_every_trial_failing_ends_failed_with_the_errors(daemon, tmp_path):
     assert ended["state"] == "FAILED" and ended["trials"] == {"FAILED": 4}
     assert ended["reason"].startswith("4 trial(s) failed and none succeeded; last errors: ")
     assert "ValueError: bad data for x=" in ended["reason"]
-    assert "WARNING tuned.engine.engine: experiment bad FAILED: 4 trial(s) failed" in daemon.log()
+    assert "WARNING tuned.engine: experiment bad FAILED: 4 trial(s) failed" in daemon.log()
     daemon.stop()
     daemon.start()
     assert daemon.json("status", "bad")["experiments"][0]["state"] == "FAILED"
@@ -371,8 +371,8 @@ def test_in_process_every_trial_failing_raises_and_resume_starts_afresh(tmp_path
     db = str(tmp_path / "t.db")
     scheduler = tuned.scheduler.FIFOScheduler(train, num_trials=3, checkpoint=db,
                                               name="oops", resource={"num_cpus": 1})
-    with pytest.raises(ExperimentFailed, match="3 trial.s. failed and none succeeded; last "
-                                               "errors: trial 2: RuntimeError: no GPU memory"):
+    with pytest.raises(ExperimentFailed, match=r"3 trial.s. failed and none succeeded; last "
+                                               r"errors: trial \d: RuntimeError: no GPU memory"):
         scheduler.run()
     assert scheduler.store.experiment("oops").state == "FAILED"
     again = tuned.scheduler.FIFOScheduler(train, num_trials=3, checkpoint=db, name="oops",

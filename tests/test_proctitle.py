@@ -68,7 +68,7 @@ def test_a_daemon_trial_and_its_template_are_titled(daemon, tmp_path, method):
     pid = trial["pid"]
     try:
         assert _cmdline(pid) == f"tuned: {name} trial {trial['trial']} attempt 1"
-        assert _cmdline(_parent(pid)) == f"tuned: template {module}:train"
+        assert _cmdline(_parent(pid)) == f"tuned: template {name}"
     finally:  # a daemon's trials outlive it: this one must not sleep on after the test
         os.killpg(pid, signal.SIGKILL)
 

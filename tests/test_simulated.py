@@ -14,7 +14,9 @@ import pytest
 
 from tuned.core.space import Real, Space
 from tuned.engine.engine import Engine
-from tuned.executors.local import Exited, Message, process_start_time
+from tuned.engine.executor import RunRef, TrialOrder
+from tuned.engine.resources import ResourcePool
+from tuned.executors.local import process_start_time
 from tuned.executors.simulated import (
     FAKE_PID_BASE,
     SimulatedExecutor,
@@ -22,6 +24,7 @@ from tuned.executors.simulated import (
     function_steps,
 )
 from tuned.experiment.spec import ExperimentSpec
+from tuned.protocol.channel import Exited, Message
 from tuned.simulate import simulate
 from tuned.store.database import Store
 
@@ -222,9 +225,9 @@ def test_nothing_touches_real_processes(monkeypatch):
 def test_fake_pids_name_no_process():
     assert process_start_time(FAKE_PID_BASE) is None
     executor = SimulatedExecutor(flat)
-    pid = executor.launch(1, {"config": {"x": 0.1}, "seed": 0}, "/nonexistent/log")
+    pid = executor.launch(TrialOrder(1, 1, 1, {"x": 0.1}, 0, log_path="/nonexistent/log")).pid
     assert pid >= FAKE_PID_BASE and executor.pids() == [pid] and executor.pid_of(1) == pid
-    assert not executor.adopt(1, pid, 123)
+    assert not executor.adopt(1, RunRef(pid, 123)) and not executor.alive(RunRef(pid, 123))
     with pytest.raises(KeyError):
         executor.attach(1, None)
 
@@ -232,13 +235,13 @@ def test_fake_pids_name_no_process():
 # -- the executor on its own -------------------------------------------------------------
 
 
-def payload(x=0.2, **more):
-    return {"config": {"x": x}, "seed": 0, **more}
+def order(trial_id, x=0.2, resume_seq=None):
+    return TrialOrder(trial_id, trial_id, 1, {"x": x}, 0, resume_seq=resume_seq)
 
 
 def test_poll_moves_the_clock_to_the_next_event_and_honours_timeouts():
     executor = SimulatedExecutor(flat, launch_seconds=0.5)
-    executor.launch(1, payload(), "")
+    executor.launch(order(1))
     assert executor.next_deadline() == 1.5
     assert executor.poll(1.0) == [] and executor.clock() == 1.0
     events = executor.poll(None)
@@ -255,14 +258,14 @@ def test_poll_moves_the_clock_to_the_next_event_and_honours_timeouts():
 def test_ties_come_in_one_batch_in_launch_order():
     executor = SimulatedExecutor(flat)
     for trial_id in (5, 2, 9):
-        executor.launch(trial_id, payload(), "")
+        executor.launch(order(trial_id))
     assert [e.trial_id for e in executor.poll(None)] == [5, 2, 9]
 
 
 def test_answers_end_trials():
     executor = SimulatedExecutor(flat)
     for trial_id in (1, 2, 3):
-        executor.launch(trial_id, payload(), "")
+        executor.launch(order(trial_id))
     executor.poll(None)
     executor.send(1, {"seq": 1, "decision": "stop"})
     executor.send(2, {"seq": 1, "decision": "pause"})
@@ -275,7 +278,7 @@ def test_answers_end_trials():
 
 def test_a_finished_iterator_says_done():
     executor = SimulatedExecutor(lambda c, s, st: iter([(2.0, {"accuracy": 1.0})]))
-    executor.launch(1, payload(), "")
+    executor.launch(order(1))
     executor.poll(None)
     executor.send(1, {"seq": 1, "decision": "continue"})
     assert executor.poll(None) == [Message(1, {"op": "done"}), Exited(1, 0)]
@@ -283,8 +286,8 @@ def test_a_finished_iterator_says_done():
 
 def test_stop_and_kill_end_at_the_current_virtual_time():
     executor = SimulatedExecutor(flat)
-    executor.launch(1, payload(), "")
-    executor.launch(2, payload(), "")
+    executor.launch(order(1))
+    executor.launch(order(2))
     executor.poll(0.4)
     executor.stop(1, grace=30.0)
     executor.kill(2)
@@ -296,19 +299,19 @@ def test_stop_and_kill_end_at_the_current_virtual_time():
 
 def test_shutdown_returns_the_exits():
     executor = SimulatedExecutor(flat)
-    executor.launch(1, payload(), "")
-    executor.launch(2, payload(), "")
+    executor.launch(order(1))
+    executor.launch(order(2))
     assert executor.shutdown() == [Exited(1, -15), Exited(2, -15)]
     assert executor.poll(None) == [] and executor.running == 0
 
 
 def test_resume_from_the_payload_or_the_virtual_checkpoint():
     executor = SimulatedExecutor(flat, checkpoint_every=2)
-    executor.launch(1, payload(resume={"seq": 4}), "")
+    executor.launch(order(1, resume_seq=4))
     assert executor.poll(None)[0].body["seq"] == 5
     executor.kill(1)
     executor.poll(None)
-    executor.launch(7, payload(), "")
+    executor.launch(order(7))
     for seq in (1, 2, 3):
         assert executor.poll(None)[0].body["seq"] == seq
         executor.send(7, {"seq": seq, "decision": "continue" if seq < 3 else "pause"})
@@ -317,20 +320,20 @@ def test_resume_from_the_payload_or_the_virtual_checkpoint():
     now = executor.clock()
     assert executor.poll(None) == [Exited(7, 0)]
     assert executor.clock() == now + 1.0
-    executor.launch(7, payload(), "")
+    executor.launch(order(7))
     assert executor.poll(None)[0].body == {"seq": 3, "metrics": {"epoch": 3, "accuracy": 0.2}}
-    with pytest.raises(ValueError, match="resume.seq"):
-        executor.launch(8, payload(resume={"seq": -1}), "")
+    with pytest.raises(ValueError, match="resume_seq"):
+        executor.launch(order(8, resume_seq=-1))
 
 
 def test_a_trial_without_checkpoints_ends_at_once_and_starts_over():
     for every in (5, None):
         executor = SimulatedExecutor(flat, checkpoint_every=every)
-        executor.launch(1, payload(), "")
+        executor.launch(order(1))
         executor.poll(None)
         executor.send(1, {"seq": 1, "decision": "pause"})
         assert executor.poll(None) == [Exited(1, 0)] and executor.clock() == 1.0
-        executor.launch(1, payload(), "")
+        executor.launch(order(1))
         assert executor.poll(None)[0].body["seq"] == 1
 
 
@@ -340,8 +343,8 @@ def test_pause_and_resume_through_the_engine(tmp_path, every):
     store = Store(tmp_path / "s.db", clock=executor.clock, preallocate=False, durable=False)
     spec = spec_of(num_trials=6)
     experiment = store.create_experiment("p", spec.to_dict())
-    engine = Engine(store, experiment, spec, curve, str(tmp_path / "logs"), 3,
-                    executor=executor, clock=executor.clock)
+    engine = Engine(store, experiment, spec, executor, ResourcePool(3), str(tmp_path / "logs"),
+                    3, clock=executor.clock)
     engine.start()
     engine.step([])
     while executor.clock() < 5.0:
@@ -420,7 +423,7 @@ def test_engine_run_drives_the_simulated_executor(tmp_path):
     store = Store(tmp_path / "r.db", clock=executor.clock, preallocate=False, durable=False)
     spec = hyperband(num_trials=12)
     experiment = store.create_experiment("r", spec.to_dict())
-    Engine(store, experiment, spec, curve, str(tmp_path / "logs"), 4, executor=executor,
+    Engine(store, experiment, spec, executor, ResourcePool(4), str(tmp_path / "logs"), 4,
            clock=executor.clock).run()
     assert store.experiment(experiment.id).state == "COMPLETED"
     assert store.count_trials(experiment.id).keys() <= {"STOPPED", "COMPLETED"}
@@ -430,10 +433,10 @@ def test_engine_run_drives_the_simulated_executor(tmp_path):
 
 def test_a_reserved_trial_killed_before_its_start_never_runs():
     executor = SimulatedExecutor(flat)
-    pid = executor.reserve(1)
+    pid = executor.reserve(1).pid
     assert executor.pid_of(1) == pid and executor.next_deadline() is None
     executor.kill(1)
-    executor.start(1, payload(), "")
+    executor.start(order(1))
     assert executor.poll(None) == [Exited(1, -9)]
     assert executor.launches == 0 and executor.reports == 0
 
@@ -441,13 +444,13 @@ def test_a_reserved_trial_killed_before_its_start_never_runs():
 def test_clone_checkpoint_copies_the_virtual_checkpoint():
     executor = SimulatedExecutor(flat)
     assert executor.clone_checkpoint(1, "/a", 2, "/b") is None
-    executor.launch(1, payload(), "")
+    executor.launch(order(1))
     for seq in (1, 2):
         executor.poll(None)
         executor.send(1, {"seq": seq, "decision": "continue" if seq < 2 else "stop"})
     assert executor.clone_checkpoint(1, "/a", 2, "/b") == 2
     executor.poll(None)
-    executor.launch(2, payload(x=0.7), "")
+    executor.launch(order(2, x=0.7))
     assert executor.poll(None)[0].body == {"seq": 3, "metrics": {"epoch": 3, "accuracy": 0.7}}
 
 

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tuned.executors.local import _parse
-from tuned.protocol.control import answer_line, compact_json, decode_line, flat_json
+from tuned.protocol.channel import answer_line, compact_json, decode_line, flat_json
+from tuned.protocol.channel import parse_line as _parse
 from tuned.trial.reporter import ReportRejected, encode_report
 
 scalars = st.one_of(st.booleans(), st.integers(), st.floats(), st.text())

@@ -32,7 +32,13 @@ import sys
 import traceback
 from typing import Any
 
-from tuned.trial.command import CHECKPOINT_DIR_ENV, CONFIG_ENV, NUMBER_ENV, REPORT_FD_ENV, SEED_ENV
+from tuned.protocol.channel import (
+    CHECKPOINT_DIR_ENV,
+    CONFIG_ENV,
+    NUMBER_ENV,
+    REPORT_FD_ENV,
+    SEED_ENV,
+)
 from tuned.trial.reporter import ChannelClosed, Reconnect, Reporter, ReportRejected, TrialStopped
 
 _reporter: Reporter | None = None

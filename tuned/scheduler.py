@@ -24,6 +24,8 @@ from tuned.core.factory import infer_max_t, max_t_problem
 from tuned.core.lifecycle import DEFAULT_MAX_FAILURES, ExperimentFailed
 from tuned.daemon.paths import DEFAULT_CHECKPOINT
 from tuned.engine.engine import Engine
+from tuned.engine.resources import ResourcePool
+from tuned.executors.gpus import discover_gpus
 from tuned.executors.host import available_cpus
 from tuned.executors.template import ForkServerExecutor
 from tuned.experiment.spec import ExperimentSpec, json_safe
@@ -131,8 +133,6 @@ class FIFOScheduler:
             raise ValueError(f"resource: num_cpus={self.spec.num_cpus} per trial, but this "
                              f"machine has {cpus} CPU(s)")
         if self.spec.num_gpus > 0:
-            from tuned.executors.gpus import discover_gpus
-
             found = len(discover_gpus())
             if self.spec.num_gpus > found:
                 raise ValueError(f"resource: num_gpus={self.spec.num_gpus} per trial, but "
@@ -195,6 +195,12 @@ class FIFOScheduler:
             return min(by_cpu, self.spec.max_concurrent)
         return by_cpu
 
+    def _resources(self) -> ResourcePool:
+        """The CPUs and GPUs this run's trials take from: `slots` trials' worth of CPUs, the
+        GPUs NVML finds (when the trials want some)."""
+        gpus = [g.uuid for g in discover_gpus()] if self.spec.num_gpus else []
+        return ResourcePool(self.slots * self.spec.num_cpus, gpus)
+
     def run(self) -> None:
         """Run the experiment until every trial has ended (or `time_out` stopped new ones).
 
@@ -206,9 +212,8 @@ class FIFOScheduler:
                    if s in ("COMPLETED", "STOPPED", "FAILED"))
         self._executor.spares = self.slots
         with progress_bar(self.spec.num_trials, done) as bar:
-            self._engine = Engine(self.store, self.experiment, self.spec, self.train_fn,
-                                  self.log_dir, self.slots, executor=self._executor,
-                                  constants=getattr(self.train_fn, "constants", {}),
+            self._engine = Engine(self.store, self.experiment, self.spec, self._executor,
+                                  self._resources(), self.log_dir, self.slots,
                                   on_trial_end=lambda number, state: bar.update(1))
             self._engine.run()
         self.experiment = self.store.experiment(self.experiment.id)

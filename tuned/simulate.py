@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tuned.engine.engine import Engine
+from tuned.engine.resources import ResourcePool
 from tuned.executors.simulated import SimulatedExecutor, StepFunction
 from tuned.experiment.spec import ExperimentSpec
 from tuned.store.database import Report, Store, Trial
@@ -107,8 +108,11 @@ def _run(store: Store, spec: ExperimentSpec, executor: SimulatedExecutor, worker
         if on_event is not None:
             on_event(event)
 
-    engine = Engine(store, experiment, spec, executor.steps, os.path.join(tmp, "logs"),
-                    workers, executor=executor, on_event=hear, clock=executor.clock)
+    # Fake GPUs: the simulated trials use none, they are only counted.
+    gpus = [f"GPU-sim-{i}" for i in range(workers * spec.num_gpus)]
+    engine = Engine(store, experiment, spec, executor,
+                    ResourcePool(workers * spec.num_cpus, gpus), os.path.join(tmp, "logs"),
+                    workers, on_event=hear, clock=executor.clock)
     began = time.perf_counter()
     engine.start()
     engine.step([])

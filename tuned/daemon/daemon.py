@@ -42,18 +42,25 @@ from tuned.daemon.control import ControlServer, Deferred, Handoff, Subscribe, ch
 from tuned.daemon.notify import Notifier
 from tuned.daemon.spool import Later, Spool
 from tuned.engine.engine import Engine
+from tuned.engine.executor import RunRef
 from tuned.engine.resources import ResourcePool
 from tuned.executors.gpus import make_provider
 from tuned.executors.host import available_cpus
-from tuned.executors.local import Exited, Message, process_start_time
+from tuned.executors.local import terminate
 from tuned.executors.template import READY_TIMEOUT, TemplateError, TemplateExecutor
 from tuned.experiment.spec import ExperimentSpec, SpecError, json_safe
+from tuned.protocol.channel import (
+    ADOPT_SOCKET_ENV,
+    ADOPT_TIMEOUT_ENV,
+    DEFAULT_ADOPT_TIMEOUT,
+    Exited,
+    Message,
+)
 from tuned.protocol.control import is_text
 from tuned.store import views
 from tuned.store.database import NameTaken, NotFound, Store
-from tuned.trial.reporter import ADOPT_SOCKET_ENV, ADOPT_TIMEOUT_ENV, DEFAULT_ADOPT_TIMEOUT
 
-log = logging.getLogger("tuned.daemon.daemon")
+log = logging.getLogger("tuned.daemon")
 
 # Seconds between the loop's chores: watchdog ping, idle-client sweep, status line.
 CHORE_INTERVAL = 1.0
@@ -369,8 +376,7 @@ class Daemon:
                 runner.engine.abandon()
             else:
                 runner.engine.detach()
-            runner.executor.close_spares()
-            runner.executor.close_template()
+            runner.executor.close()
         self.runners.clear()
         if self.jobs is not None:
             self.jobs.shutdown(wait=False)
@@ -445,12 +451,12 @@ class Daemon:
                 continue
             if batch or runner.engine.wants_launch:
                 runner.engine.step(batch)
-            if runner.executor.spare_count < runner.executor.spares and \
+            if runner.executor.prepared < runner.executor.spares and \
                     runner.engine.may_launch_later:
-                runner.executor.prefork()
+                runner.executor.prepare()
             if runner.engine.finished:
                 runner.engine.close()
-                runner.executor.close_template()
+                runner.executor.close()
                 del self.runners[exp_id]
                 log.info("experiment %s ended %s", runner.engine.experiment.name,
                          runner.engine.ended.value if runner.engine.ended else "?")
@@ -509,12 +515,8 @@ class Daemon:
         with self.store.transaction():
             for trial in self.store.trials(experiment_id, ("RUNNING", "PENDING", "PAUSED")):
                 proc = self.store.trial_process(trial.id)
-                if proc.pid and proc.start is not None and \
-                        process_start_time(proc.pid) == proc.start:
-                    try:
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    except (ProcessLookupError, PermissionError):
-                        pass
+                if proc.pid and proc.start is not None:
+                    terminate(RunRef(proc.pid, proc.start))
                 self.store.finish_trial(trial.id, TrialState.FAILED, reason)
 
     def _delete(self, exp: Any) -> None:
@@ -557,8 +559,8 @@ class Daemon:
         slots = spec.max_concurrent or 1 << 30
         topic = f"exp/{exp.name}"
         adopt_wait = spec.report_timeout or DEFAULT_ADOPT_TIMEOUT
-        engine = Engine(self.store, exp, spec, _never_called, log_dir, slots,
-                        executor=executor, resources=self.resources, clock=self.clock,
+        engine = Engine(self.store, exp, spec, executor, self.resources, log_dir, slots,
+                        clock=self.clock,
                         on_event=lambda event: self._publish(topic, exp.name, event),
                         trial_env={ADOPT_SOCKET_ENV: self.socket_path,
                                    ADOPT_TIMEOUT_ENV: f"{adopt_wait:g}"},
@@ -580,7 +582,7 @@ class Daemon:
                                     os.path.join(log_dir, "template.log"),
                                     start_method=spec.start_method, command=spec.command,
                                     clock=self.clock, selector=self.selector, wait=wait,
-                                    spares=1)
+                                    spares=1, name=spec.name)
         except TemplateError as exc:
             raise _entry_error(exc) from None
 
@@ -996,10 +998,6 @@ def _seconds(args: dict[str, Any], key: str) -> float | None:
             not 0 < value < 1e12:
         raise OpError("bad_request", f"{key} must be a number of seconds > 0, got {value!r}")
     return float(value)
-
-
-def _never_called(args: Any, reporter: Any) -> None:  # pragma: no cover
-    raise RuntimeError("the daemon's trials run the function their template imported")
 
 
 def _described_by(executor: TemplateExecutor | None):

@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import signal
 import time
 import zlib
 from collections import deque
@@ -27,7 +26,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tuned.core.args import Args
 from tuned.core.decisions import Decision, TrialState
 from tuned.core.factory import make_scheduler
 from tuned.core.lifecycle import (
@@ -42,20 +40,23 @@ from tuned.core.lifecycle import (
 )
 from tuned.core.schedulers.base import Clone, Outcome
 from tuned.core.searchers import Searcher, make_searcher
-from tuned.engine import failpoints
-from tuned.engine.interrupts import sigint_guard
+from tuned.engine.executor import Executor, RunRef, TrialOrder
 from tuned.engine.resources import Grant, ResourcePool
-from tuned.executors.gpus import discover_gpus
-from tuned.executors.local import Exited, LocalExecutor, Message, process_start_time
-from tuned.executors.template import ForkServerExecutor
 from tuned.experiment.spec import ExperimentSpec
-from tuned.protocol.control import flat_json
+from tuned.protocol.channel import (
+    REPORT_LAG_ENV,
+    Event,
+    Exited,
+    Message,
+    exit_failure,
+    flat_json,
+    is_report,
+)
+from tuned.runtime import failpoints
+from tuned.runtime.interrupts import sigint_guard
 from tuned.store.database import Experiment, NewReport, Store, StoreError, Trial
-from tuned.trial.checkpoints import TrialCheckpoints
-from tuned.trial.reporter import REPORT_LAG_ENV
-from tuned.trial.worker import make_runner
 
-log = logging.getLogger("tuned.engine.engine")
+log = logging.getLogger("tuned.engine")
 
 
 def trial_seed(experiment_seed: int, number: int) -> int:
@@ -110,11 +111,8 @@ class Engine:
     """
 
     def __init__(self, store: Store, experiment: Experiment, spec: ExperimentSpec,
-                 fn: Callable[[Args, Any], Any], log_dir: str, slots: int,
-                 executor: LocalExecutor | None = None,
+                 executor: Executor, resources: ResourcePool, log_dir: str, slots: int,
                  on_trial_end: Callable[[int, str], None] | None = None,
-                 constants: dict[str, Any] | None = None,
-                 resources: ResourcePool | None = None,
                  on_event: Callable[[dict[str, Any]], None] | None = None,
                  trial_env: dict[str, str] | None = None, adopt: bool = False,
                  checkpoint_dir: str | None = None,
@@ -124,12 +122,9 @@ class Engine:
         self.store = store
         self.experiment = experiment
         self.spec = spec
-        self.fn = fn
         self.log_dir = log_dir
         self.slots = max(1, slots)
-        constants = spec.constants if constants is None else constants
-        self.executor = executor or ForkServerExecutor(make_runner(fn, constants),
-                                                       spares=self.slots)
+        self.executor = executor
         self.on_trial_end = on_trial_end
         self.on_event = on_event
         self.trial_env = dict(trial_env or {})
@@ -156,9 +151,6 @@ class Engine:
         self.created = sum(store.count_trials(experiment.id).values())
         self.exhausted = False
         self.deadline: float | None = None
-        if resources is None:
-            gpus = [g.uuid for g in discover_gpus()] if spec.num_gpus else []
-            resources = ResourcePool(self.slots * spec.num_cpus, gpus)
         self.resources = resources
         self.paused = False
         # How it ends: set by stop() and by giving up after too many failures; otherwise
@@ -169,7 +161,7 @@ class Engine:
         self.failures = store.count_failures(experiment.id)
         self._searcher_dirty = False
         self._outbox: list[tuple[int, dict[str, Any]]] = []
-        self._to_start: list[tuple[int, dict[str, Any], str]] = []
+        self._to_start: list[TrialOrder] = []
         self._news: list[dict[str, Any]] = []
         self._new_reports: list[NewReport] = []  # handled, to be stored (`_store_reports`)
         self._commit_seconds = HOLD_MAX  # running average of a durable step's commit
@@ -195,9 +187,7 @@ class Engine:
                 log.error("could not requeue the running trials (%s); a resume will", exc)
             raise
         finally:
-            self.executor.close_spares()
-            if isinstance(self.executor, ForkServerExecutor):
-                self.executor.close_template()
+            self.executor.close()
         self.close()
 
     def start(self) -> None:
@@ -239,7 +229,7 @@ class Engine:
         """End the spare processes; a finished experiment gets its final state: the one a
         stop or a failure gave it, else (its budget spent) FAILED if trials failed and none
         succeeded, COMPLETED otherwise (`tuned.core.lifecycle.final_state`)."""
-        self.executor.close_spares()
+        self.executor.release()
         self.resources.withdraw(self.experiment.id)
         if not self.finished or self.ended is not None:
             return
@@ -251,20 +241,20 @@ class Engine:
             log.warning("experiment %s FAILED: %s", self.experiment.name, reason)
         self.store.set_experiment_state(self.experiment.id, self.ended.value, reason)
 
-    def _next_events(self) -> list[Message | Exited]:
+    def _next_events(self) -> list[Event]:
         """The next batch of events; while none is waiting, fork spare trial processes for
         the launches to come (also while every slot is busy: a trial that ends is then
         replaced without a fork in between)."""
-        if not self.may_launch_later or self.executor.spare_count >= self.slots:
+        if not self.may_launch_later or self.executor.prepared >= self.slots:
             return self.executor.poll(self.timeout())
         events = self.executor.poll(0)
-        if events and self.wants_launch and self.executor.spare_count == 0:
-            self.executor.prefork()
-        while not events and self.executor.prefork():
+        if events and self.wants_launch and self.executor.prepared == 0:
+            self.executor.prepare()
+        while not events and self.executor.prepare():
             events = self.executor.poll(0)
         return events or self.executor.poll(self.timeout())
 
-    def _gather(self, events: list[Message | Exited]) -> list[Message | Exited]:
+    def _gather(self, events: list[Event]) -> list[Event]:
         """`events` and those that come while `hold_for` says to wait for them (group
         commit, for `run`; a daemon holds the batches of its engines in its own loop)."""
         self.arrived(events)
@@ -274,7 +264,7 @@ class Engine:
             events = events + more
         return events
 
-    def arrived(self, events: list[Message | Exited]) -> None:
+    def arrived(self, events: list[Event]) -> None:
         """Note that the trials of `events` spoke since their last answer, and when the
         first report of the batch came (for `hold_for`). Call it once per event, as they
         come."""
@@ -282,11 +272,11 @@ class Engine:
             live = self.live.get(event.trial_id)
             if live is None:
                 continue
-            if self._held_since is None and _is_report(event):
+            if self._held_since is None and is_report(event):
                 self._held_since = time.monotonic()
             live.answered = None
 
-    def hold_for(self, events: list[Message | Exited]) -> float | None:
+    def hold_for(self, events: list[Event]) -> float | None:
         """Group commit: seconds to wait for more reports before handling `events` in one
         durable transaction, or None to handle them now.
 
@@ -310,7 +300,7 @@ class Engine:
         wait = min(self._held_since + cap, max(due)) - time.monotonic()
         return wait if wait > 0 else None
 
-    def step(self, events: list[Message | Exited]) -> None:
+    def step(self, events: list[Event]) -> None:
         """Handle a batch of events and launch what the freed slots allow, in one transaction
         (group commit); the trials hear their decisions only once it is committed, durably.
         A batch without reports tells nobody anything, so it commits without waiting for the
@@ -319,7 +309,7 @@ class Engine:
         self._news = []
         self._to_start = []
         self._new_reports = []
-        acknowledging = any(_is_report(e) for e in events)
+        acknowledging = any(is_report(e) for e in events)
         self._held_since = None
         begun = time.monotonic()
         with self.store.transaction(durable=acknowledging):
@@ -331,8 +321,8 @@ class Engine:
         if acknowledging:
             self._commit_seconds = (self._commit_seconds + time.monotonic() - begun) / 2
         failpoints.hit("claimed")
-        for trial_id, payload, log_path in self._to_start:
-            self.executor.start(trial_id, payload, log_path)
+        for order in self._to_start:
+            self.executor.start(order)
         self._flush_news()
         if self._outbox:
             failpoints.hit("reported")
@@ -473,36 +463,37 @@ class Engine:
     def _launch(self, trial: Trial) -> None:
         grant = self.resources.take(self.spec.num_cpus, self.spec.num_gpus, self.experiment.id)
         assert grant is not None, "_launch_ready checked the resources"
-        payload = {"config": trial.config, "seed": trial_seed(self.spec.seed, trial.number),
-                   "number": trial.number, "env": dict(self.trial_env),
-                   "checkpoint_dir": self._trial_checkpoint_dir(trial.number),
-                   "title": f"tuned: {self.experiment.name} trial {trial.number} "
-                            f"attempt {trial.attempt}"}
+        env = dict(self.trial_env)
         if grant.gpus:
-            payload["env"]["CUDA_VISIBLE_DEVICES"] = ",".join(grant.gpus)
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(grant.gpus)
         if self.spec.report_lag:
-            payload["env"][REPORT_LAG_ENV] = repr(self.spec.report_lag)
-        log_path = os.path.join(self.log_dir, f"trial-{trial.number}.log")
-        pid = self.executor.reserve(trial.id)
-        if not self.store.claim_trial(trial.id, pid, process_start_time(pid), grant.gpus):
+            env[REPORT_LAG_ENV] = repr(self.spec.report_lag)
+        order = TrialOrder(trial.id, trial.number, trial.attempt, trial.config,
+                           trial_seed(self.spec.seed, trial.number), env,
+                           self._trial_checkpoint_dir(trial.number),
+                           os.path.join(self.log_dir, f"trial-{trial.number}.log"),
+                           f"tuned: {self.experiment.name} trial {trial.number} "
+                           f"attempt {trial.attempt}")
+        ref = self.executor.reserve(trial.id)
+        if not self.store.claim_trial(trial.id, ref.pid, ref.start, grant.gpus):
             self.executor.kill(trial.id)
             self.resources.give(grant)
             raise RuntimeError(f"trial {trial.number} was claimed by someone else")
         # Started once the claim is committed: a trial never runs unknown to the store.
-        self._to_start.append((trial.id, payload, log_path))
+        self._to_start.append(order)
         self.live[trial.id] = _Live(trial, last_seq=trial.last_seq, grant=grant,
                                     last_seen=self.clock())
         if self.on_event is not None:
             self._notify({"event": "start", "trial": trial.number, "attempt": trial.attempt,
-                           "pid": pid, "config": trial.config, "gpus": grant.gpus})
+                           "pid": ref.pid, "config": trial.config, "gpus": grant.gpus})
 
     # -- events --------------------------------------------------------------------------
 
-    def _handle(self, event: Message | Exited) -> None:
+    def _handle(self, event: Event) -> None:
         live = self.live.get(event.trial_id)
         if live is None:
             return
-        if not _is_report(event):
+        if not is_report(event):
             self._store_reports()
         if isinstance(event, Exited):
             self._finish(live, event.code)
@@ -688,7 +679,7 @@ class Engine:
         kept = {t.number for t in best[:keep]}
         for number in {ended.number} | {t.number for t in best[keep:]}:
             if number not in kept:
-                TrialCheckpoints(self._trial_checkpoint_dir(number)).remove()
+                self.executor.discard_checkpoints(self._trial_checkpoint_dir(number))
 
     @staticmethod
     def _verdict(live: _Live, code: int | None,
@@ -700,11 +691,9 @@ class Engine:
             return TrialState.FAILED, live.failure
         if live.error is not None:
             return TrialState.FAILED, live.error
-        if code is not None and code < 0:
-            name = signal.Signals(-code).name if -code in signal.valid_signals() else -code
-            return TrialState.FAILED, f"killed by signal {name}"
-        if code is not None and code != 0:
-            return TrialState.FAILED, f"exited with code {code} (see its log)"
+        failed = exit_failure(code)
+        if failed is not None:
+            return TrialState.FAILED, failed
         if live.stop is not None:
             return (TrialState.COMPLETED if live.stop.completed else TrialState.STOPPED), None
         if live.last_seq == 0:
@@ -733,8 +722,10 @@ class Engine:
         if adopted. A live process that cannot be adopted is killed (its channel died with
         the engine that started it, so it could never report again)."""
         proc = self.store.trial_process(trial.id)
-        if proc.pid is None or proc.start is None or \
-                process_start_time(proc.pid) != proc.start:
+        if proc.pid is None or proc.start is None:
+            return False
+        ref = RunRef(proc.pid, proc.start)
+        if not self.executor.alive(ref):
             return False
         if self.adopts:
             try:
@@ -742,17 +733,13 @@ class Engine:
             except ValueError as exc:
                 log.error("trial %d cannot be adopted: %s", trial.number, exc)
             else:
-                if self.executor.adopt(trial.id, proc.pid, proc.start):
+                if self.executor.adopt(trial.id, ref):
                     self.live[trial.id] = _Live(trial, last_seq=trial.last_seq, grant=grant,
                                                 last_seen=self.clock(), adopted=True)
                     log.info("trial %d (pid %d) lives on: adopted", trial.number, proc.pid)
                     return True
                 self.resources.give(grant)
-        if process_start_time(proc.pid) == proc.start:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        self.executor.terminate(ref)
         return False
 
     def awaiting(self, pid: int) -> int | None:
@@ -876,10 +863,6 @@ class Engine:
                 self.executor.kill(trial_id)
                 return True
         return False
-
-
-def _is_report(event: Message | Exited) -> bool:
-    return isinstance(event, Message) and bool(event.body) and "seq" in event.body
 
 
 def _time_value(metrics: dict[str, Any], time_attr: str | None, seq: int) -> float:

@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-log = logging.getLogger("tuned.engine.gpupool")
+log = logging.getLogger("tuned.gpus")
 
 THRESHOLD_ENV = "TUNED_GPU_FOREIGN_MIB"
 DEFAULT_FOREIGN_THRESHOLD = 256 << 20  # bytes

@@ -37,7 +37,7 @@ from typing import Any
 
 from tuned.engine.gpupool import ForeignProcess, GPUUsage
 
-log = logging.getLogger("tuned.executors.gpus")
+log = logging.getLogger("tuned.gpus")
 
 FAKE_ENV = "TUNED_FAKE_GPUS"
 FAKE_MEMORY_TOTAL = 16 << 30

@@ -23,30 +23,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tuned.protocol.control import answer_line, decode_line
+from tuned.engine.executor import RunRef, TrialOrder
+from tuned.protocol.channel import MAX_LINE, Exited, Message, answer_line, parse_line
+from tuned.trial.checkpoints import TrialCheckpoints
 from tuned.trial.child import spare_main
-from tuned.trial.reporter import MAX_LINE
 
 _READ_SIZE = 1 << 16  # bytes asked of a report channel per recv
-
-
-@dataclass
-class Message:
-    """A line from a trial's channel: `body` is the parsed JSON object, or None with `error`."""
-
-    trial_id: int
-    body: dict[str, Any] | None
-    error: str | None = None
-
-
-@dataclass
-class Exited:
-    """A trial's process ended; `code` as os.waitstatus_to_exitcode gives it (< 0: signal),
-    or None for an adopted trial, which is not our child: its exit status is not ours to
-    read."""
-
-    trial_id: int
-    code: int | None
 
 
 @dataclass
@@ -68,7 +50,7 @@ class LocalExecutor:
     `runner(payload, channel)` is what every trial process runs (the engine's training
     function, fixed for the executor's life); `launch` hands a trial its JSON `payload`.
     To keep launches cheap, the executor keeps `spares` children forked ahead of time
-    (`prefork`, called when the engine is idle): each spare has already become a session
+    (`prepare`, called when the engine is idle): each spare has already become a session
     leader and waits on its channel; `launch` only sends it the payload and its log path.
     Without a spare, `launch` forks one on the spot.
 
@@ -96,40 +78,49 @@ class LocalExecutor:
 
     # -- launching -----------------------------------------------------------------------
 
-    def launch(self, trial_id: int, payload: dict[str, Any], log_path: str) -> int:
-        """Start trial `trial_id`: a spare (or a fresh fork) runs `runner(payload, channel)`
-        with stdout and stderr appended to `log_path`, and exits with its return value.
+    def launch(self, order: TrialOrder) -> RunRef:
+        """Start a trial: a spare (or a fresh fork) runs `runner(order.payload(), channel)`
+        with stdout and stderr appended to `order.log_path`, and exits with its return
+        value. (`reserve` then `start`, in one go.)"""
+        ref = self.reserve(order.trial_id)
+        self.start(order)
+        return ref
 
-        Returns the trial's pid. (`reserve` then `start`, in one go.)
-        """
-        pid = self.reserve(trial_id)
-        self.start(trial_id, payload, log_path)
-        return pid
-
-    def reserve(self, trial_id: int) -> int:
+    def reserve(self, trial_id: int) -> RunRef:
         """Give trial `trial_id` a process (a spare, or a fresh fork) that waits for its
-        order; its pid. The engine stores the pid before `start`, so that a trial never runs
-        without the store knowing its process."""
+        order; its pid and start time. The engine stores them before `start`, so that a
+        trial never runs without the store knowing its process."""
+        if trial_id in self._children:
+            raise RuntimeError(f"trial {trial_id} is running already")
         child = self._spare.pop() if self._spare else self._fork()
         child.trial_id = trial_id
         self._children[trial_id] = child
         self._sel.register(child.sock, selectors.EVENT_READ, (self, "msg", child))
         if child.pidfd is not None:
             self._sel.register(child.pidfd, selectors.EVENT_READ, (self, "exit", child))
-        return child.pid
+        return RunRef(child.pid, process_start_time(child.pid))
 
-    def start(self, trial_id: int, payload: dict[str, Any], log_path: str) -> None:
-        """Send a reserved process its order: it runs `runner(payload, channel)`."""
-        if not self.send(trial_id, {"payload": payload, "log": log_path}):
-            self.kill(trial_id)
+    def start(self, order: TrialOrder) -> None:
+        """Send a reserved process its order: it runs `runner(order.payload(), channel)`."""
+        if not self.send(order.trial_id, {"payload": order.payload(), "log": order.log_path}):
+            self.kill(order.trial_id)
 
-    def adopt(self, trial_id: int, pid: int, start: int) -> bool:
+    def alive(self, ref: RunRef) -> bool:
+        """Whether the process `ref` names runs (`alive`, the module function)."""
+        return alive(ref)
+
+    def terminate(self, ref: RunRef) -> None:
+        """SIGKILL to the process group `ref` names, if that very process runs."""
+        terminate(ref)
+
+    def adopt(self, trial_id: int, ref: RunRef) -> bool:
         """Follow a trial process this executor did not start (a dead daemon's), identified
         by its pid and start time: its exit is watched through a pidfd, signals reach its
         group only while that very process lives, and its channel comes with `attach` when
         it reconnects. False (nothing changes) when that process is gone or cannot be
         watched (no pidfd on this kernel)."""
-        if process_start_time(pid) != start:
+        pid, start = ref.pid, ref.start
+        if start is None or process_start_time(pid) != start:
             return False
         pidfd = self._pidfd(pid)
         if pidfd is None:
@@ -160,7 +151,7 @@ class LocalExecutor:
     def detach(self) -> None:
         """Let go of every trial without stopping it (the daemon leaves; the trials go on
         and reconnect to the next one): channels and pidfds closed, nothing reaped."""
-        self.close_spares()
+        self.release()
         for child in self._children.values():
             self._close_channel(child)
             if child.pidfd is not None:
@@ -169,10 +160,11 @@ class LocalExecutor:
         self._children.clear()
 
     @property
-    def spare_count(self) -> int:
+    def prepared(self) -> int:
+        """Spares forked ahead and waiting."""
         return len(self._spare)
 
-    def prefork(self) -> bool:
+    def prepare(self) -> bool:
         """Fork one spare if fewer than `spares` wait; True if it forked."""
         if len(self._spare) >= self.spares:
             return False
@@ -236,10 +228,12 @@ class LocalExecutor:
         """Give trial `trial_id` a copy of trial `source_id`'s latest checkpoint (files in
         `source_dir`, copied to `trial_dir`); the number of reports it covers, or None when
         the source has none."""
-        from tuned.trial.checkpoints import TrialCheckpoints
-
         copied = TrialCheckpoints(source_dir).copy_latest_to(TrialCheckpoints(trial_dir))
         return None if copied is None else copied.seq
+
+    def discard_checkpoints(self, trial_dir: str) -> None:
+        """Remove the checkpoints in `trial_dir`."""
+        TrialCheckpoints(trial_dir).remove()
 
     def pid_of(self, trial_id: int) -> int | None:
         """The pid of running trial `trial_id`, or None."""
@@ -281,7 +275,7 @@ class LocalExecutor:
         if child is not None:
             self._signal_group(child, signal.SIGKILL)
 
-    def close_spares(self) -> None:
+    def release(self) -> None:
         """End the spares: closing its channel tells a spare to exit; reap it."""
         while self._spare:
             child = self._spare.pop()
@@ -300,9 +294,13 @@ class LocalExecutor:
             return  # not our child: once it is gone its pid may be someone else's
         _killpg(child.pid, sig)
 
+    def close(self) -> None:
+        """End the spares (trials are left as they are: `shutdown` or `detach` first)."""
+        self.release()
+
     def shutdown(self, grace: float = 2.0) -> list[Exited]:
         """Stop every trial (TERM, then KILL after `grace`) and reap them all, spares too."""
-        self.close_spares()
+        self.release()
         for trial_id in list(self._children):
             self.stop(trial_id, grace)
         exits: list[Exited] = []
@@ -397,7 +395,7 @@ class LocalExecutor:
                 return
             line = bytes(child.buffer[:end])
             del child.buffer[:end + 1]
-            events.append(_parse(child.trial_id, line))
+            events.append(parse_line(child.trial_id, line))
 
     def _close_channel(self, child: _Child) -> None:
         if child.sock_open and child.sock is not None:
@@ -436,14 +434,16 @@ def _killpg(pgid: int, sig: int) -> None:
         pass
 
 
-def _parse(trial_id: int, line: bytes) -> Message:
-    try:
-        body = decode_line(line)
-    except ValueError:
-        return Message(trial_id, None, f"not JSON: {line[:80]!r}")
-    if not isinstance(body, dict):
-        return Message(trial_id, None, f"not a JSON object: {line[:80]!r}")
-    return Message(trial_id, body)
+def alive(ref: RunRef) -> bool:
+    """Whether the process `ref` names runs: its pid is there with the same start time."""
+    return ref.start is not None and process_start_time(ref.pid) == ref.start
+
+
+def terminate(ref: RunRef) -> None:
+    """SIGKILL to the process group `ref` names, if that very process runs (a pid reused
+    since names another process, which is left alone)."""
+    if alive(ref):
+        _killpg(ref.pid, signal.SIGKILL)
 
 
 def process_start_time(pid: int) -> int | None:

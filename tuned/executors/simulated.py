@@ -1,10 +1,10 @@
 """The simulated executor: trials as Python step functions, on a virtual clock.
 
-It has the interface of `tuned.executors.local.LocalExecutor` (`launch`, `poll`, `send`,
-`stop`, `kill`, `shutdown`, `pids`, `pid_of`, ...), so the real `Engine`, with its real
-searcher, scheduler and store, runs an experiment on it deterministically and in accelerated
-time: nothing sleeps, no process is forked, no signal is sent. Pass ``clock=executor.clock``
-to the Engine and to the Store, so that every time they keep is virtual too.
+It implements the engine's `Executor` protocol (`tuned.engine.executor`), so the real
+`Engine`, with its real searcher, scheduler and store, runs an experiment on it
+deterministically and in accelerated time: nothing sleeps, no process is forked, no signal
+is sent. Pass ``clock=executor.clock`` to the Engine and to the Store, so that every time
+they keep is virtual too.
 
 A trial is a *step function*::
 
@@ -33,9 +33,9 @@ The life of a trial, in virtual time:
 - `stop` and `kill` end a trial at the current virtual time with ``Exited`` code -15 (SIGTERM)
   and -9 (SIGKILL): the report it was computing is never sent.
 
-Where a launched trial starts (`start`): ``payload["resume"]["seq"]`` when the engine gives
-one (an int >= 0: the number of reports the resumed trial has already made, so its next
-report is ``seq + 1``); otherwise its latest *virtual checkpoint*; otherwise 0. Virtual
+Where a launched trial starts (`start`): the order's `resume_seq` when it has one (an int
+>= 0: the number of reports the resumed trial has already made, so its next report is
+``seq + 1``); otherwise its latest *virtual checkpoint*; otherwise 0. Virtual
 checkpoints live in this executor's memory, by trial id, and model a training loop that
 saves a checkpoint right after every report whose sequence number is a multiple of
 `checkpoint_every` (None: it never saves). As `tuned.trial.reporter.Reporter` does, a trial that
@@ -70,7 +70,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from tuned.core.args import Args
-from tuned.executors.local import Exited, Message
+from tuned.engine.executor import RunRef, TrialOrder
+from tuned.protocol.channel import Exited, Message
 from tuned.trial.reporter import ReportRejected, TrialStopped, encode_report
 
 __all__ = ["FAKE_PID_BASE", "SimulatedExecutor", "StepFunction", "function_steps"]
@@ -139,33 +140,34 @@ class SimulatedExecutor:
 
     # -- launching -----------------------------------------------------------------------
 
-    def launch(self, trial_id: int, payload: dict[str, Any], log_path: str) -> int:
-        """`reserve` then `start`, in one go; returns the trial's fake pid."""
-        pid = self.reserve(trial_id)
-        self.start(trial_id, payload, log_path)
-        return pid
+    def launch(self, order: TrialOrder) -> RunRef:
+        """`reserve` then `start`, in one go; returns where the trial runs (a fake pid)."""
+        ref = self.reserve(order.trial_id)
+        self.start(order)
+        return ref
 
-    def reserve(self, trial_id: int) -> int:
-        """Give trial `trial_id` a fake pid; it waits for `start` (a `kill` or `stop`
-        before then ends it, as it ends a reserved process)."""
+    def reserve(self, trial_id: int) -> RunRef:
+        """Give trial `trial_id` a fake pid (and no start time: nothing names a real
+        process); it waits for `start` (a `kill` or `stop` before then ends it, as it ends a
+        reserved process)."""
         if trial_id in self._trials:
             raise RuntimeError(f"trial {trial_id} is running already")
         pid = next(self._pids)
         self._trials[trial_id] = _SimTrial(trial_id, pid, iter(()), seq=0)
-        return pid
+        return RunRef(pid, None)
 
-    def start(self, trial_id: int, payload: dict[str, Any], log_path: str) -> None:
-        """Start reserved trial `trial_id` with ``payload["config"]`` and ``payload["seed"]``
-        (see the module docstring for where it starts). `log_path` is not written: a
-        simulated trial has no output. A trial ended since its reservation stays ended."""
-        sim = self._trials.get(trial_id)
+    def start(self, order: TrialOrder) -> None:
+        """Start reserved trial `order.trial_id` with its config and seed (see the module
+        docstring for where it starts). Its log is not written: a simulated trial has no
+        output. A trial ended since its reservation stays ended."""
+        sim = self._trials.get(order.trial_id)
         if sim is None or sim.ending:
             return
-        sim.seq = self._start_of(trial_id, payload)
+        sim.seq = self._start_of(order)
         sim.keeps_checkpoints = sim.seq > 0
         self.launches += 1
         try:
-            sim.steps = iter(self.steps(dict(payload["config"]), int(payload["seed"]), sim.seq))
+            sim.steps = iter(self.steps(dict(order.config), int(order.seed), sim.seq))
         except Exception as exc:  # noqa: BLE001 - the user's code: its failure is the trial's
             self._fail(sim, exc)
             return
@@ -184,20 +186,29 @@ class SimulatedExecutor:
         self._checkpoints[trial_id] = seq
         return seq
 
-    def _start_of(self, trial_id: int, payload: dict[str, Any]) -> int:
-        """The number of reports a launched trial has made already (see the module
-        docstring): the engine's ``resume.seq``, else its virtual checkpoint, else 0."""
-        resume = payload.get("resume")
-        if isinstance(resume, dict) and resume.get("seq") is not None:
-            seq = resume["seq"]
-            if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
-                raise ValueError(f"payload resume.seq must be an integer >= 0, got {seq!r}")
-            return seq
-        return self._checkpoints.get(trial_id, 0)
+    def discard_checkpoints(self, trial_dir: str) -> None:
+        """Virtual checkpoints are kept by trial id, not in folders: nothing to remove."""
 
-    def adopt(self, trial_id: int, pid: int, start: int) -> bool:
+    def _start_of(self, order: TrialOrder) -> int:
+        """The number of reports a launched trial has made already (see the module
+        docstring): the order's `resume_seq`, else its virtual checkpoint, else 0."""
+        seq = order.resume_seq
+        if seq is not None:
+            if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
+                raise ValueError(f"resume_seq must be an integer >= 0, got {seq!r}")
+            return seq
+        return self._checkpoints.get(order.trial_id, 0)
+
+    def alive(self, ref: RunRef) -> bool:
+        """Nothing outlives a simulation: no stored process is ever alive."""
+        return False
+
+    def adopt(self, trial_id: int, ref: RunRef) -> bool:
         """Nothing outlives a simulation: there is never a process to adopt."""
         return False
+
+    def terminate(self, ref: RunRef) -> None:
+        """Nothing outlives a simulation: nothing to end."""
 
     def attach(self, trial_id: int, sock: Any, rest: bytes = b"") -> list[Message]:
         """No simulated trial ever reconnects; KeyError, as for a trial not running here."""
@@ -209,14 +220,17 @@ class SimulatedExecutor:
         self._events.clear()
 
     @property
-    def spare_count(self) -> int:
-        """Launching costs nothing here, so there are never spares."""
+    def prepared(self) -> int:
+        """Launching costs nothing here, so nothing is made ready ahead."""
         return 0
 
-    def prefork(self) -> bool:
+    def prepare(self) -> bool:
         return False
 
-    def close_spares(self) -> None:
+    def release(self) -> None:
+        """Nothing to release."""
+
+    def close(self) -> None:
         """Nothing to close."""
 
     # -- talking and stopping ------------------------------------------------------------

@@ -22,9 +22,10 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from tuned.engine import failpoints
-from tuned.engine.interrupts import uninterrupted
-from tuned.executors.local import Exited, LocalExecutor, Message, _Child
+from tuned.executors.local import LocalExecutor, _Child
+from tuned.protocol.channel import Exited, Message
+from tuned.runtime import failpoints
+from tuned.runtime.interrupts import uninterrupted
 
 READY_TIMEOUT = 120.0
 FORK_TIMEOUT = 30.0
@@ -40,7 +41,7 @@ class TemplateExecutor(LocalExecutor):
     Raises TemplateError when the template cannot import the entry. `entry_space` and
     `entry_constants` describe the entry function (its @tuned.args space, JSON, or None).
     With `command` instead of `entry`, each trial execs that program (`tuned.trial.command`).
-    `spares`: children the template forks ahead (`prefork`, which asks for one and does not
+    `spares`: children the template forks ahead (`prepare`, which asks for one and does not
     wait: the child becomes a spare when the template says it forked), so that a launch only
     sends the order (about 1 ms, against 10 for a fork on demand).
     """
@@ -51,7 +52,7 @@ class TemplateExecutor(LocalExecutor):
                  log_path: str, start_method: str = "fork", command: list[str] | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  selector: selectors.BaseSelector | None = None, wait: bool = True,
-                 spares: int = 0):
+                 spares: int = 0, name: str | None = None):
         super().__init__(runner=_no_runner, kill_with_parent=False, spares=spares, clock=clock,
                          selector=selector)
         self._forget_template()
@@ -64,7 +65,7 @@ class TemplateExecutor(LocalExecutor):
         theirs.close()
         self.ctl = ours
         self._send(entry=entry, command=command, workdir=workdir, constants=constants,
-                   start_method=start_method)
+                   start_method=start_method, name=name)
         if wait:
             self._loaded(self._wait_for(("ready", "error"), READY_TIMEOUT))
 
@@ -136,13 +137,14 @@ class TemplateExecutor(LocalExecutor):
             self._pending.append(body)
 
     @property
-    def spare_count(self) -> int:
+    def prepared(self) -> int:
+        """Spares waiting, and those asked for and on their way."""
         return len(self._spare) + len(self._forking)
 
-    def prefork(self) -> bool:
+    def prepare(self) -> bool:
         """Ask the template for one spare if fewer than `spares` wait or are on their way;
         True if it asked. Never waits."""
-        if self.spare_count >= self.spares:
+        if self.prepared >= self.spares:
             return False
         self._ask_fork()
         return True
@@ -188,11 +190,11 @@ class TemplateExecutor(LocalExecutor):
                 self._spare.append(child)
         self._pending = kept
 
-    def close_spares(self) -> None:
+    def release(self) -> None:
         """End the spares, and give up the children asked for and not forked yet (their
         channels closed, they leave as soon as they start)."""
         self._take_forked()
-        super().close_spares()
+        super().release()
         self._unwanted += len(self._forking)
         while self._forking:
             self._forking.popleft().close()
@@ -233,6 +235,12 @@ class TemplateExecutor(LocalExecutor):
         if events:
             return events
         return super().poll(timeout)
+
+    def close(self) -> None:
+        """End the spares and the template (its running trials live on in their own
+        sessions; a fork server's die with it)."""
+        self.release()
+        self.close_template()
 
     def close_template(self) -> None:
         """End the template (its running trials live on in their own sessions)."""
@@ -285,7 +293,7 @@ class ForkServerExecutor(TemplateExecutor):
         self._loaded({"op": "ready"})
 
     def close_template(self) -> None:
-        """End the server, and with it any trial still running (call `close_spares` first)."""
+        """End the server, and with it any trial still running (call `release` first)."""
         if self.process is None:
             return
         super().close_template()

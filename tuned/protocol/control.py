@@ -89,53 +89,6 @@ class RemoteError(ProtocolError):
 
 
 _FRAME = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
-#: `obj` as compact JSON text (NaN and infinities written as JavaScript does); TypeError for
-#: values JSON cannot hold. One encoder made once: `json.dumps` with options makes one a call.
-compact_json = json.JSONEncoder(separators=(",", ":")).encode
-
-_make_flat_encoder = getattr(json.encoder, "c_make_encoder", None)
-_FLAT = None if _make_flat_encoder is None else _make_flat_encoder(
-    None, None, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, True)
-
-
-def flat_json(obj: dict[str, Any]) -> str:
-    """`compact_json(obj)` for a dict of numbers, strings and bools (a checked report's
-    metrics), about twice as fast: the encoder is made once and skips the circular-reference
-    check, which a dict without containers does not need."""
-    if _FLAT is None:
-        return compact_json(obj)
-    return "".join(_FLAT(obj, 0))
-
-
-_DECISION_LINES = {decision: ('{"seq":%d,"decision":"' + decision + '"}\n')
-                   for decision in ("continue", "stop", "pause")}
-
-
-def answer_line(body: dict[str, Any]) -> str:
-    """One answer on a report channel as a JSON line: `compact_json(body)` plus ``\n``, with
-    the common ``{"seq": n, "decision": d}`` formatted directly."""
-    if len(body) == 2 and next(iter(body)) == "seq":
-        line = _DECISION_LINES.get(body.get("decision"))  # type: ignore[arg-type]
-        seq = body["seq"]
-        if line is not None and type(seq) is int:
-            return line % seq
-    return compact_json(body) + "\n"
-
-
-_LINE_DECODER = json.JSONDecoder()
-_JSON_WHITESPACE = " \t\n\r"  # what json.loads skips around a value (str.strip: more)
-
-
-def decode_line(line: bytes) -> Any:
-    """`json.loads` of one UTF-8 line (surrounding whitespace allowed), a little faster;
-    ValueError (UnicodeDecodeError or JSONDecodeError) when it is not one JSON value."""
-    text = line.decode().strip(_JSON_WHITESPACE)
-    value, end = _LINE_DECODER.raw_decode(text)
-    if end != len(text):
-        raise json.JSONDecodeError("Extra data", text, end)
-    return value
-
-
 def encode(obj: Any) -> bytes:
     """One frame: `obj` as compact ASCII JSON plus ``\\n``.
 

@@ -450,7 +450,7 @@ class Store:
         try:
             self._preallocate_wal()
         except (StoreWriteError, sqlite3.OperationalError) as exc:
-            logging.getLogger("tuned.store.database").warning(
+            logging.getLogger("tuned.store").warning(
                 "WAL not preallocated (%s); going on without", exc)
             self._set_synchronous(2)
 

@@ -30,12 +30,14 @@ from collections.abc import Callable
 from typing import Any
 
 from tuned.experiment.command import render
+from tuned.protocol.channel import (
+    CHECKPOINT_DIR_ENV,
+    CONFIG_ENV,
+    NUMBER_ENV,
+    REPORT_FD_ENV,
+    SEED_ENV,
+)
 
-REPORT_FD_ENV = "TUNED_REPORT_FD"
-CONFIG_ENV = "TUNED_TRIAL_CONFIG"
-NUMBER_ENV = "TUNED_TRIAL_NUMBER"
-SEED_ENV = "TUNED_TRIAL_SEED"
-CHECKPOINT_DIR_ENV = "TUNED_CHECKPOINT_DIR"
 # Exit code of a trial whose program could not be started (as a shell says it).
 EXIT_CANNOT_RUN = 127
 

@@ -40,10 +40,16 @@ from typing import Any
 
 import numpy as np
 
-from tuned.protocol.control import decode_line, flat_json
+from tuned.protocol.channel import (
+    ADOPT_SOCKET_ENV,
+    ADOPT_TIMEOUT_ENV,
+    DEFAULT_ADOPT_TIMEOUT,
+    MAX_LINE,
+    REPORT_LAG_ENV,
+    decode_line,
+    flat_json,
+)
 from tuned.trial.checkpoints import Checkpoint, CheckpointError, TrialCheckpoints
-
-MAX_LINE = 1 << 20
 
 
 class TrialStopped(BaseException):
@@ -74,7 +80,6 @@ def encode_report(seq: int, metrics: dict[str, Any]) -> bytes:
     return f'{{"seq":{int(seq)},"metrics":{flat_json(checked)}}}\n'.encode()
 
 
-REPORT_LAG_ENV = "TUNED_REPORT_LAG"
 #: The most reports a trial leaves unanswered under a report lag.
 WINDOW = 8
 
@@ -89,9 +94,6 @@ def report_lag_from_env() -> float:
     return lag if lag >= 0 and lag == lag else 0.0
 
 
-ADOPT_SOCKET_ENV = "TUNED_ADOPT_SOCKET"
-ADOPT_TIMEOUT_ENV = "TUNED_ADOPT_TIMEOUT"
-DEFAULT_ADOPT_TIMEOUT = 600.0
 
 
 class Reconnect:
