@@ -289,10 +289,23 @@ class LocalExecutor:
 
     @staticmethod
     def _signal_group(child: _Child, sig: int) -> None:
-        if child.adopted_start is not None and \
-                process_start_time(child.pid) != child.adopted_start:
-            return  # not our child: once it is gone its pid may be someone else's
-        _killpg(child.pid, sig)
+        """`sig` to the child's process group; to the child alone when it has no group yet
+        (just forked, before its setsid: a signal to the group would be lost, and a trial
+        stopped or killed right after its fork would run on)."""
+        if child.adopted_start is not None:
+            if process_start_time(child.pid) != child.adopted_start:
+                return  # not our child: once it is gone its pid may be someone else's
+            _killpg(child.pid, sig)
+            return
+        try:
+            os.killpg(child.pid, sig)
+        except ProcessLookupError:
+            try:
+                os.kill(child.pid, sig)  # not reaped yet, so the pid is still its own
+            except ProcessLookupError:
+                pass
+        except PermissionError:
+            pass
 
     def close(self) -> None:
         """End the spares (trials are left as they are: `shutdown` or `detach` first)."""
