@@ -82,12 +82,13 @@ def module_name(path: Path, root: Path = ROOT) -> str:
 
 
 def imported_names(path: Path, root: Path = ROOT) -> list[tuple[int, str]]:
-    """(line, absolute module name) of every import in the file, relative ones resolved."""
+    """(line, absolute module name) of every import in the file, relative ones resolved;
+    imports under ``if TYPE_CHECKING:`` are left out (they never run: type hints only)."""
     tree = ast.parse(path.read_text(), filename=str(path))
     name = module_name(path, root)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = []
-    for node in ast.walk(tree):
+    for node in _walk_running(tree):
         if isinstance(node, ast.Import):
             found += [(node.lineno, alias.name) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -98,6 +99,23 @@ def imported_names(path: Path, root: Path = ROOT) -> list[tuple[int, str]]:
             if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
                 found.append((node.lineno, arg.value))
     return found
+
+
+def _walk_running(tree: ast.AST):
+    """`ast.walk`, without the bodies of ``if TYPE_CHECKING:`` blocks."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            todo.extend(node.orelse)
+            continue
+        todo.extend(ast.iter_child_nodes(node))
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or \
+        (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
 def _resolve(node: ast.ImportFrom, package: str) -> str:
@@ -244,6 +262,18 @@ def test_the_engine_touches_no_process_and_no_signal(path: Path) -> None:
     assert not bad and not calls, f"{path.name}: imports {bad}, calls os.{calls}"
 
 
+STATE_NAMES = {"RUNNING", "PENDING", "PAUSED", "COMPLETED", "STOPPED", "FAILED", "SCHEDULED",
+               "DELETING"}
+
+
+@pytest.mark.parametrize("path", sorted((PACKAGE / "engine").glob("*.py")),
+                         ids=lambda p: p.name)
+def test_the_engine_names_states_by_their_enums(path: Path) -> None:
+    literals = [node.value for node in ast.walk(ast.parse(path.read_text()))
+                if isinstance(node, ast.Constant) and node.value in STATE_NAMES]
+    assert not literals, f"{path.name}: state literals {literals} (use TrialState, ExperimentState)"
+
+
 def test_there_is_no_import_circle() -> None:
     found = circles(graph())
     assert not found, "import circles:\n" + "\n".join(" <-> ".join(c) for c in found)
@@ -269,7 +299,9 @@ def test_the_scan_sees_every_kind_of_import(tmp_path: Path) -> None:
         "from ...store.database import Store\n"
         "def f():\n"
         "    import subprocess\n"
-        "    return __import__('socket'), importlib.import_module('tuned.engine.engine')\n")
+        "    return __import__('socket'), importlib.import_module('tuned.engine.engine')\n"
+        "if TYPE_CHECKING:\n"
+        "    import tuned.cli\n")
     names = sorted(name for _, name in imported_names(sample, root=tmp_path))
     assert names == ["os.path", "socket", "subprocess", "tuned.core.searchers.base",
                      "tuned.engine.engine", "tuned.store.database.Store"]

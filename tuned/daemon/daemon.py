@@ -31,15 +31,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tuned._version import __version__
 from tuned.core.lifecycle import (
     EXPERIMENT_FAILED,
     FINISHED_EXPERIMENT_STATES,
     STOPPED_BY_USER,
-    BadTransition,
 )
-from tuned.daemon.control import ControlServer, Deferred, Handoff, Subscribe, check_socket_path
+from tuned.daemon.control import ControlServer, check_socket_path
+from tuned.daemon.jobs import Jobs
 from tuned.daemon.notify import Notifier
+from tuned.daemon.ops import OPS, OpError, Ops
 from tuned.daemon.spool import Later, Spool
 from tuned.engine.engine import Engine
 from tuned.engine.executor import RunRef
@@ -56,32 +56,17 @@ from tuned.protocol.channel import (
     Exited,
     Message,
 )
-from tuned.protocol.control import is_text
-from tuned.store import views
 from tuned.store.database import NameTaken, NotFound, Store
 
 log = logging.getLogger("tuned.daemon")
 
 # Seconds between the loop's chores: watchdog ping, idle-client sweep, status line.
 CHORE_INTERVAL = 1.0
-STALE_SWEEP_SECONDS = 1.0
-WAL_CHECKPOINT_SECONDS = 60.0
 GPU_POLL_SECONDS = 5.0
-# A cron start may happen this late (seconds), e.g. after the daemon was down at the time.
-START_MISFIRE_GRACE = 3600
 
 
 class AlreadyServing(RuntimeError):
     """Another daemon holds this state directory."""
-
-
-class OpError(Exception):
-    """An op that cannot be done: `code` from the protocol's error table."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 @dataclass
@@ -117,11 +102,11 @@ class Daemon:
         self.stop_trials = stop_trials
         self.clock = clock
         # Reports that reconnecting trials sent with their adopt request, for the next step.
-        self._adopted_events: dict[int, list[Message | Exited]] = {}
+        self.adopted_events: dict[int, list[Message | Exited]] = {}
         # Group commit: batches an engine holds back for a moment (`Engine.hold_for`).
         self._held: dict[int, list[Message | Exited]] = {}
         # Submits waiting for their template, by experiment name.
-        self._loading: dict[str, _Loading] = {}
+        self.loading: dict[str, _Loading] = {}
         self.selector = selectors.DefaultSelector()
         self.runners: dict[int, Runner] = {}
         self.gpu_provider = make_provider()
@@ -137,7 +122,8 @@ class Daemon:
         self.server: Any = None
         self.spool: Any = None
         self.notifier = Notifier(unset_environment=True)
-        self.jobs: Any = None
+        self.ops = Ops(self)
+        self.jobs = Jobs(self._post)
         self._tasks: deque[Any] = deque()
         self._next_chores = 0.0
         # When to give memory back to the system after a large answer (trials, curves).
@@ -164,7 +150,7 @@ class Daemon:
         if self.resources.gpus.order:
             self._poll_gpus()
         self._recover()
-        self.server = ControlServer(self.socket_path, self.dispatch, ops=OPS)
+        self.server = ControlServer(self.socket_path, self.ops.dispatch, ops=OPS)
         self.server.open()
         self.server.register(self.selector)
         self.selector.register(self._wake_r, selectors.EVENT_READ, "wake")
@@ -185,58 +171,13 @@ class Daemon:
             self.notifier.stopping()
             self._shutdown()
 
-    # -- jobs (APScheduler) ---------------------------------------------------------------
+    # -- jobs ------------------------------------------------------------------------------
 
     def _start_jobs(self) -> None:
-        """Periodic and cron jobs. APScheduler runs them in its own thread, so each job only
-        posts a task to the loop (`_post`); the loop does the work.
-
-        coalesce: a job that missed several runs (the machine slept, the loop was busy) runs
-        once, not once per miss. misfire_grace_time: periodic chores may run late by up to
-        their period; a cron start may run up to an hour late (a daemon restarted at 03:20
-        still starts the 03:00 experiment), not later.
-        """
-        from apscheduler.schedulers.background import BackgroundScheduler
-
-        # Its INFO lines (one per job run) would drown the daemon's own.
-        logging.getLogger("apscheduler").setLevel(logging.WARNING)
-
-        self.jobs = BackgroundScheduler(timezone="UTC", daemon=True, job_defaults={
-            "coalesce": True, "max_instances": 1, "misfire_grace_time": 30})
-        self.jobs.add_job(self._post, "interval", seconds=STALE_SWEEP_SECONDS,
-                          args=["sweep"], id="stale-trial-sweep")
-        self.jobs.add_job(self._post, "interval", seconds=WAL_CHECKPOINT_SECONDS,
-                          args=["wal_checkpoint"], id="wal-checkpoint")
-        self.jobs.start()
+        """The timed jobs (`tuned.daemon.jobs`), cron starts of SCHEDULED experiments too."""
         assert self.store is not None
-        for exp in self.store.experiments():
-            if exp.state == "SCHEDULED":
-                if self._missed_start(exp.spec["schedule"], exp.created):
-                    log.info("experiment %s missed its start while no daemon ran; starting",
-                             exp.name)
-                    self._post(("start", exp.id))
-                self._schedule(exp.id, exp.spec["schedule"])
-
-    @staticmethod
-    def _missed_start(cron: str, created: float) -> bool:
-        """Whether the cron fired between the experiment's submission and now, at most
-        START_MISFIRE_GRACE seconds ago (the daemon was down then)."""
-        from datetime import datetime, timezone
-
-        from apscheduler.triggers.cron import CronTrigger
-
-        trigger = CronTrigger.from_crontab(cron, timezone="UTC")
-        fire = trigger.get_next_fire_time(None, datetime.fromtimestamp(created, timezone.utc))
-        now = datetime.now(timezone.utc)
-        return fire is not None and fire <= now and \
-            (now - fire).total_seconds() <= START_MISFIRE_GRACE
-
-    def _schedule(self, experiment_id: int, cron: str) -> None:
-        from apscheduler.triggers.cron import CronTrigger
-
-        self.jobs.add_job(self._post, CronTrigger.from_crontab(cron, timezone="UTC"),
-                          args=[("start", experiment_id)], id=f"start-{experiment_id}",
-                          misfire_grace_time=START_MISFIRE_GRACE, replace_existing=True)
+        self.jobs.start([(e.id, e.name, e.spec["schedule"], e.created)
+                         for e in self.store.experiments() if e.state == "SCHEDULED"])
 
     def _post(self, task: Any) -> None:
         """From any thread: hand a task to the loop and wake it."""
@@ -271,8 +212,8 @@ class Daemon:
         if exp.state != "SCHEDULED" or experiment_id in self.runners:
             return
         self.store.set_experiment_state(experiment_id, "RUNNING")
-        self._start_runner(experiment_id)
-        self.jobs.remove_job(f"start-{experiment_id}")
+        self.start_runner(experiment_id)
+        self.jobs.cancel(experiment_id)
         log.info("experiment %s started by its schedule %r", exp.name, exp.spec["schedule"])
 
     def _housekeeping(self) -> None:
@@ -290,7 +231,7 @@ class Daemon:
             _release_memory()
         if now >= self._next_chores:
             self._next_chores = now + self._chore_interval
-            for name in [n for n, lo in self._loading.items() if now >= lo.deadline]:
+            for name in [n for n, lo in self.loading.items() if now >= lo.deadline]:
                 self._loaded(name, timed_out=True)
             self.server.sweep()
             self.notifier.watchdog()
@@ -322,6 +263,10 @@ class Daemon:
         except OpError as exc:
             raise ValueError(exc.message) from None
         return later
+
+    def trim_soon(self) -> None:
+        """Hand memory back to the system a little after a large answer (`_release_memory`)."""
+        self._trim_due = self.clock() + 2.0
 
     def request_stop(self) -> None:
         """Ask the loop to end (safe from a signal handler)."""
@@ -368,9 +313,9 @@ class Daemon:
     def _shutdown(self) -> None:
         """Leave the trials to the next daemon (or, with `stop_trials`, stop them: they run
         again on the next start) and close everything."""
-        for loading in self._loading.values():
+        for loading in self.loading.values():
             loading.executor.close_template()
-        self._loading.clear()
+        self.loading.clear()
         for runner in self.runners.values():
             if self.stop_trials:
                 runner.engine.abandon()
@@ -378,8 +323,7 @@ class Daemon:
                 runner.engine.detach()
             runner.executor.close()
         self.runners.clear()
-        if self.jobs is not None:
-            self.jobs.shutdown(wait=False)
+        self.jobs.shutdown()
         self.gpu_provider.close()
         if self.spool is not None:
             self.spool.close()
@@ -424,9 +368,9 @@ class Daemon:
                     break
         for exp_id, runner in self.runners.items():
             events.setdefault(exp_id, []).extend(runner.executor.reap_unwatched())
-        for exp_id, adopted in self._adopted_events.items():
+        for exp_id, adopted in self.adopted_events.items():
             events.setdefault(exp_id, []).extend(adopted)
-        self._adopted_events = {}
+        self.adopted_events = {}
         self._step_all(events)
 
     def _drain_wake(self) -> None:
@@ -488,13 +432,13 @@ class Daemon:
         self._empty_trash()
         for exp in self.store.experiments():
             if exp.state == "DELETING":
-                self._delete(exp)
+                self.delete(exp)
             elif exp.state in FINISHED_EXPERIMENT_STATES:
                 why = STOPPED_BY_USER if exp.state == "STOPPED" else EXPERIMENT_FAILED
                 self._end_unfinished(exp.id, why)
             elif exp.state != "SCHEDULED":
                 try:
-                    self._start_runner(exp.id)
+                    self.start_runner(exp.id)
                 except (SpecError, ValueError) as exc:
                     log.error("experiment %s cannot resume: %s", exp.name, exc)
                     reason = f"the experiment cannot resume: {exc}"
@@ -519,7 +463,7 @@ class Daemon:
                     terminate(RunRef(proc.pid, proc.start))
                 self.store.finish_trial(trial.id, TrialState.FAILED, reason)
 
-    def _delete(self, exp: Any) -> None:
+    def delete(self, exp: Any) -> None:
         """Delete a finished (or scheduled) experiment: marked DELETING first, so that a
         daemon killed half-way finishes the delete at its next start; its logs and
         checkpoints moved to ``trash/`` (one rename each), its rows removed in one
@@ -528,8 +472,7 @@ class Daemon:
 
         assert self.store is not None
         self.store.set_experiment_state(exp.id, "DELETING")
-        if self.jobs is not None and self.jobs.get_job(f"start-{exp.id}") is not None:
-            self.jobs.remove_job(f"start-{exp.id}")
+        self.jobs.cancel(exp.id)
         trash = os.path.join(self.state_dir, "trash")
         os.makedirs(trash, mode=0o700, exist_ok=True)
         for part in ("logs", "checkpoints"):
@@ -547,7 +490,7 @@ class Daemon:
 
         shutil.rmtree(os.path.join(self.state_dir, "trash"), ignore_errors=True)
 
-    def _start_runner(self, experiment_id: int,
+    def start_runner(self, experiment_id: int,
                       executor: TemplateExecutor | None = None) -> Runner:
         """Run a stored experiment: its template (unless given), its engine, recovered."""
         assert self.store is not None
@@ -555,7 +498,7 @@ class Daemon:
         spec = ExperimentSpec.from_dict(exp.spec)
         log_dir = os.path.join(self.state_dir, "logs", exp.name)
         if executor is None:
-            executor = self._template(spec, log_dir)
+            executor = self.template(spec, log_dir)
         slots = spec.max_concurrent or 1 << 30
         topic = f"exp/{exp.name}"
         adopt_wait = spec.report_timeout or DEFAULT_ADOPT_TIMEOUT
@@ -572,7 +515,7 @@ class Daemon:
         self.runners[exp.id] = runner
         return runner
 
-    def _template(self, spec: ExperimentSpec, log_dir: str,
+    def template(self, spec: ExperimentSpec, log_dir: str,
                   wait: bool = True) -> TemplateExecutor:
         """Start the experiment's template process; SpecError when it cannot load the entry
         (with `wait`; without, see `TemplateExecutor.poll_ready`)."""
@@ -595,30 +538,30 @@ class Daemon:
         if spec.seed is None:
             # Chosen once and stored, so that a restart goes on with the same streams.
             spec.seed = int.from_bytes(os.urandom(4), "little")
-        if self.store_has(spec.name) or spec.name in self._loading:
+        if self.store_has(spec.name) or spec.name in self.loading:
             raise OpError("conflict", f"an experiment named {spec.name!r} exists already")
         too_large = self.resources.fits_ever(spec.num_cpus, spec.num_gpus)
         if too_large is not None:
             raise OpError("invalid", str(SpecError([too_large])))
         try:
-            executor = self._template(spec, os.path.join(self.state_dir, "logs", spec.name),
+            executor = self.template(spec, os.path.join(self.state_dir, "logs", spec.name),
                                       wait=False)
         except SpecError as exc:
             raise OpError("invalid", str(exc)) from None
-        self._load(spec, executor, finish, lambda ex: self._store_submitted(spec, ex))
+        self.load(spec, executor, finish, lambda ex: self._store_submitted(spec, ex))
 
-    def _load(self, spec: ExperimentSpec, executor: TemplateExecutor,
+    def load(self, spec: ExperimentSpec, executor: TemplateExecutor,
               finish: Callable[[dict[str, Any] | OpError], None],
               complete: Callable[[TemplateExecutor], dict[str, Any]]) -> None:
         """Wait (in the loop) for `executor`'s template to load `spec`'s entry, then
         `complete` and `finish` (see `_Loading`)."""
-        self._loading[spec.name] = _Loading(spec, executor, finish,
+        self.loading[spec.name] = _Loading(spec, executor, finish,
                                             self.clock() + READY_TIMEOUT, complete)
         self.selector.register(executor.ctl, selectors.EVENT_READ, ("loading", spec.name))
 
     def _loaded(self, name: str, timed_out: bool = False) -> None:
         """The template of a submitted experiment spoke (or timed out): finish the submit."""
-        loading = self._loading[name]
+        loading = self.loading[name]
         executor = loading.executor
         self.selector.unregister(executor.ctl)
         try:
@@ -630,10 +573,10 @@ class Daemon:
                 self.selector.register(executor.ctl, selectors.EVENT_READ, ("loading", name))
                 return
         except TemplateError as exc:
-            del self._loading[name]
+            del self.loading[name]
             loading.finish(OpError("invalid", str(_entry_error(exc))))
             return
-        del self._loading[name]
+        del self.loading[name]
         try:
             result = loading.complete(executor)
         except OpError as exc:
@@ -660,10 +603,10 @@ class Daemon:
             raise OpError(code, str(exc)) from None
         if spec.schedule:
             executor.close_template()
-            self._schedule(exp.id, spec.schedule)
+            self.jobs.schedule(exp.id, spec.schedule)
             log.info("experiment %s submitted; starts on %r (UTC)", spec.name, spec.schedule)
         else:
-            self._start_runner(exp.id, executor)
+            self.start_runner(exp.id, executor)
             log.info("experiment %s submitted", spec.name)
         return {"experiment": spec.name, "id": exp.id, "state": state}
 
@@ -675,277 +618,9 @@ class Daemon:
             return False
         return True
 
-    # -- ops -----------------------------------------------------------------------------
-
-    def dispatch(self, op: str, args: dict[str, Any], conn: Any = None) -> dict[str, Any]:
-        """Answer one control request: a dict of fields (the server adds "v" and "ok"), or
-        OpError."""
-        if op == "adopt":
-            return self.op_adopt(conn)
-        handler = getattr(self, f"op_{op}", None)
-        if handler is None:
-            raise OpError("unknown_op", f"unknown op {op!r}; ops: {', '.join(OPS)}")
-        return handler(args)
-
-    def op_adopt(self, conn: Any) -> Handoff:
-        """A trial of a dead daemon reconnects: the connection becomes its report channel.
-        The trial is the one whose process is the peer (pid from SO_PEERCRED; the pid and
-        start time were checked when it was adopted)."""
-        for exp_id, runner in self.runners.items():
-            trial_id = runner.engine.awaiting(conn.pid)
-            if trial_id is not None:
-                number = runner.engine.live[trial_id].trial.number
-
-                def take(sock: socket.socket, rest: bytes, exp_id: int = exp_id,
-                         engine: Engine = runner.engine, trial_id: int = trial_id) -> None:
-                    events = engine.reconnected(trial_id, sock, rest)
-                    self._adopted_events.setdefault(exp_id, []).extend(events)
-
-                return Handoff({"experiment": runner.engine.experiment.name,
-                                "trial": number}, take)
-        raise OpError("not_found", f"no trial of process {conn.pid} waits to be adopted")
-
-    def _experiment(self, args: dict[str, Any]):
-        assert self.store is not None
-        return views.experiment(self.store, args.get("experiment"))
-
-    def _runner(self, args: dict[str, Any]) -> Runner:
-        exp = self._experiment(args)
-        runner = self.runners.get(exp.id)
-        if runner is None or runner.engine.ended is not None:
-            ending = "" if runner is None else " (its last trials are ending)"
-            raise OpError("conflict", f"experiment {exp.name!r} is {exp.state}, not "
-                                      f"running{ending}")
-        return runner
-
-    def op_hello(self, args: dict[str, Any]) -> dict[str, Any]:
-        return {"server": "tuned", "version": __version__, "pid": os.getpid(),
-                "state_dir": self.state_dir, "ops": list(OPS)}
-
-    def op_status(self, args: dict[str, Any]) -> dict[str, Any]:
-        assert self.store is not None
-        exps = [self._experiment(args)] if args.get("experiment") else self.store.experiments()
-        return {"experiments": [self._summary(e) for e in exps],
-                "gpus_in_use": self.resources.gpus_in_use,
-                "gpus_busy_foreign": self.resources.gpus.busy_foreign(),
-                "cpus_free": self.resources.cpus_free, "cpus": self.resources.cpus_total}
-
-    op_experiments = op_status
-
-    def _summary(self, exp) -> dict[str, Any]:
-        """One experiment in `status` (`views.summary`), with why it waits, if it does."""
-        assert self.store is not None
-        waiting = self.resources.wait_reason(exp.id, self._name_of) \
-            if exp.id in self.runners else None
-        return views.summary(self.store, exp, waiting)
-
-    def _name_of(self, experiment_id: Any) -> str:
-        runner = self.runners.get(experiment_id)
-        return repr(runner.engine.experiment.name) if runner else f"experiment {experiment_id}"
-
-    def op_best(self, args: dict[str, Any]) -> dict[str, Any]:
-        assert self.store is not None
-        return views.best(self.store, self._experiment(args))
-
-    def op_trials(self, args: dict[str, Any]) -> dict[str, Any]:
-        """A page of the experiment's trials (`views.trials_page`): `limit` (default all)
-        from `offset` (default 0; negative: counted from the end)."""
-        assert self.store is not None
-        exp = self._experiment(args)
-        limit, offset = _count(args, "limit"), _integer(args, "offset") or 0
-        self._trim_due = self.clock() + 2.0
-        return views.trials_page(self.store, exp, limit, offset)
-
-    def op_curves(self, args: dict[str, Any]) -> dict[str, Any]:
-        """Learning curves of `metric` (`views.curves`), of every trial or the `top`."""
-        assert self.store is not None
-        exp = self._experiment(args)
-        top = _count(args, "top")
-        self._trim_due = self.clock() + 2.0
-        return views.curves(self.store, exp, args.get("metric"), top)
-
-    def op_progress(self, args: dict[str, Any]) -> dict[str, Any]:
-        """The best reward so far against trials and against time (`views.progress`)."""
-        assert self.store is not None
-        return views.progress(self.store, self._experiment(args))
-
-    def op_export(self, args: dict[str, Any]) -> dict[str, Any]:
-        """A page of the export (`views.export_page`): trials, or with `reports` reports."""
-        assert self.store is not None
-        exp = self._experiment(args)
-        self._trim_due = self.clock() + 2.0
-        return views.export_page(self.store, exp, bool(args.get("reports")),
-                                 _count(args, "limit"), _count(args, "offset"),
-                                 args.get("after"), args.get("columns"))
-
-    def op_submit(self, args: dict[str, Any]) -> Deferred:
-        """Answered once the experiment's template has loaded its entry."""
-        from tuned.experiment.files import parse_spec_text
-
-        text, filename = args.get("text"), args.get("filename", "spec.toml")
-        workdir = args.get("workdir")
-        if not isinstance(text, str) or not is_text(text):
-            raise OpError("bad_request", "submit needs the spec's 'text'")
-        if not isinstance(filename, str) or not is_text(filename) or \
-                (workdir is not None and (not isinstance(workdir, str) or not is_text(workdir))):
-            raise OpError("bad_request", "submit: 'filename' and 'workdir' must be strings")
-        try:
-            spec = parse_spec_text(text, filename, workdir)
-        except SpecError as exc:
-            raise OpError("invalid", str(exc)) from None
-        deferred = Deferred()
-        self.submit(spec, lambda result: self.server.resolve(deferred, result))
-        return deferred
-
-    def op_stop(self, args: dict[str, Any]) -> dict[str, Any]:
-        """Stop a running experiment, or cancel a scheduled one."""
-        exp = self._experiment(args)
-        if exp.state == "SCHEDULED" and exp.id not in self.runners:
-            assert self.store is not None
-            self.store.set_experiment_state(exp.id, "STOPPED",
-                                            "cancelled by the user before it started")
-            if self.jobs is not None and self.jobs.get_job(f"start-{exp.id}") is not None:
-                self.jobs.remove_job(f"start-{exp.id}")
-            log.info("scheduled experiment %s cancelled", exp.name)
-            return {"experiment": exp.name, "state": "STOPPED"}
-        runner = self._runner(args)
-        runner.engine.stop()
-        return {"experiment": runner.engine.experiment.name, "state": "STOPPED"}
-
-    def op_pause(self, args: dict[str, Any]) -> dict[str, Any]:
-        runner = self._runner(args)
-        runner.engine.pause()
-        return {"experiment": runner.engine.experiment.name, "state": "PAUSED"}
-
-    def op_resume(self, args: dict[str, Any]) -> dict[str, Any] | Deferred:
-        """Resume a paused experiment, or run a STOPPED or COMPLETED one again with its
-        remaining or a larger budget: `num_trials` (the new total), `time_out` (seconds
-        from now). Its searcher and scheduler go on from their stored state; no finished
-        trial runs again. Also extends a running experiment's budget."""
-        exp = self._experiment(args)
-        num_trials = _count(args, "num_trials")
-        time_out = _seconds(args, "time_out")
-        runner = self.runners.get(exp.id)
-        if runner is not None and runner.engine.ended is not None:
-            raise OpError("conflict", f"experiment {exp.name!r} is {exp.state} and its last "
-                                      "trials are ending; resume it once they have")
-        if exp.name in self._loading:
-            raise OpError("conflict", f"experiment {exp.name!r} is loading its entry already")
-        if runner is None and exp.state not in ("STOPPED", "COMPLETED"):
-            hint = {"FAILED": "; fix the cause, then delete it and submit it again",
-                    "SCHEDULED": "; it starts at its scheduled time"}.get(exp.state, "")
-            raise OpError("conflict", f"experiment {exp.name!r} is {exp.state}: it cannot "
-                                      f"be resumed{hint}")
-        spec = self._extended(exp, num_trials, time_out, running=runner is not None)
-        if runner is not None:
-            runner.engine.extend(spec.get("num_trials"), spec.get("time_out"))
-            if runner.engine.paused:
-                runner.engine.resume()
-            return self._resumed(exp.name, spec)
-        executor = self._template(ExperimentSpec.from_dict(spec),
-                                  os.path.join(self.state_dir, "logs", exp.name), wait=False)
-        deferred = Deferred()
-        self._load(ExperimentSpec.from_dict(spec), executor,
-                   lambda result: self.server.resolve(deferred, result),
-                   lambda ex: self._restart(exp.id, spec, ex))
-        return deferred
-
-    def _extended(self, exp: Any, num_trials: int | None, time_out: float | None,
-                  running: bool) -> dict[str, Any]:
-        """The experiment's spec with its new budget, stored; OpError `invalid` for a total
-        below the trials made, `conflict` when a finished experiment would have nothing
-        left to run."""
-        assert self.store is not None
-        spec = dict(exp.spec)
-        made = sum(self.store.count_trials(exp.id).values())
-        first = self.store.first_trial_created(exp.id)
-        elapsed = 0.0 if first is None else max(0.0, self.store.clock() - first)
-        if num_trials is not None:
-            if num_trials < made or num_trials == 0:
-                raise OpError("invalid", f"num_trials: {num_trials} is below the {made} "
-                                         f"trial(s) {exp.name!r} has made (it is the new total)")
-            spec["num_trials"] = num_trials
-        if time_out is not None:
-            spec["time_out"] = elapsed + time_out  # counted from the first trial, as stored
-        left_trials = spec.get("num_trials") is None or made < spec["num_trials"]
-        left_time = spec.get("time_out") is None or elapsed < spec["time_out"]
-        if not running and not (left_trials and left_time):
-            raise OpError("conflict", f"experiment {exp.name!r} is {exp.state} and its budget "
-                                      f"is spent ({made} trial(s) made): give a larger "
-                                      "num_trials (--num-trials N, the new total) or a "
-                                      "time_out (--time-out S, seconds from now)")
-        if spec != exp.spec:
-            self.store.update_spec(exp.id, spec)
-        return spec
-
-    def _restart(self, experiment_id: int, spec: dict[str, Any],
-                 executor: TemplateExecutor) -> dict[str, Any]:
-        """Run a STOPPED or COMPLETED experiment again, its template loaded."""
-        assert self.store is not None
-        exp = self.store.experiment(experiment_id)
-        try:
-            self.store.set_experiment_state(experiment_id, "RUNNING")
-        except BadTransition as exc:  # it changed while the template loaded
-            executor.close_template()
-            raise OpError("conflict", str(exc)) from None
-        self._start_runner(experiment_id, executor)
-        log.info("experiment %s resumed (num_trials %s, time_out %s)", exp.name,
-                 spec.get("num_trials"), spec.get("time_out"))
-        return self._resumed(exp.name, spec)
-
-    @staticmethod
-    def _resumed(name: str, spec: dict[str, Any]) -> dict[str, Any]:
-        return {"experiment": name, "state": "RUNNING", "num_trials": spec.get("num_trials"),
-                "time_out": spec.get("time_out")}
-
-    def op_delete(self, args: dict[str, Any]) -> dict[str, Any]:
-        """Delete a finished or scheduled experiment: its rows, logs and checkpoints; the
-        name is free again. `conflict` while it runs (or is paused, or loading)."""
-        exp = self._experiment(args)
-        if exp.id in self.runners or exp.name in self._loading or \
-                exp.state in ("RUNNING", "PAUSED"):
-            raise OpError("conflict", f"experiment {exp.name!r} is {exp.state}: stop it "
-                                      f"first (tunectl stop {exp.name})")
-        self._delete(exp)
-        return {"experiment": exp.name, "deleted": True}
-
-    def op_kill(self, args: dict[str, Any]) -> dict[str, Any]:
-        runner = self._runner(args)
-        number = args.get("trial")
-        if not isinstance(number, int) or not runner.engine.kill_trial(number):
-            raise OpError("not_found", f"no running trial {number!r} in "
-                                       f"{runner.engine.experiment.name!r}")
-        return {"experiment": runner.engine.experiment.name, "trial": number, "killed": True}
-
     def _publish(self, topic: str, experiment: str, event: dict[str, Any]) -> None:
         if self.server is not None:
             self.server.broadcast({"experiment": experiment, **event}, topic)
-
-    def op_watch(self, args: dict[str, Any]) -> Subscribe:
-        """Stream events: trial starts, reports and ends (of EXPERIMENT, or of all)."""
-        if args.get("experiment"):
-            exp = self._experiment(args)
-            return Subscribe(f"exp/{exp.name}", first={"ok": True, **self.op_status(args)})
-        return Subscribe(None, first={"ok": True, **self.op_status({})})
-
-    def op_logs(self, args: dict[str, Any]) -> dict[str, Any]:
-        exp = self._experiment(args)
-        number = args.get("trial")
-        if not isinstance(number, int):
-            raise OpError("bad_request", "logs needs a trial number")
-        path = os.path.join(self.state_dir, "logs", exp.name, f"trial-{number}.log")
-        offset = _integer(args, "offset") or 0
-        try:
-            with open(path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if offset < 0:
-                    offset = max(0, size + offset)
-                f.seek(offset)
-                data = f.read(256 * 1024)
-        except FileNotFoundError:
-            raise OpError("not_found", f"no log for trial {number} of {exp.name!r}") from None
-        return {"experiment": exp.name, "trial": number, "offset": offset + len(data),
-                "text": data.decode(errors="replace")}
 
 
 def _release_memory() -> None:
@@ -966,40 +641,6 @@ def _entry_error(exc: TemplateError) -> SpecError:
     return SpecError([message if message.startswith("entry") else f"entry: {message}"])
 
 
-_INT_MAX = (1 << 63) - 1  # SQLite's integers are 64-bit
-
-
-def _count(args: dict[str, Any], key: str) -> int | None:
-    """An optional non-negative integer argument; OpError `bad_request` if it is not one."""
-    value = args.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _INT_MAX:
-        raise OpError("bad_request", f"{key} must be an integer >= 0, got {value!r}")
-    return value
-
-
-def _integer(args: dict[str, Any], key: str) -> int | None:
-    """An optional integer argument (negative allowed); OpError `bad_request` otherwise."""
-    value = args.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or abs(value) > _INT_MAX:
-        raise OpError("bad_request", f"{key} must be an integer, got {value!r}")
-    return value
-
-
-def _seconds(args: dict[str, Any], key: str) -> float | None:
-    """An optional number of seconds > 0; OpError `bad_request` otherwise."""
-    value = args.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-            not 0 < value < 1e12:
-        raise OpError("bad_request", f"{key} must be a number of seconds > 0, got {value!r}")
-    return float(value)
-
-
 def _described_by(executor: TemplateExecutor | None):
     """A resolver for complete_spec that reads the entry's description off its template."""
 
@@ -1012,7 +653,3 @@ def _described_by(executor: TemplateExecutor | None):
             dict(executor.entry_constants)
 
     return resolve
-
-
-OPS = ("hello", "status", "experiments", "trials", "best", "curves", "submit", "stop", "pause",
-       "resume", "kill", "logs", "watch", "delete", "progress", "export", "adopt")

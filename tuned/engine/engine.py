@@ -17,7 +17,6 @@ Guarantees (see DESIGN.md, invariants):
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 import zlib
@@ -40,7 +39,9 @@ from tuned.core.lifecycle import (
 )
 from tuned.core.schedulers.base import Clone, Outcome
 from tuned.core.searchers import Searcher, make_searcher
+from tuned.engine import intake
 from tuned.engine.executor import Executor, RunRef, TrialOrder
+from tuned.engine.groupcommit import HOLD_MAX, hold_time
 from tuned.engine.resources import Grant, ResourcePool
 from tuned.experiment.spec import ExperimentSpec
 from tuned.protocol.channel import (
@@ -57,6 +58,10 @@ from tuned.runtime.interrupts import sigint_guard
 from tuned.store.database import Experiment, NewReport, Store, StoreError, Trial
 
 log = logging.getLogger("tuned.engine")
+
+
+#: The states of a trial that waits to run (again).
+WAITING = (TrialState.PENDING.value, TrialState.PAUSED.value)
 
 
 def trial_seed(experiment_seed: int, number: int) -> int:
@@ -83,9 +88,6 @@ class _Live:
     answered: float | None = None
 
 
-# Group commit: reports are held back at most this long for the reports of other trials
-# expected within it (and never longer than a durable commit takes here).
-HOLD_MAX = 0.001
 
 
 class Engine:
@@ -157,7 +159,8 @@ class Engine:
         # decided when its budget is spent (`close`).
         self.ended: ExperimentState | None = None
         counts = store.count_trials(experiment.id)
-        self.successes = counts.get("COMPLETED", 0) + counts.get("STOPPED", 0)
+        self.successes = sum(counts.get(state.value, 0)
+                             for state in (TrialState.COMPLETED, TrialState.STOPPED))
         self.failures = store.count_failures(experiment.id)
         self._searcher_dirty = False
         self._outbox: list[tuple[int, dict[str, Any]]] = []
@@ -277,28 +280,14 @@ class Engine:
             live.answered = None
 
     def hold_for(self, events: list[Event]) -> float | None:
-        """Group commit: seconds to wait for more reports before handling `events` in one
-        durable transaction, or None to handle them now.
-
-        Worth waiting for are the running trials answered less than the hold ago that have
-        not spoken since, unless that answer ended them (they exit rather than report): a
-        trial that reports in a loop sends its next report within microseconds of its
-        answer, and then shares this commit instead of waiting for one of its own. The hold
-        is `HOLD_MAX` at most, and no longer than a durable commit takes here (so that the
-        wait costs less than the commit it saves); it counts from the first report of the
-        batch and from each awaited trial's answer, and ends as soon as every awaited trial
-        has spoken. A batch without reports (or of a non-durable store) is never held. The
-        reports are handled in the order they came, as they would be one by one, so they get
-        the same decisions."""
+        """Group commit (`tuned.engine.groupcommit`): seconds to wait for more reports before
+        handling `events` in one durable transaction, or None to handle them now. Awaited
+        are the running trials answered since the batch began to wait, not told to stop."""
         if self._held_since is None or not self.store.durable:
             return None
-        cap = min(HOLD_MAX, self._commit_seconds)
-        due = [live.answered + cap for live in self.live.values()
-               if live.answered is not None and live.stop is None]
-        if not due:
-            return None
-        wait = min(self._held_since + cap, max(due)) - time.monotonic()
-        return wait if wait > 0 else None
+        answered = [live.answered for live in self.live.values()
+                    if live.answered is not None and live.stop is None]
+        return hold_time(self._held_since, self._commit_seconds, answered, time.monotonic())
 
     def step(self, events: list[Event]) -> None:
         """Handle a batch of events and launch what the freed slots allow, in one transaction
@@ -418,7 +407,7 @@ class Engine:
         no longer come end STOPPED."""
         for trial_id in self.scheduler.waiting():
             trial = self.store.trial(trial_id)
-            if trial.state == "PAUSED":
+            if trial.state == TrialState.PAUSED:
                 self._end(trial, self._stopped_state(trial.last_time), None, trial.score)
 
     def _create(self) -> Trial | None:
@@ -528,8 +517,8 @@ class Engine:
             stored_report = self.store.stored_report(trial.id, seq)
             stored = None if stored_report is None else stored_report[0]
             try:
-                resent_time = _time_value(metrics if isinstance(metrics, dict) else {},
-                                          self.spec.time_attr, seq)
+                resent_time = intake.time_value(metrics if isinstance(metrics, dict) else {},
+                                                self.spec.time_attr, seq)
             except (TypeError, ValueError):
                 resent_time = None
             if None not in (stored_report, resent_time) and stored_report[1] is not None \
@@ -547,8 +536,8 @@ class Engine:
                 if stored == Decision.PAUSE.value:
                     live.stop = Outcome(Decision.PAUSE)
                 elif stored != Decision.CONTINUE.value:
-                    state = self._stopped_state(_time_value(metrics or {}, self.spec.time_attr,
-                                                            seq))
+                    reached = intake.time_value(metrics or {}, self.spec.time_attr, seq)
+                    state = self._stopped_state(reached)
                     live.stop = Outcome(Decision(stored),
                                         completed=state is TrialState.COMPLETED)
                 self._answer(trial.id, {"seq": seq, "decision": stored})
@@ -560,13 +549,13 @@ class Engine:
             return None
         if seq != live.last_seq + 1:
             return self._fail(live, f"report {seq} out of order (expected {live.last_seq + 1})")
-        problem = check_metrics(metrics, self.spec.reward_attr, self.spec.time_attr)
+        problem = intake.check_metrics(metrics, self.spec.reward_attr, self.spec.time_attr)
         if problem:
             self._answer(trial.id, {"seq": seq, "error": problem})
             return self._fail(live, problem)
         reward = float(metrics[self.spec.reward_attr])
         score = self.spec.sign(reward)
-        time_value = _time_value(metrics, self.spec.time_attr, seq)
+        time_value = intake.time_value(metrics, self.spec.time_attr, seq)
         outcome = self.scheduler.on_report(trial.id, trial.bracket, time_value, score)
         if self.paused and outcome.decision is Decision.CONTINUE:
             outcome = Outcome(Decision.PAUSE, "experiment paused", outcome.rungs)
@@ -651,7 +640,8 @@ class Engine:
         log.warning("experiment %s FAILED: %s", self.experiment.name, reason)
         with self.store.transaction():
             self._halt(EXPERIMENT_FAILED, grace=5.0)
-            self.store.set_experiment_state(self.experiment.id, "FAILED", reason)
+            self.store.set_experiment_state(self.experiment.id, ExperimentState.FAILED.value,
+                                            reason)
         self.ended = ExperimentState.FAILED
 
     def _halt(self, why: str, grace: float) -> None:
@@ -665,7 +655,7 @@ class Engine:
             live.final = True
             self.executor.stop(trial_id, grace)
         with self.store.transaction():
-            for trial in self.store.trials(self.experiment.id, ("PENDING", "PAUSED")):
+            for trial in self.store.trials(self.experiment.id, WAITING):
                 self.store.finish_trial(trial.id, TrialState.FAILED, why)
                 self.scheduler.on_trial_end(trial.id)
 
@@ -711,8 +701,8 @@ class Engine:
         `adopt`), end those whose stored decision ended them, queue the rest."""
         with self.store.transaction():
             for trial in self.store.trials(self.experiment.id,
-                                           ("RUNNING", "PENDING", "PAUSED")):
-                if not (trial.state == "RUNNING" and self._adopt(trial)):
+                                           (TrialState.RUNNING.value, *WAITING)):
+                if not (trial.state == TrialState.RUNNING and self._adopt(trial)):
                     self._settle(trial)
             self._save_searcher()
         self._flush_news()
@@ -764,12 +754,12 @@ class Engine:
         stored = self.store.stored_decision(trial.id, trial.last_seq)
         if stored == Decision.STOP.value:
             self._end(trial, self._stopped_state(trial.last_time), None, trial.score)
-        elif trial.state == "PAUSED" or stored == Decision.PAUSE.value:
+        elif trial.state == TrialState.PAUSED or stored == Decision.PAUSE.value:
             if self.paused or self.scheduler.holds(trial.id):
                 self.store.pause_trial(trial.id)
-            elif self.store.unpause_trial(trial.id) or trial.state == "PENDING":
+            elif self.store.unpause_trial(trial.id) or trial.state == TrialState.PENDING:
                 self.queue.append(self.store.trial(trial.id))
-        elif trial.state == "PENDING":
+        elif trial.state == TrialState.PENDING:
             self.queue.append(trial)
         elif self.store.requeue_trial(trial.id):
             log.info("trial %d was interrupted; it runs again", trial.number)
@@ -809,16 +799,16 @@ class Engine:
         """Start nothing more; running trials are told to pause at their next report."""
         self.paused = True
         self.resources.withdraw(self.experiment.id)
-        self.store.set_experiment_state(self.experiment.id, "PAUSED")
+        self.store.set_experiment_state(self.experiment.id, ExperimentState.PAUSED.value)
 
     def resume(self) -> None:
         """Undo `pause`: paused trials are queued again, new ones may start."""
         self.paused = False
         with self.store.transaction():
-            for trial in self.store.trials(self.experiment.id, ("PAUSED",)):
+            for trial in self.store.trials(self.experiment.id, (TrialState.PAUSED.value,)):
                 if not self.scheduler.holds(trial.id) and self.store.unpause_trial(trial.id):
                     self.queue.append(self.store.trial(trial.id))
-            self.store.set_experiment_state(self.experiment.id, "RUNNING")
+            self.store.set_experiment_state(self.experiment.id, ExperimentState.RUNNING.value)
 
     def stop(self, grace: float = 5.0) -> None:
         """Stop the experiment: it is STOPPED at once (and stays so once its trials are
@@ -828,7 +818,8 @@ class Engine:
         self.paused = False
         with self.store.transaction():
             self._halt(STOPPED_BY_USER, grace)
-            self.store.set_experiment_state(self.experiment.id, "STOPPED", STOPPED_BY_USER)
+            self.store.set_experiment_state(self.experiment.id, ExperimentState.STOPPED.value,
+                                            STOPPED_BY_USER)
         self.ended = ExperimentState.STOPPED
 
     def extend(self, num_trials: int | None, time_out: float | None) -> None:
@@ -863,33 +854,3 @@ class Engine:
                 self.executor.kill(trial_id)
                 return True
         return False
-
-
-def _time_value(metrics: dict[str, Any], time_attr: str | None, seq: int) -> float:
-    if time_attr is not None and time_attr in metrics:
-        return float(metrics[time_attr])
-    return float(seq)
-
-
-def check_metrics(metrics: Any, reward_attr: str, time_attr: str | None) -> str | None:
-    """None when a report is valid, else a sentence saying what is wrong with it."""
-    if not isinstance(metrics, dict) or not metrics:
-        return f"a report must have metrics, got {metrics!r}"
-    for name, value in metrics.items():
-        if not isinstance(value, (bool, int, float, str)):
-            return f"metric {name!r}: {value!r} is not a JSON number, string or bool"
-        if isinstance(value, float) and not math.isfinite(value) and name != reward_attr:
-            return f"metric {name!r}: {value!r} is not a finite number"
-    if reward_attr not in metrics:
-        return (f"the report has no reward metric {reward_attr!r} "
-                f"(it has {sorted(metrics)}); set reward_attr to the metric to optimise")
-    reward = metrics[reward_attr]
-    if isinstance(reward, bool) or not isinstance(reward, (int, float)):
-        return f"reward {reward_attr!r}: {reward!r} is not a number"
-    if not math.isfinite(reward):
-        return f"reward {reward_attr!r} is {reward!r}"
-    if time_attr is not None and time_attr in metrics:
-        t = metrics[time_attr]
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
-            return f"time metric {time_attr!r}: {t!r} is not a finite number"
-    return None
