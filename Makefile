@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test lint bench soak clean
+.PHONY: demo test quick lint bench soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ test: $(STAMP)
 	$(PY) -m ruff check tuned tests examples benchmarks
 	$(PY) -m pytest
 
+# The tests without the SIGKILL soaks and the fuzzing (`slow`): for a quick round while working.
+quick: $(STAMP)
+	$(PY) -m pytest -m "not slow"
+
 lint: $(STAMP)
 	$(PY) -m ruff check tuned tests examples benchmarks
 
@@ -36,8 +40,7 @@ bench: $(STAMP)
 # The crash-safety tests at the issue's full counts, with their figures printed.
 soak: $(STAMP)
 	TUNED_KILLS=50 TUNED_EQUIVALENCE_KILLS=20 TUNED_SOAK_TRIALS=1000 TUNED_FUZZ_FRAMES=10000 \
-		$(PY) -m pytest -s -q tests/test_crash_loop.py tests/test_faulty_trials.py \
-		tests/test_hostile_input.py tests/test_adoption.py
+		$(PY) -m pytest -s -q -m slow tests/
 
 clean:
 	rm -rf $(VENV) demo-output tuned-runs .pytest_cache .hypothesis

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from test_daemon import Daemon
+from helpers import Daemon
 
 
 @pytest.fixture

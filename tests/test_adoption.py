@@ -7,12 +7,11 @@ from __future__ import annotations
 import os
 import signal
 import textwrap
-import time
 from itertools import pairwise
 from pathlib import Path
 
 import pytest
-from test_daemon import Daemon, _spec
+from helpers import Daemon, wait_until, write_spec
 
 EPOCHS = 25
 
@@ -60,11 +59,8 @@ def _running(d: Daemon) -> dict[int, tuple[int, int]]:
 
 
 def _wait_running(d: Daemon, n: int) -> dict[int, tuple[int, int]]:
-    deadline = time.monotonic() + 60
-    while len(running := _running(d)) < n:
-        assert time.monotonic() < deadline, "trials did not get going"
-        time.sleep(0.05)
-    return running
+    return wait_until(lambda: (running := _running(d)) and len(running) >= n and running,
+                      60, f"{n} trials' getting going", every=0.05)
 
 
 def _check_gpus_never_shared(c) -> None:
@@ -90,7 +86,7 @@ def test_live_trials_are_adopted_by_a_restarted_daemon(tmp_path, sig):
     try:
         # Room for 6 trials but GPUs for 4: were adopted trials' GPUs not held again,
         # new trials would be handed the same ones.
-        assert d.ctl("submit", _spec(tmp_path, "a", f"""
+        assert d.ctl("submit", write_spec(tmp_path, "a", f"""
             name = "a"
             entry = "{module}:train"
             num_trials = 8
@@ -129,7 +125,7 @@ def test_stop_trials_stops_them_and_they_run_again(tmp_path):
     d = Daemon(tmp_path)
     d.start(args=("--stop-trials",))
     try:
-        assert d.ctl("submit", _spec(tmp_path, "s", f"""
+        assert d.ctl("submit", write_spec(tmp_path, "s", f"""
             name = "s"
             entry = "{module}:train"
             num_trials = 3
@@ -157,7 +153,7 @@ def test_an_adopted_trial_that_dies_while_no_daemon_runs_runs_again(tmp_path):
     d = Daemon(tmp_path)
     d.start()
     try:
-        assert d.ctl("submit", _spec(tmp_path, "x", f"""
+        assert d.ctl("submit", write_spec(tmp_path, "x", f"""
             name = "x"
             entry = "{module}:train"
             num_trials = 2

@@ -6,10 +6,9 @@ from __future__ import annotations
 import json
 import signal
 import textwrap
-import time
 from pathlib import Path
 
-from test_daemon import Daemon, _spec
+from helpers import Daemon, wait_until, write_spec
 
 EPOCHS = 12
 
@@ -53,7 +52,7 @@ def _module(tmp_path: Path, save_first: bool = False, gate: bool = False) -> Pat
 
 def _submit(d: Daemon, tmp_path: Path, name: str, extra: str = "",
             save_first: bool = False, gate: bool = False) -> None:
-    assert d.ctl("submit", _spec(tmp_path, name, f"""
+    assert d.ctl("submit", write_spec(tmp_path, name, f"""
         name = "{name}"
         entry = "{_module(tmp_path, save_first, gate)}:train"
         num_trials = 2
@@ -64,14 +63,12 @@ def _submit(d: Daemon, tmp_path: Path, name: str, extra: str = "",
 
 
 def _wait_reports(d: Daemon, n: int) -> None:
-    deadline = time.monotonic() + 30
-    while True:
+    def reported() -> bool:
         with d.db() as c:
             counts = [r[0] for r in c.execute("SELECT MAX(seq) FROM reports GROUP BY trial_id")]
-        if len(counts) == 2 and min(counts) >= n:
-            return
-        assert time.monotonic() < deadline, counts
-        time.sleep(0.05)
+        return len(counts) == 2 and min(counts) >= n
+
+    wait_until(reported, 30, f"{n} reports of both trials", every=0.05)
 
 
 def _check_resumed(d: Daemon) -> None:
@@ -92,10 +89,7 @@ def _pause_and_resume(d: Daemon, name: str, gate: Path | None = None) -> None:
     assert d.json("pause", name)["state"] == "PAUSED"
     if gate is not None:
         gate.touch()
-    deadline = time.monotonic() + 20
-    while d.json("status", name)["experiments"][0]["trials"].get("RUNNING"):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until(lambda: not d.trials_in(name, "RUNNING"), 20, "the trials' pausing", every=0.05)
     assert d.json("resume", name)["state"] == "RUNNING"
 
 
@@ -174,7 +168,7 @@ def test_promoted_trials_resume_from_checkpoints_across_a_daemon_restart(tmp_pat
     d = Daemon(tmp_path)
     d.start()
     try:
-        assert d.ctl("submit", _spec(tmp_path, "promo", f"""
+        assert d.ctl("submit", write_spec(tmp_path, "promo", f"""
             name = "promo"
             entry = "{module}:train"
             scheduler = "hyperband_promotion"
@@ -185,10 +179,8 @@ def test_promoted_trials_resume_from_checkpoints_across_a_daemon_restart(tmp_pat
             grace_period = 2
             reduction_factor = 2
         """)).returncode == 0
-        deadline = time.monotonic() + 60
-        while d.json("status", "promo")["experiments"][0]["trials"].get("PAUSED", 0) < 3:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_until(lambda: d.trials_in("promo", "PAUSED") >= 3, 60, "3 paused trials",
+                   every=0.05)
         d.proc.send_signal(signal.SIGKILL)
         d.proc.wait()
         d.start()

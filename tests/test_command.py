@@ -9,7 +9,7 @@ import textwrap
 import time
 
 import pytest
-from test_daemon import Daemon, _spec
+from helpers import Daemon, write_spec
 
 from tuned.experiment.command import check_command, placeholders, render
 
@@ -46,7 +46,7 @@ def test_a_python_program_reports_with_tuned_report_and_hyperband_stops_it(daemo
             report.report(epoch=epoch, accuracy=args["x"] * epoch,
                           number=report.trial_number())
     """)
-    spec = _spec(tmp_path, "prog", """
+    spec = write_spec(tmp_path, "prog", """
         name = "prog"
         command = ["{python}", "prog.py", "--x={x}"]
         num_trials = 9
@@ -84,7 +84,7 @@ def test_a_program_in_any_language_speaks_the_protocol(daemon, tmp_path):
             case "$answer" in *'"decision":"continue"'*) ;; *) exit 0 ;; esac
         done
     """))
-    spec = _spec(tmp_path, "sh", f"""
+    spec = write_spec(tmp_path, "sh", f"""
         name = "sh"
         command = ["bash", "{script}"]
         num_trials = 2
@@ -106,7 +106,7 @@ def test_programs_that_cannot_run_or_raise_fail_with_their_reason(daemon, tmp_pa
     """)
     for name, command in (("missing", '["no-such-program-here", "x"]'),
                           ("raises", '["{python}", "prog.py"]')):
-        assert daemon.ctl("submit", _spec(tmp_path, name, f"""
+        assert daemon.ctl("submit", write_spec(tmp_path, name, f"""
             name = "{name}"
             command = {command}
             num_trials = 1
@@ -126,7 +126,7 @@ def test_programs_that_cannot_run_or_raise_fail_with_their_reason(daemon, tmp_pa
 
 
 def test_a_field_naming_nothing_is_refused(daemon, tmp_path):
-    out = daemon.ctl("submit", _spec(tmp_path, "bad", """
+    out = daemon.ctl("submit", write_spec(tmp_path, "bad", """
         name = "bad"
         command = ["prog", "--lr={lr}"]
         num_trials = 1
@@ -148,7 +148,7 @@ def test_a_program_trial_is_adopted_after_the_daemon_is_killed(tmp_path):
     d = Daemon(tmp_path)
     d.start()
     try:
-        assert d.ctl("submit", _spec(tmp_path, "p", """
+        assert d.ctl("submit", write_spec(tmp_path, "p", """
             name = "p"
             command = ["{python}", "prog.py"]
             num_trials = 2

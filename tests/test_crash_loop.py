@@ -16,7 +16,8 @@ import textwrap
 import time
 from pathlib import Path
 
-from test_daemon import Daemon, _spec
+import pytest
+from helpers import Daemon, write_spec
 
 from tuned.executors.local import process_start_time
 
@@ -75,12 +76,13 @@ def _restart_after(d: Daemon, env: dict[str, str] | None, kill_after: float | No
     d.proc.wait()
 
 
+@pytest.mark.slow
 def test_killed_at_random_and_named_moments_it_loses_and_doubles_nothing(tmp_path):
     kills = int(os.environ.get("TUNED_KILLS", "10"))
     rng = random.Random(5)
     d = Daemon(tmp_path)
     d.start()
-    assert d.ctl("submit", _spec(tmp_path, "crash", f"""
+    assert d.ctl("submit", write_spec(tmp_path, "crash", f"""
         name = "crash"
         entry = "{_module(tmp_path)}:train"
         scheduler = "hyperband_promotion"
@@ -132,7 +134,7 @@ def _run_to_the_end(tmp_path: Path, module: Path, kills: int, rng: random.Random
     at random moments; return what the store holds at the end."""
     d = Daemon(tmp_path)
     d.start()
-    assert d.ctl("submit", _spec(tmp_path, "same", f"""
+    assert d.ctl("submit", write_spec(tmp_path, "same", f"""
         name = "same"
         entry = "{module}:train"
         scheduler = "hyperband"
@@ -163,6 +165,7 @@ def _run_to_the_end(tmp_path: Path, module: Path, kills: int, rng: random.Random
     return {"trials": trials, "reports": reports, "rungs": rungs, "best": best}
 
 
+@pytest.mark.slow
 def test_a_run_killed_again_and_again_ends_as_a_run_never_killed(tmp_path):
     kills = int(os.environ.get("TUNED_EQUIVALENCE_KILLS", "8"))
     module = tmp_path / "steady.py"

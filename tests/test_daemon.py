@@ -5,110 +5,18 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from pathlib import Path
 
 import pytest
-
-TOY = Path(__file__).parent.parent / "examples" / "toy_functions.py"
-
-
-def _cli(entry: str, *args: str, sock: str, timeout: float = 30) -> subprocess.CompletedProcess:
-    code = f"import sys; from tuned.cli import {entry}; sys.argv[0] = 'x'; {entry}()"
-    env = {**os.environ, "TUNED_SOCKET": sock}
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True,
-                          text=True, timeout=timeout, env=env)
-
-
-class Daemon:
-    """A `tuned serve` in temporary directories, with tunectl at hand."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.state = root / "state"
-        # Unix socket paths are short: keep this one under /tmp.
-        self.sock = os.path.join(tempfile.mkdtemp(prefix="td", dir="/tmp"), "run", "c.sock")
-        self.proc: subprocess.Popen | None = None
-        self.starts = 0
-        self.log_path: Path | None = None
-
-    def log(self) -> str:
-        """What the last daemon started wrote to stdout and stderr."""
-        return self.log_path.read_text() if self.log_path else ""
-
-    def start(self, wait: bool = True, env: dict[str, str] | None = None,
-              args: tuple[str, ...] = (), cpus: int | None = None) -> subprocess.Popen:
-        """Start `tuned serve` (with `cpus`, on that many of this machine's CPUs)."""
-        code = "import sys; from tuned.cli import tuned_main; sys.argv[0] = 'tuned'; tuned_main()"
-        if cpus is not None:
-            mine = sorted(os.sched_getaffinity(0))[:cpus]
-            code = f"import os; os.sched_setaffinity(0, {mine}); {code}"
-        # Its log goes to a file, never to a pipe nobody reads (a full pipe would block it).
-        self.log_path = self.root / f"daemon-{self.starts}.log"
-        self.starts += 1
-        with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", code, "serve", "--state-dir", str(self.state),
-                 "--socket", self.sock, *args], stdout=log, stderr=log, text=True,
-                env={**os.environ, **(env or {})})
-        if wait:
-            deadline = time.monotonic() + 20
-            while _cli("tunectl_main", "status", sock=self.sock).returncode != 0:
-                assert self.proc.poll() is None, self.log()
-                assert time.monotonic() < deadline, "the daemon did not come up"
-                time.sleep(0.05)
-        return self.proc
-
-    def ctl(self, *args: str) -> subprocess.CompletedProcess:
-        return _cli("tunectl_main", *args, sock=self.sock)
-
-    def json(self, *args: str) -> dict:
-        out = self.ctl("--json", *args)
-        assert out.returncode == 0, out.stderr
-        return json.loads(out.stdout)
-
-    def wait_state(self, experiment: str, states: tuple[str, ...], timeout: float = 60) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            exps = self.json("status", experiment)["experiments"]
-            if exps[0]["state"] in states:
-                return exps[0]
-            assert time.monotonic() < deadline, f"{experiment} stayed {exps[0]['state']}"
-            time.sleep(0.1)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(timeout=30)
-
-    def db(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.state / "tuned.db")
-
-
-def _spec(tmp_path: Path, name: str, body: str) -> str:
-    path = tmp_path / f"{name}.toml"
-    path.write_text(textwrap.dedent(body))
-    return str(path)
-
-
-def _toy_spec(tmp_path: Path, name: str, function: str = "train_fn", trials: int = 12,
-              extra: str = "") -> str:
-    return _spec(tmp_path, name, f"""
-        name = "{name}"
-        entry = "{TOY}:{function}"
-        num_trials = {trials}
-        seed = 3
-        {extra}
-    """)
+from helpers import Daemon, toy_spec, wait_until, write_spec
 
 
 def test_submit_status_best_trials_curves(daemon, tmp_path):
-    out = daemon.ctl("submit", _toy_spec(tmp_path, "hb", extra='scheduler = "hyperband"'))
+    out = daemon.ctl("submit", toy_spec(tmp_path, "hb", extra='scheduler = "hyperband"'))
     assert out.returncode == 0, out.stderr
     daemon.wait_state("hb", ("COMPLETED",))
     status = daemon.json("status")
@@ -130,7 +38,7 @@ def test_submit_status_best_trials_curves(daemon, tmp_path):
 
 
 def test_bad_spec_is_refused_with_every_problem(daemon, tmp_path):
-    path = _spec(tmp_path, "bad", """
+    path = write_spec(tmp_path, "bad", """
         name = "bad"
         entry = "nowhere.py:f"
         searcher = "nope"
@@ -146,7 +54,7 @@ def test_bad_spec_is_refused_with_every_problem(daemon, tmp_path):
 
 
 def test_name_taken_and_unknown_experiment(daemon, tmp_path):
-    path = _toy_spec(tmp_path, "twice", trials=2)
+    path = toy_spec(tmp_path, "twice", trials=2)
     assert daemon.ctl("submit", path).returncode == 0
     out = daemon.ctl("submit", path)
     assert out.returncode == 1 and "exists" in out.stderr
@@ -166,7 +74,7 @@ def test_pause_resume_and_stop(daemon, tmp_path):
                 time.sleep(0.05)
                 reporter(epoch=e + 1, accuracy=args.x * e)
     """))
-    path = _spec(tmp_path, "slow", f"""
+    path = write_spec(tmp_path, "slow", f"""
         name = "slow"
         entry = "{slow}:train"
         num_trials = 4
@@ -174,10 +82,8 @@ def test_pause_resume_and_stop(daemon, tmp_path):
     assert daemon.ctl("submit", path).returncode == 0
     time.sleep(0.5)
     assert daemon.json("pause", "slow")["state"] == "PAUSED"
-    deadline = time.monotonic() + 20
-    while daemon.json("status", "slow")["experiments"][0]["trials"].get("RUNNING"):
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    wait_until(lambda: not daemon.trials_in("slow", "RUNNING"), 20, "the trials' pausing",
+               every=0.1)
     paused = daemon.json("status", "slow")["experiments"][0]["trials"]
     assert paused.get("PAUSED", 0) >= 1
     assert daemon.json("resume", "slow")["state"] == "RUNNING"
@@ -188,7 +94,7 @@ def test_pause_resume_and_stop(daemon, tmp_path):
         counts = [r[0] for r in c.execute("SELECT COUNT(*) FROM reports GROUP BY trial_id")]
     assert counts == [40] * 4
 
-    assert daemon.ctl("submit", _spec(tmp_path, "slow2", f"""
+    assert daemon.ctl("submit", write_spec(tmp_path, "slow2", f"""
         name = "slow2"
         entry = "{slow}:train"
         num_trials = 10
@@ -203,10 +109,8 @@ def test_pause_resume_and_stop(daemon, tmp_path):
     assert daemon.json("stop", "slow2")["state"] == "STOPPED"
     ended = daemon.wait_state("slow2", ("STOPPED",))
     assert ended["reason"] == "stopped by the user"
-    deadline = time.monotonic() + 10
-    while daemon.json("status", "slow2")["experiments"][0]["trials"].get("RUNNING"):
-        assert time.monotonic() < deadline, "a stopped trial still runs"
-        time.sleep(0.1)
+    wait_until(lambda: not daemon.trials_in("slow2", "RUNNING"), 10,
+               "the stopped trials' end", every=0.1)
     rows = daemon.json("trials", "slow2", "--all")["trials"]
     states = {t["trial"]: (t["state"], t["error"]) for t in rows}
     # 400 epochs of 50 ms: none of them could finish; the killed one says so, and every other
@@ -244,7 +148,7 @@ def test_restart_after_sigkill_completes_without_doubling(tmp_path):
                     time.sleep(0.02)
                     reporter(epoch=e + 1, accuracy=args.x + np.random.uniform(0, 0.01))
         """))
-        assert d.ctl("submit", _spec(tmp_path, "k", f"""
+        assert d.ctl("submit", write_spec(tmp_path, "k", f"""
             name = "k"
             entry = "{slow}:train"
             num_trials = 30
@@ -276,7 +180,7 @@ def test_restart_after_sigkill_completes_without_doubling(tmp_path):
 
 def test_spool_accepts_and_rejects(daemon, tmp_path):
     inbox = daemon.state / "inbox"
-    good = Path(_toy_spec(tmp_path, "spooled", trials=3))
+    good = Path(toy_spec(tmp_path, "spooled", trials=3))
     staged = inbox / ".spooled.toml"
     staged.write_text(good.read_text())
     staged.rename(inbox / "spooled.toml")
@@ -321,7 +225,7 @@ def test_a_silent_trial_is_killed_after_report_timeout_and_retried(daemon, tmp_p
                 time.sleep(600)
             reporter(accuracy=args.x)
     """))
-    assert daemon.ctl("submit", _spec(tmp_path, "hang", f"""
+    assert daemon.ctl("submit", write_spec(tmp_path, "hang", f"""
         name = "hang"
         entry = "{hang}:train"
         num_trials = 1
@@ -336,7 +240,7 @@ def test_a_silent_trial_is_killed_after_report_timeout_and_retried(daemon, tmp_p
 
 
 def test_a_scheduled_experiment_waits_for_its_time(daemon, tmp_path):
-    path = _toy_spec(tmp_path, "later", trials=2, extra='schedule = "0 3 1 1 *"')
+    path = toy_spec(tmp_path, "later", trials=2, extra='schedule = "0 3 1 1 *"')
     assert daemon.json("submit", path)["state"] == "SCHEDULED"
     assert daemon.json("status", "later")["experiments"][0]["state"] == "SCHEDULED"
     assert daemon.json("status", "later")["experiments"][0]["trials"] == {}
@@ -368,7 +272,7 @@ def _argv_probe(tmp_path: Path) -> Path:
 @pytest.mark.parametrize("method", ["fork", "spawn"])
 def test_trials_come_from_the_template_or_a_fresh_interpreter(daemon, tmp_path, method):
     probe = _argv_probe(tmp_path)
-    assert daemon.ctl("submit", _spec(tmp_path, method, f"""
+    assert daemon.ctl("submit", write_spec(tmp_path, method, f"""
         name = "{method}"
         entry = "{probe}:train"
         num_trials = 3
@@ -388,7 +292,7 @@ def test_trials_come_from_the_template_or_a_fresh_interpreter(daemon, tmp_path, 
 def test_an_entry_that_fails_to_import_is_refused(daemon, tmp_path):
     broken = tmp_path / "broken.py"
     broken.write_text("raise RuntimeError('this module cannot be imported')\n")
-    out = daemon.ctl("submit", _spec(tmp_path, "broken", f"""
+    out = daemon.ctl("submit", write_spec(tmp_path, "broken", f"""
         name = "broken"
         entry = "{broken}:train"
         num_trials = 1
@@ -409,7 +313,7 @@ def test_watch_streams_starts_reports_and_ends(daemon, tmp_path):
         # Its first line (the status snapshot) means it is subscribed.
         first = json.loads(watcher.stdout.readline())
         assert "experiments" in first
-        assert daemon.ctl("submit", _toy_spec(tmp_path, "watched", trials=3)).returncode == 0
+        assert daemon.ctl("submit", toy_spec(tmp_path, "watched", trials=3)).returncode == 0
         daemon.wait_state("watched", ("COMPLETED",))
         time.sleep(0.5)
     finally:
@@ -441,7 +345,7 @@ def test_gpus_busy_with_foreign_processes_are_not_handed_out(tmp_path):
                 time.sleep(0.2)
                 reporter(accuracy=args.x, cuda=os.environ.get("CUDA_VISIBLE_DEVICES", ""))
         """))
-        assert d.ctl("submit", _spec(tmp_path, "g", f"""
+        assert d.ctl("submit", write_spec(tmp_path, "g", f"""
             name = "g"
             entry = "{probe}:train"
             num_trials = 4
@@ -459,7 +363,7 @@ def test_gpus_busy_with_foreign_processes_are_not_handed_out(tmp_path):
 
 
 def test_trials_pages_and_best_curves(daemon, tmp_path):
-    assert daemon.ctl("submit", _toy_spec(tmp_path, "paged", trials=8)).returncode == 0
+    assert daemon.ctl("submit", toy_spec(tmp_path, "paged", trials=8)).returncode == 0
     daemon.wait_state("paged", ("COMPLETED",))
     page = daemon.json("trials", "paged", "--limit", "3", "--offset", "2")
     assert [t["trial"] for t in page["trials"]] == [2, 3, 4] and page["total"] == 8
@@ -493,7 +397,7 @@ def test_a_start_missed_while_no_daemon_ran_happens_on_restart(tmp_path):
     t = datetime.now(timezone.utc) - timedelta(seconds=60)
     d = Daemon(tmp_path)
     d.start()
-    path = _toy_spec(tmp_path, "missed", trials=2,
+    path = toy_spec(tmp_path, "missed", trials=2,
                      extra=f'schedule = "{t.minute} {t.hour} * * *"')
     assert d.json("submit", path)["state"] == "SCHEDULED"
     d.stop()
@@ -523,7 +427,7 @@ def test_an_entry_that_imports_slowly_holds_up_nothing(daemon, tmp_path):
         def train(args, reporter):
             reporter(accuracy=args.x)
     """))
-    spec = _spec(tmp_path, "slow", f"""
+    spec = write_spec(tmp_path, "slow", f"""
         name = "slow"
         entry = "{module}:train"
         num_trials = 2
@@ -533,10 +437,8 @@ def test_an_entry_that_imports_slowly_holds_up_nothing(daemon, tmp_path):
                               env={**os.environ, "TUNED_SOCKET": daemon.sock},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 20
-        while not (daemon.state / "logs" / "slow" / "template.log").exists():
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_until((daemon.state / "logs" / "slow" / "template.log").exists, 20,
+                   "the template's start", every=0.05)
         started = time.monotonic()
         assert daemon.json("status")["experiments"] == []  # answered while it loads
         again = daemon.ctl("submit", spec)

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_daemon import Daemon, _spec
+from helpers import Daemon, wait_until, write_spec
 
 FAULTS = {
     # kind: (final state, a part of the error)
@@ -107,7 +107,7 @@ def daemon(tmp_path):
 
 def test_each_fault_fails_its_trial_with_its_reason_and_is_retried(daemon, tmp_path):
     kinds = list(FAULTS)
-    assert daemon.ctl("submit", _spec(tmp_path, "faults", f"""
+    assert daemon.ctl("submit", write_spec(tmp_path, "faults", f"""
         name = "faults"
         entry = "{_module(tmp_path, kinds)}:train"
         searcher = "grid"
@@ -137,12 +137,13 @@ def test_each_fault_fails_its_trial_with_its_reason_and_is_retried(daemon, tmp_p
     assert daemon.json("status")["experiments"][0]["state"] == "COMPLETED"  # still serving
 
 
+@pytest.mark.slow
 def test_a_soak_of_short_trials_with_faulty_ones_accounts_for_every_trial(daemon, tmp_path):
     count = int(os.environ.get("TUNED_SOAK_TRIALS", "150"))
     kinds = [f"ok{i}" for i in range(7)] + ["raise", "segfault", "silent_exit"]  # 30% faulty
     fds = len(os.listdir(f"/proc/{daemon.proc.pid}/fd"))
     started = time.monotonic()
-    assert daemon.ctl("submit", _spec(tmp_path, "soak", f"""
+    assert daemon.ctl("submit", write_spec(tmp_path, "soak", f"""
         name = "soak"
         entry = "{_module(tmp_path, kinds, 'x=tuned.space.Real(0, 1)')}:train"
         num_trials = {count}
@@ -197,15 +198,13 @@ def test_a_trial_that_ignores_sigterm_goes_with_its_group_after_the_grace(daemon
             reporter(accuracy=args.x)
             time.sleep(600)
     """))
-    assert daemon.ctl("submit", _spec(tmp_path, "stubborn", f"""
+    assert daemon.ctl("submit", write_spec(tmp_path, "stubborn", f"""
         name = "stubborn"
         entry = "{module}:train"
         num_trials = 1
     """)).returncode == 0
-    deadline = time.monotonic() + 20
-    while not list((tmp_path / "pids").iterdir()):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until(lambda: list((tmp_path / "pids").iterdir()), 20, "the trial's pid file",
+               every=0.05)
     (record,) = (tmp_path / "pids").iterdir()
     pids = [int(record.name), int(record.read_text())]
     time.sleep(0.3)

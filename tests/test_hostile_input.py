@@ -10,7 +10,8 @@ import socket
 import time
 from collections import Counter
 
-from test_daemon import _toy_spec
+import pytest
+from helpers import toy_spec
 
 from tuned.daemon.control import MAX_BAD_FRAMES
 from tuned.protocol.control import ERRORS
@@ -191,9 +192,10 @@ class _Fuzz:
         return (sum(c.sent for c in self.closed), sum(c.answered for c in self.closed))
 
 
+@pytest.mark.slow
 def test_ten_thousand_hostile_frames_leave_the_daemon_up_and_small(daemon, tmp_path):
     count = int(os.environ.get("TUNED_FUZZ_FRAMES", "10000"))
-    assert daemon.ctl("submit", _toy_spec(tmp_path, "toy", trials=3)).returncode == 0
+    assert daemon.ctl("submit", toy_spec(tmp_path, "toy", trials=3)).returncode == 0
     daemon.wait_state("toy", ("COMPLETED",))
     fuzz = _Fuzz(daemon.sock, random.Random(2026))
     fuzz.send(200)  # warm up: caches, first answers of every op

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_daemon import Daemon, _spec, _toy_spec
+from helpers import Daemon, toy_spec, wait_until, write_spec
 
 import tuned
 from tuned.core.lifecycle import (
@@ -108,16 +108,14 @@ def test_the_store_keeps_to_the_table(tmp_path):
 
 def test_stop_ends_stopped_and_stays_stopped_across_restarts(daemon, tmp_path):
     slow = _slow(tmp_path)
-    assert daemon.ctl("submit", _spec(tmp_path, "s", f"""
+    assert daemon.ctl("submit", write_spec(tmp_path, "s", f"""
         name = "s"
         entry = "{slow}:train"
         num_trials = 6
         max_concurrent = 2
     """)).returncode == 0
-    deadline = time.monotonic() + 20
-    while len([t for t in daemon.json("trials", "s")["trials"] if t["reports"]]) < 2:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until(lambda: len([t for t in daemon.json("trials", "s")["trials"]
+                            if t["reports"]]) >= 2, 20, "two trials' reports", every=0.05)
     pids = [t["pid"] for t in daemon.json("trials", "s")["trials"] if t["state"] == "RUNNING"]
     assert daemon.json("stop", "s")["state"] == "STOPPED"
     # Killed while its trials may still be stopping: the restart finishes the stop.
@@ -128,10 +126,8 @@ def test_stop_ends_stopped_and_stays_stopped_across_restarts(daemon, tmp_path):
     assert status["state"] == "STOPPED" and status["reason"] == "stopped by the user"
     assert set(status["trials"]) == {"FAILED"}  # the two running; no other was started
     assert set(_trial_states(daemon, "s")) == {("FAILED", "stopped by the user")}
-    deadline = time.monotonic() + 10
-    while any(_alive(p) for p in pids):
-        assert time.monotonic() < deadline, "a stopped trial lives on"
-        time.sleep(0.05)
+    wait_until(lambda: not any(_alive(p) for p in pids), 10, "the stopped trials' end",
+               every=0.05)
     daemon.stop()
     daemon.start()
     assert daemon.json("status", "s")["experiments"][0]["state"] == "STOPPED"
@@ -140,16 +136,14 @@ def test_stop_ends_stopped_and_stays_stopped_across_restarts(daemon, tmp_path):
 def test_a_stopped_experiment_resumed_with_more_trials_finishes_with_that_count(daemon,
                                                                                  tmp_path):
     short = _epochs(tmp_path, 4, 0.1)
-    assert daemon.ctl("submit", _spec(tmp_path, "r", f"""
+    assert daemon.ctl("submit", write_spec(tmp_path, "r", f"""
         name = "r"
         entry = "{short}:train"
         num_trials = 6
         max_concurrent = 1
     """)).returncode == 0
-    deadline = time.monotonic() + 30
-    while daemon.json("status", "r")["experiments"][0]["trials"].get("COMPLETED", 0) < 2:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until(lambda: daemon.trials_in("r", "COMPLETED") >= 2, 30, "2 completed trials",
+               every=0.05)
     assert daemon.json("stop", "r")["state"] == "STOPPED"
     stopped = daemon.wait_state("r", ("STOPPED",))
     made = sum(stopped["trials"].values())
@@ -164,7 +158,7 @@ def test_a_stopped_experiment_resumed_with_more_trials_finishes_with_that_count(
 
 def test_every_trial_failing_ends_failed_with_the_errors(daemon, tmp_path):
     raising = _raising(tmp_path)
-    assert daemon.ctl("submit", _spec(tmp_path, "bad", f"""
+    assert daemon.ctl("submit", write_spec(tmp_path, "bad", f"""
         name = "bad"
         entry = "{raising}:train"
         num_trials = 4
@@ -183,7 +177,7 @@ def test_every_trial_failing_ends_failed_with_the_errors(daemon, tmp_path):
 
 def test_max_failures_before_any_success_fails_the_experiment_early(daemon, tmp_path):
     raising = _raising(tmp_path)
-    assert daemon.ctl("submit", _spec(tmp_path, "early", f"""
+    assert daemon.ctl("submit", write_spec(tmp_path, "early", f"""
         name = "early"
         entry = "{raising}:train"
         num_trials = 50
@@ -197,7 +191,7 @@ def test_max_failures_before_any_success_fails_the_experiment_early(daemon, tmp_
 
 
 def test_a_budget_spent_with_some_success_is_completed_and_can_be_extended(daemon, tmp_path):
-    assert daemon.ctl("submit", _toy_spec(tmp_path, "toy", trials=3)).returncode == 0
+    assert daemon.ctl("submit", toy_spec(tmp_path, "toy", trials=3)).returncode == 0
     assert daemon.wait_state("toy", ("COMPLETED", "FAILED"))["state"] == "COMPLETED"
     out = daemon.ctl("--json", "resume", "toy")
     assert out.returncode == 1
@@ -215,7 +209,7 @@ def test_a_budget_spent_with_some_success_is_completed_and_can_be_extended(daemo
 
 def test_delete_frees_the_name_and_removes_logs_and_checkpoints(daemon, tmp_path):
     slow = _slow(tmp_path)
-    path = _spec(tmp_path, "d", f"""
+    path = write_spec(tmp_path, "d", f"""
         name = "d"
         entry = "{slow}:train"
         num_trials = 1
@@ -240,7 +234,7 @@ def test_delete_frees_the_name_and_removes_logs_and_checkpoints(daemon, tmp_path
 
 
 def test_a_delete_cut_short_is_finished_by_the_next_daemon(daemon, tmp_path):
-    assert daemon.ctl("submit", _toy_spec(tmp_path, "gone", trials=2)).returncode == 0
+    assert daemon.ctl("submit", toy_spec(tmp_path, "gone", trials=2)).returncode == 0
     daemon.wait_state("gone", ("COMPLETED",))
     daemon.stop()
     with daemon.db() as c:  # as if killed between marking it and removing its rows
@@ -253,7 +247,7 @@ def test_a_delete_cut_short_is_finished_by_the_next_daemon(daemon, tmp_path):
 
 
 def test_export_csv_has_the_space_as_columns_and_a_row_per_trial(daemon, tmp_path):
-    assert daemon.ctl("submit", _toy_spec(tmp_path, "ex", trials=5)).returncode == 0
+    assert daemon.ctl("submit", toy_spec(tmp_path, "ex", trials=5)).returncode == 0
     daemon.wait_state("ex", ("COMPLETED",))
     out = daemon.ctl("export", "ex", "--format", "csv")
     assert out.returncode == 0, out.stderr
@@ -271,10 +265,10 @@ def test_export_csv_has_the_space_as_columns_and_a_row_per_trial(daemon, tmp_pat
 
 def test_a_spec_larger_than_the_machine_is_refused_at_submit(daemon, tmp_path):
     cpus = daemon.json("status")["cpus"]
-    out = daemon.ctl("submit", _toy_spec(tmp_path, "huge", extra=f"num_cpus = {cpus + 1}"))
+    out = daemon.ctl("submit", toy_spec(tmp_path, "huge", extra=f"num_cpus = {cpus + 1}"))
     assert out.returncode == 1
     assert f"num_cpus: {cpus + 1:g} per trial, but this machine has {cpus:g} CPU" in out.stderr
-    out = daemon.ctl("submit", _toy_spec(tmp_path, "gpu", extra="num_gpus = 1"))
+    out = daemon.ctl("submit", toy_spec(tmp_path, "gpu", extra="num_gpus = 1"))
     assert out.returncode == 1 and "num_gpus: 1 per trial, but this machine has 0 GPUs" \
         in out.stderr
     assert daemon.json("status")["experiments"] == []
@@ -300,7 +294,7 @@ def test_a_larger_trial_is_not_starved_by_later_smaller_ones(tmp_path):
                     reporter(epoch=e + 1, accuracy=args.x)
         """)
         for name, cpus, trials in (("small", 0.5, 20), ("big", 1, 1)):
-            assert d.ctl("submit", _spec(tmp_path, name, f"""
+            assert d.ctl("submit", write_spec(tmp_path, name, f"""
                 name = "{name}"
                 entry = "{paced}:train"
                 num_trials = {trials}
@@ -329,7 +323,7 @@ def test_a_larger_trial_is_not_starved_by_later_smaller_ones(tmp_path):
 
 
 def test_json_anywhere_errors_as_json_and_not_found_codes(daemon, tmp_path):
-    assert daemon.ctl("submit", _toy_spec(tmp_path, "j", trials=2)).returncode == 0
+    assert daemon.ctl("submit", toy_spec(tmp_path, "j", trials=2)).returncode == 0
     daemon.wait_state("j", ("COMPLETED",))
     after = daemon.ctl("status", "j", "--json")
     assert after.returncode == 0

@@ -5,11 +5,10 @@ from __future__ import annotations
 import os
 import signal
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
-from test_daemon import Daemon, _spec
+from helpers import Daemon, wait_until, write_spec
 
 import tuned as ag
 from tuned.trial.proctitle import set_title
@@ -45,10 +44,7 @@ def _sleeper(tmp_path: Path) -> Path:
 
 def _running_trial(daemon: Daemon, experiment: str, marker: Path) -> dict:
     """The experiment's one trial, once its function runs (it made `marker`)."""
-    deadline = time.monotonic() + 30
-    while not marker.exists():
-        assert time.monotonic() < deadline, daemon.log()
-        time.sleep(0.05)
+    wait_until(marker.exists, 30, daemon.log, every=0.05)
     (trial,) = daemon.json("trials", experiment)["trials"]
     assert trial["state"] == "RUNNING" and trial["pid"], trial
     return trial
@@ -58,7 +54,7 @@ def _running_trial(daemon: Daemon, experiment: str, marker: Path) -> dict:
 def test_a_daemon_trial_and_its_template_are_titled(daemon, tmp_path, method):
     module = _sleeper(tmp_path)
     name = f"titled-{method}"
-    assert daemon.ctl("submit", _spec(tmp_path, name, f"""
+    assert daemon.ctl("submit", write_spec(tmp_path, name, f"""
         name = "{name}"
         entry = "{module}:train"
         num_trials = 1

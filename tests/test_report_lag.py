@@ -14,7 +14,7 @@ import threading
 import time
 
 import pytest
-from test_daemon import Daemon, _spec
+from helpers import Daemon, write_spec
 
 import tuned as ag
 from tuned.trial.reporter import WINDOW, Reconnect, Reporter, TrialStopped
@@ -250,6 +250,7 @@ def test_a_lagged_trial_that_returns_right_after_its_reports_has_them_all_stored
 # -- the daemon killed while reports are in flight -------------------------------------------
 
 
+@pytest.mark.slow
 def test_daemon_killed_while_lagged_reports_fly_loses_and_doubles_nothing(tmp_path):
     acks = tmp_path / "acks"
     acks.mkdir()
@@ -266,7 +267,7 @@ def test_daemon_killed_while_lagged_reports_fly_loses_and_doubles_nothing(tmp_pa
     """))
     d = Daemon(tmp_path)
     d.start()
-    assert d.ctl("submit", _spec(tmp_path, "lag", f"""
+    assert d.ctl("submit", write_spec(tmp_path, "lag", f"""
         name = "lag"
         entry = "{module}:train"
         num_trials = 4

@@ -6,10 +6,11 @@ import os
 import socket
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import wait_until
 
 from tuned.daemon.spool import Later, Outcome, Spool
 from tuned.experiment.spec import SpecError
@@ -221,15 +222,6 @@ def test_periodic_scan_finds_files_without_the_observer(spool: Spool, clock: Fak
     assert submitter.seen == [("exp.toml", GOOD)]
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return condition()
-
-
 @pytest.mark.parametrize("write", ["rename", "in place"])
 def test_observer_makes_a_scan_pending(spool: Spool, submitter: Submitter, write: str) -> None:
     assert spool.start()
@@ -240,7 +232,7 @@ def test_observer_makes_a_scan_pending(spool: Spool, submitter: Submitter, write
             drop(spool, "exp.toml")
         else:
             (spool.inbox / "exp.toml").write_text(GOOD)
-        assert wait_for(spool.pending)
+        assert wait_until(spool.pending)
         assert os.read(spool.fileno(), 1)  # the selector-facing descriptor is readable
         assert submitter.seen == []  # the watchdog thread never submits
         assert one(spool.poll()).status == "accepted"

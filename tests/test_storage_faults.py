@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import Daemon, write_spec
 from make_fixtures import schema
-from test_daemon import Daemon, _spec
 
 import tuned as ag
 from tuned.store.database import (
@@ -466,7 +466,7 @@ def test_a_full_disk_stops_the_daemon_with_a_clear_error_and_a_restart_goes_on(t
     acks = tmp_path / "acks"
     try:
         _write_disk_train(tmp_path, acks, d.proc.pid, fill_after=4, epochs=6, pause=0.03)
-        assert d.ctl("submit", _spec(tmp_path, "full", f"""
+        assert d.ctl("submit", write_spec(tmp_path, "full", f"""
             name = "full"
             entry = "{tmp_path / 'disk_train.py'}:train"
             num_trials = 2
