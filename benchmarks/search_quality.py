@@ -276,7 +276,7 @@ _ASHA = {"grace_period": 1, "reduction_factor": 3}
 # little on lcbench (see the rank correlations this script prints).
 _ASHA3 = {"grace_period": 3, "reduction_factor": 3}
 # A smaller model and fewer candidates than bayesopt's defaults (1000, 256): each suggestion
-# about 3 times cheaper, the search worse (see the README's "Search quality").
+# about 3 times cheaper, the search worse (see docs/search-quality.md).
 _BO_SMALL = {"candidates": 500, "max_points": 128}
 #: The methods by name. Hooks: a method whose searcher or scheduler tuned does not have
 #: (yet) is listed as not available and skipped (`available` checks); add new ones here.

@@ -1,5 +1,5 @@
 """Report from a program that a ``command = [...]`` spec runs: the Python side of the report
-channel (README, "The report channel").
+channel (docs/report-channel.md).
 
     import tuned.report as report
 

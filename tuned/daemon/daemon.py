@@ -10,7 +10,7 @@ On start it recovers: every experiment not finished goes on. A trial left RUNNIN
 process still lives (same pid, same start time) is adopted: it keeps its CPUs and GPUs, and
 its reporter, which lost its channel with the old daemon, reconnects to the control socket
 (op ``adopt``; the trial is known by the peer's pid) and resends its unanswered report. A
-trial whose process is gone runs again, its attempt counted (DESIGN.md, invariant 3).
+trial whose process is gone runs again, its attempt counted (docs/architecture.md, invariant 3).
 
 On SIGTERM or SIGINT the daemon leaves its trials running (they wait for the next daemon to
 adopt them, see `tuned.trial.reporter.Reconnect`), unless it was told `stop_trials`: then they are

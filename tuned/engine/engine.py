@@ -1,7 +1,7 @@
 """The engine: runs one experiment with its searcher, its trial scheduler, the store and an
 executor. The in-process API and the daemon both drive experiments through it.
 
-Guarantees (see DESIGN.md, invariants):
+Guarantees (docs/architecture.md, "The invariants"):
 - a suggestion is stored with the searcher state that produced it before its trial starts;
 - a report is stored with its decision (and rung entries) before the trial hears the decision,
   and a report resent with a sequence number already stored gets the stored decision back;

@@ -6,8 +6,8 @@ Layout of a trial's directory (one per trial, kept across its attempts)::
     ckpt-<seq>.<token>.data  the bytes it describes
 
 `seq` is the number of reports the trial had sent when it saved: a trial resumed from the
-checkpoint numbers its next report `seq + 1` (DESIGN.md, invariant 2 keeps reports resent
-from there exactly-once). Writing (DESIGN.md, invariant 4): the data goes to a temp file,
+checkpoint numbers its next report `seq + 1` (docs/architecture.md, invariant 2 keeps reports resent
+from there exactly-once). Writing (docs/architecture.md, invariant 4): the data goes to a temp file,
 fsynced, renamed to its unique name; then the record likewise; then the directory is
 fsynced. The record is the commit point: a process killed at any instant leaves either the
 new checkpoint committed or the previous one still the latest, never a torn one. `latest()`

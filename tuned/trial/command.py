@@ -3,7 +3,7 @@
 The program is exec'd in the trial's process (forked by the experiment's template, so the
 pid the daemon stored is the program's), in the spec's `workdir`, with its output in the
 trial's log. It learns its trial from its environment and reports over the channel whose
-file descriptor `TUNED_REPORT_FD` names (the protocol: README, "The report channel";
+file descriptor `TUNED_REPORT_FD` names (the protocol: docs/report-channel.md;
 `tuned.report` speaks it for Python programs):
 
 - ``TUNED_REPORT_FD``: the report channel, a stream socket carrying JSON lines;
