@@ -1,4 +1,4 @@
-"""Trials outlive their daemon: a restarted daemon adopts the live ones (DESIGN.md,
+"""Trials outlive their daemon: a restarted daemon adopts the live ones (docs/architecture.md,
 invariant 3), with real daemons, real trials (each with a child process of its own), fake
 GPUs, SIGKILL and SIGTERM."""
 

@@ -1,4 +1,5 @@
-"""Trial checkpoints: atomic, checksummed, the latest good one wins (DESIGN.md invariant 4)."""
+"""Trial checkpoints: atomic, checksummed, the latest good one wins (docs/architecture.md,
+invariant 4)."""
 
 from __future__ import annotations
 
