@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tuned._version import __version__
 from tuned.core.lifecycle import BadTransition
@@ -22,9 +22,6 @@ from tuned.executors.template import TemplateExecutor
 from tuned.experiment.spec import ExperimentSpec, SpecError
 from tuned.protocol.control import is_text
 from tuned.store import views
-
-if TYPE_CHECKING:
-    from tuned.daemon.daemon import Daemon, Runner
 
 log = logging.getLogger("tuned.daemon")
 
@@ -39,9 +36,10 @@ class OpError(Exception):
 
 
 class Ops:
-    """The op handlers of daemon `d` (they read and change its store, runners and loop)."""
+    """The op handlers of daemon `d`, a `tuned.daemon.daemon.Daemon` (they read and change
+    its store, runners and loop; not imported here, which would close a circle)."""
 
-    def __init__(self, d: Daemon):
+    def __init__(self, d: Any):
         self.d = d
 
     def dispatch(self, op: str, args: dict[str, Any], conn: Any = None) -> dict[str, Any]:
@@ -76,7 +74,7 @@ class Ops:
         assert self.d.store is not None
         return views.experiment(self.d.store, args.get("experiment"))
 
-    def _runner(self, args: dict[str, Any]) -> Runner:
+    def _runner(self, args: dict[str, Any]) -> Any:
         exp = self._experiment(args)
         runner = self.d.runners.get(exp.id)
         if runner is None or runner.engine.ended is not None:
