@@ -1,3 +1,3 @@
 """`tuned serve`: the loop, its ops, the control socket (server and client), the spool,
 systemd notification and the default paths. Importing this package imports nothing more:
-`tunectl` loads only `tuned.daemon.daemon.client`."""
+`tunectl` loads only `tuned.daemon.client`."""

@@ -1,2 +1,2 @@
-"""The store: SQLite, the state of record (`tuned.store.database.database`, whose docstring is the
+"""The store: SQLite, the state of record (`tuned.store.database`, whose docstring is the
 contract), and the read models the faces answer with (`views`, `export`)."""
