@@ -583,7 +583,8 @@ def measure_overhead(cli: argparse.Namespace, folder: str) -> list[Row]:
         times = _fresh(folder, key)
         result, rss, pss = run_child(["--child", "optuna", "--n", str(cli.optuna_trials),
                                       "--times", times, "--jobs", str(jobs)])
-        rows.append(_row(label, result, times, rss, pss, "none (threads)", "yes"))
+        isolation = "none (threads)" if jobs > 1 else "none"
+        rows.append(_row(label, result, times, rss, pss, isolation, "yes"))
     if "ray" not in cli.skip:
         try:
             import ray  # noqa: F401
