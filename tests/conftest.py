@@ -8,8 +8,9 @@ from helpers import Daemon
 
 @pytest.fixture
 def daemon(tmp_path):
-    """A `tuned serve` on temporary directories (see `test_daemon.Daemon`), stopped after."""
+    """A `tuned serve` on temporary directories (`helpers.Daemon`); stopped after, and the
+    trials it left running ended."""
     d = Daemon(tmp_path)
     d.start()
     yield d
-    d.stop()
+    d.close()

@@ -113,6 +113,22 @@ class Daemon:
             self.proc.send_signal(signal.SIGTERM)
             self.proc.wait(timeout=30)
 
+    def close(self) -> None:
+        """`stop`, then end the trials it left running (a daemon leaves its trials to the
+        next one, which a test that is over will never start): SIGKILL to the process group
+        of each trial the store holds RUNNING, if that very process still runs."""
+        self.stop()
+        if not (self.state / "tuned.db").exists():
+            return
+        with self.db() as c:
+            rows = c.execute("SELECT pid, pid_start FROM trials WHERE state = 'RUNNING' "
+                             "AND pid IS NOT NULL").fetchall()
+        from tuned.engine.executor import RunRef
+        from tuned.executors.local import terminate
+
+        for pid, start in rows:
+            terminate(RunRef(pid, start))
+
     def db(self) -> sqlite3.Connection:
         return sqlite3.connect(self.state / "tuned.db")
 

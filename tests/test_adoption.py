@@ -117,7 +117,7 @@ def test_live_trials_are_adopted_by_a_restarted_daemon(tmp_path, sig):
         helpers = [int(p.name) for p in marks.iterdir()]
         assert len(helpers) >= 8 and not any(_alive(pid) for pid in helpers)
     finally:
-        d.stop()
+        d.close()
 
 
 def test_stop_trials_stops_them_and_they_run_again(tmp_path):
@@ -145,7 +145,7 @@ def test_stop_trials_stops_them_and_they_run_again(tmp_path):
         d.start(args=("--stop-trials",))
         assert d.wait_state("s", ("COMPLETED",))["trials"] == {"COMPLETED": 3}
     finally:
-        d.stop()
+        d.close()
 
 
 def test_an_adopted_trial_that_dies_while_no_daemon_runs_runs_again(tmp_path):
@@ -174,4 +174,4 @@ def test_an_adopted_trial_that_dies_while_no_daemon_runs_runs_again(tmp_path):
                                "WHERE trial_id = ?", (victim,)).fetchone()
             assert counts == (EPOCHS, EPOCHS)
     finally:
-        d.stop()
+        d.close()

@@ -103,7 +103,7 @@ def test_a_paused_trial_resumes_from_its_checkpoint(tmp_path):
         assert d.wait_state("p", ("COMPLETED",))["trials"] == {"COMPLETED": 2}
         _check_resumed(d)
     finally:
-        d.stop()
+        d.close()
 
 
 def test_a_checkpoint_saved_before_its_report_is_caught_on_resume(tmp_path):
@@ -126,7 +126,7 @@ def test_a_checkpoint_saved_before_its_report_is_caught_on_resume(tmp_path):
         assert any(e and "a checkpoint must be saved after the report" in e for e in errors), \
             errors
     finally:
-        d.stop()
+        d.close()
 
 
 def test_trials_stopped_with_their_daemon_resume_from_their_checkpoints(tmp_path):
@@ -145,7 +145,7 @@ def test_trials_stopped_with_their_daemon_resume_from_their_checkpoints(tmp_path
         left = sorted(p.name for p in (d.state / "checkpoints" / "r").iterdir())
         assert left == [f"trial-{best}"]
     finally:
-        d.stop()
+        d.close()
 
 
 def test_promoted_trials_resume_from_checkpoints_across_a_daemon_restart(tmp_path):
@@ -201,4 +201,4 @@ def test_promoted_trials_resume_from_checkpoints_across_a_daemon_restart(tmp_pat
             resumed += len(starts) > 1
         assert resumed >= 2 and any(len(r) == 8 for r in by_trial.values())
     finally:
-        d.stop()
+        d.close()

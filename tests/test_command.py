@@ -172,7 +172,7 @@ def test_a_program_trial_is_adopted_after_the_daemon_is_killed(tmp_path):
             attempts = {a for (a,) in c.execute("SELECT attempt FROM trials")}
         assert attempts == {1}, "a trial ran again instead of being adopted"
     finally:
-        d.stop()
+        d.close()
 
 
 def _reports(d: Daemon) -> int:

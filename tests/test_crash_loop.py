@@ -109,7 +109,9 @@ def test_killed_at_random_and_named_moments_it_loses_and_doubles_nothing(tmp_pat
         _check_consistent(d)
         done = d.wait_state("crash", ("COMPLETED",), timeout=180)
         assert sum(done["trials"].values()) == 30
-        assert set(done["trials"]) <= {"COMPLETED", "STOPPED"}, done
+        assert set(done["trials"]) <= {"COMPLETED", "STOPPED"}, (done, [
+            (t["trial"], t["attempt"], t["error"]) for t in d.json("trials", "crash", "--all")[
+                "trials"] if t["state"] == "FAILED"], d.log()[-3000:])
         with sqlite3.connect(d.state / "tuned.db") as c:
             stored = {(n, s) for n, s in c.execute(
                 "SELECT t.number, r.seq FROM reports r JOIN trials t ON t.id = r.trial_id")}
@@ -126,7 +128,7 @@ def test_killed_at_random_and_named_moments_it_loses_and_doubles_nothing(tmp_pat
         print(f"crash loop: {len(plan)} kills ({len(NAMED)} at named points), "
               f"{len(acked)} acknowledged reports all stored once, best {json.dumps(best)}")
     finally:
-        d.stop()
+        d.close()
 
 
 def _run_to_the_end(tmp_path: Path, module: Path, kills: int, rng: random.Random) -> dict:
@@ -154,7 +156,7 @@ def _run_to_the_end(tmp_path: Path, module: Path, kills: int, rng: random.Random
         d.wait_state("same", ("COMPLETED",), timeout=180)
         best = d.json("best", "same")
     finally:
-        d.stop()
+        d.close()
     with sqlite3.connect(d.state / "tuned.db") as c:
         trials = c.execute("SELECT number, config, state, bracket FROM trials "
                            "ORDER BY number").fetchall()

@@ -175,7 +175,7 @@ def test_restart_after_sigkill_completes_without_doubling(tmp_path):
             running = c.execute("SELECT COUNT(*) FROM trials WHERE state = 'RUNNING'")
             assert running.fetchone()[0] == 0
     finally:
-        d.stop()
+        d.close()
 
 
 def test_spool_accepts_and_rejects(daemon, tmp_path):
@@ -359,7 +359,7 @@ def test_gpus_busy_with_foreign_processes_are_not_handed_out(tmp_path):
         assert seen == {"GPU-a"}
         assert d.json("status")["gpus_busy_foreign"] == {"GPU-b": [999999]}
     finally:
-        d.stop()
+        d.close()
 
 
 def test_trials_pages_and_best_curves(daemon, tmp_path):
@@ -412,7 +412,7 @@ def test_a_start_missed_while_no_daemon_ran_happens_on_restart(tmp_path):
         done = d.wait_state("missed", ("COMPLETED",), timeout=40)
         assert done["trials"] == {"COMPLETED": 2}
     finally:
-        d.stop()
+        d.close()
 
 
 def test_an_entry_that_imports_slowly_holds_up_nothing(daemon, tmp_path):

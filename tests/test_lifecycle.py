@@ -316,7 +316,7 @@ def test_a_larger_trial_is_not_starved_by_later_smaller_ones(tmp_path):
         later = [s for n, s in rows if n == "small" and s > big_start]
         assert len(later) >= 15, "big waited for most of small's trials"
     finally:
-        d.stop()
+        d.close()
 
 
 # -- the command line, for scripts ----------------------------------------------------------

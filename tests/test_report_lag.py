@@ -304,4 +304,4 @@ def test_daemon_killed_while_lagged_reports_fly_loses_and_doubles_nothing(tmp_pa
             acked = [int(s) for s in p.read_text().split()]
             assert acked == sorted(acked) and acked[-1] <= 2000
     finally:
-        d.stop()
+        d.close()

@@ -494,7 +494,7 @@ def test_a_full_disk_stops_the_daemon_with_a_clear_error_and_a_restart_goes_on(t
         d.start()
         assert d.wait_state("full", ("COMPLETED",), timeout=60)["trials"] == {"COMPLETED": 2}
     finally:
-        d.stop()
+        d.close()
     _assert_each_trial_reported_once_per_epoch(db, epochs=6)
     with sqlite3.connect(db) as conn:
         for tid, _, attempt in waiting:
