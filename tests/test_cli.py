@@ -136,6 +136,31 @@ def test_export_csv_and_jsonl_from_a_store(db, tmp_path):
     assert [(r["trial"], r["seq"], r["acc"]) for r in rows] == [(0, 1, 0.2), (1, 1, 0.8)]
 
 
+def test_export_in_pages_gives_what_one_page_gives(tmp_path):
+    store = Store(tmp_path / "p.db")
+    exp = store.create_experiment("exp", {"space": {"x": {"type": "int", "lower": 0,
+                                                          "upper": 9}}})
+    for n in range(5):
+        tid = store.add_trial(exp.id, n, {"x": n}, 0)
+        store.claim_trial(tid, 1)
+        for seq in (1, 2, 3):
+            store.record_report(tid, seq, seq, n + seq / 10, n + seq / 10,
+                                json.dumps({"acc": n + seq / 10, "epoch": seq}),
+                                Decision.CONTINUE)
+        store.finish_trial(tid, TrialState.COMPLETED)
+    store.close()
+    paged = ("import sys, tuned.cli as c; c.EXPORT_PAGE = 2; sys.argv[0] = 'x'; "
+             "c.tuned_main()")
+    for extra in ((), ("--reports",)):
+        args = ("export", "--db", str(tmp_path / "p.db"), *extra, "exp")
+        whole = _run("tuned", *args)
+        pages = subprocess.run([sys.executable, "-c", paged, *args], capture_output=True,
+                               text=True, timeout=60)
+        assert whole.returncode == pages.returncode == 0, pages.stderr
+        assert pages.stdout == whole.stdout
+        assert len(whole.stdout.splitlines()) == 1 + (15 if extra else 5)
+
+
 def test_experiment_names_complete_from_the_store(db):
     out = _run("tuned", env={"_TUNED_COMPLETE": "bash_complete",
                              "COMP_WORDS": f"tuned best --db {db} e", "COMP_CWORD": "4"})

@@ -381,6 +381,19 @@ def test_in_process_every_trial_failing_raises_and_resume_starts_afresh(tmp_path
                           ["RuntimeError: no GPU memory"])
 
 
+def test_in_process_a_trial_larger_than_the_machine_is_refused(tmp_path):
+    @tuned.args(x=tuned.space.Real(0, 1))
+    def train(args, reporter):
+        reporter(accuracy=args.x)
+
+    cpus = len(os.sched_getaffinity(0))
+    with pytest.raises(ValueError, match=rf"^resource: num_cpus={cpus + 1} per trial, but "
+                                         rf"this machine has {cpus} CPU"):
+        tuned.scheduler.FIFOScheduler(train, num_trials=1, resource={"num_cpus": cpus + 1},
+                                      checkpoint=str(tmp_path / "t.db"))
+    assert not (tmp_path / "t.db").exists()  # refused before anything was stored
+
+
 def test_in_process_trials_frame_and_best_so_far(tmp_path):
     import pandas  # the test extra installs it
 

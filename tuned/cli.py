@@ -19,6 +19,7 @@ the server in `tuned.daemon.control`) for `tunectl`.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -47,17 +48,25 @@ TOP_CURVES = 20
 EXPORT_PAGE = 5000
 
 
-class Failure(Exception):
-    """A command's failure: `code` from the protocol's error table, and a message."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
 def fail(code: str, message: str) -> NoReturn:
-    raise Failure(code, message)
+    """End the command with an error of the protocol's table (`code`) and its exit code."""
+    from tuned.protocol.control import ProtocolError
+
+    raise ProtocolError(code, message)
+
+
+@contextlib.contextmanager
+def _talking(socket_path: str) -> Iterator[None]:
+    """Talk to the daemon: its error answers end the command as they are (`ProtocolError`),
+    no daemon at the socket as `no_daemon`, any other failure of the channel as `error`."""
+    from tuned.daemon.client import ControlError, DaemonNotRunning
+
+    try:
+        yield
+    except DaemonNotRunning as exc:
+        fail("no_daemon", f"no tuned daemon at {socket_path} ({exc})")
+    except ControlError as exc:
+        fail("error", str(exc))
 
 
 class _Output:
@@ -84,16 +93,16 @@ def _json_flag(command: Any) -> Any:
 def run(group: click.Group, args: list[str] | None, prog: str) -> NoReturn:
     """Run `group` on `args` (default: the process's) and exit with the documented code;
     errors are printed as the run's `--json` asks (see the module docstring)."""
-    from tuned.protocol.control import exit_code_for
+    from tuned.protocol.control import ProtocolError
 
     args = sys.argv[1:] if args is None else list(args)
     head = args[:args.index("--")] if "--" in args else args
     OUTPUT.json = "--json" in head
     try:
         code = group.main(args=args, prog_name=prog, standalone_mode=False)
-    except Failure as exc:
+    except ProtocolError as exc:  # the daemon's error answers, the views' and `fail`'s
         _print_error(exc.code, exc.message)
-        code = exit_code_for(exc.code)
+        code = exc.exit_code
     except click.UsageError as exc:
         hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
         _print_error("usage", exc.format_message() + hint)
@@ -247,35 +256,38 @@ def export_options(command: Any) -> Any:
     return command
 
 
-def write_export(fetch: Callable[[int | None, Any, Any], dict[str, Any]], reports: bool,
+def write_export(fetch: Callable[[int, Any, Any], dict[str, Any]], reports: bool,
                  fmt: str, output: str | None) -> None:
-    """Write every page `fetch(offset, after, columns)` gives (export answers: `columns`,
-    `rows`) as CSV or JSON Lines to `output` (default stdout). A file is written whole or
-    not at all (a temporary name, renamed at the end)."""
-    from tuned.store.export import write_csv, write_jsonl
+    """Write every page of export answers (`columns`, `rows`) as CSV or JSON Lines to
+    `output` (default stdout). `fetch(offset, after, columns)` answers one page: trials from
+    position `offset`, or reports after `after`, the [trial, seq] of the page before's last
+    row (None: from the start), with the first page's `columns` (None: read them). A file is
+    written whole or not at all (a temporary name, renamed at the end)."""
+    from tuned.store.export import iter_pages, write_csv, write_jsonl
 
     first = fetch(0, None, None)
     columns = first["columns"]
+    last: list[dict[str, Any]] = []
 
-    def pages() -> Iterator[list[dict[str, Any]]]:
-        page, offset = first, 0
-        while True:
-            yield page["rows"]
-            if len(page["rows"]) < EXPORT_PAGE:
-                return
-            offset += len(page["rows"])
-            last = page["rows"][-1]
-            page = fetch(offset, [last["trial"], last["seq"]] if reports else None,
-                         columns if reports else None)
+    def rows(offset: int, limit: int) -> list[dict[str, Any]]:
+        if offset == 0:
+            page = first["rows"]
+        elif reports:
+            page = fetch(offset, [last[0]["trial"], last[0]["seq"]], columns)["rows"]
+        else:
+            page = fetch(offset, None, None)["rows"]
+        last[:] = page[-1:]
+        return page
 
     target = output + ".tmp" if output else None
     try:
         with (open(target, "w", newline="", encoding="utf-8") if target
               else _stdout()) as out:
+            pages = iter_pages(rows, EXPORT_PAGE)
             if fmt == "csv":
-                write_csv(pages(), columns, out)
+                write_csv(pages, columns, out)
             else:
-                write_jsonl(pages(), out)
+                write_jsonl(pages, out)
         if target:
             os.replace(target, output)
     except OSError as exc:
@@ -310,18 +322,22 @@ def _store_candidates() -> list[str]:
     return list(dict.fromkeys(places))
 
 
+def _found_store() -> str | None:
+    """The first of `_store_candidates` that exists, or None."""
+    return next((p for p in _store_candidates() if os.path.isfile(p)), None)
+
+
 def _open(db: str | None) -> Any:
-    """The store to read (`db`, or the first of `_store_candidates` that exists), opened
-    read-only: nothing is created. Failure `not_found` when there is none, `unavailable`
-    when it cannot be read."""
+    """The store to read (`db`, or `_found_store()`), opened read-only: nothing is created.
+    Ends the command with `not_found` when there is none, `unavailable` when it cannot be
+    read."""
     from tuned.store.database import Store, StoreError, StoreMissing
 
     if db is None:
-        found = [p for p in _store_candidates() if os.path.isfile(p)]
-        if not found:
+        db = _found_store()
+        if db is None:
             fail("not_found", "no store found (looked at "
                  f"{', '.join(_store_candidates())}); give --db FILE")
-        db = found[0]
     try:
         return Store(db, readonly=True)
     except StoreMissing as exc:
@@ -330,20 +346,10 @@ def _open(db: str | None) -> Any:
         fail("unavailable", str(exc))
 
 
-def _view(call: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
-    """A `tuned.store.views` answer; its ProtocolError becomes this run's Failure."""
-    from tuned.protocol.control import ProtocolError
-
-    try:
-        return call(*args)
-    except ProtocolError as exc:
-        fail(exc.code, exc.message)
-
-
 def _store_experiment(store: Any, name: str) -> Any:
     from tuned.store import views
 
-    return _view(views.experiment, store, name)
+    return views.experiment(store, name)
 
 
 def _complete_stored(ctx: click.Context, param: click.Parameter,
@@ -352,8 +358,7 @@ def _complete_stored(ctx: click.Context, param: click.Parameter,
     try:
         from tuned.store.database import Store
 
-        db = ctx.params.get("db") or next(
-            (p for p in _store_candidates() if os.path.isfile(p)), None)
+        db = ctx.params.get("db") or _found_store()
         if db is None:
             return []
         store = Store(db, readonly=True)
@@ -406,7 +411,7 @@ def best_cmd(db: str | None, experiment: str) -> None:
     from tuned.store import views
 
     store = _open(db)
-    data = _view(views.best, store, _store_experiment(store, experiment))
+    data = views.best(store, _store_experiment(store, experiment))
     emit(data, lambda: render.best_line(data))
 
 
@@ -444,8 +449,7 @@ def curves_cmd(db: str | None, experiment: str, metric: str | None, png: str | N
         show_progress(views.progress(store, exp), png)
         return
     args = curves_args(metric, top, show_all)
-    show_curves(_view(views.curves, store, exp, args.get("metric"), args.get("top")), png,
-                show_all)
+    show_curves(views.curves(store, exp, args.get("metric"), args.get("top")), png, show_all)
 
 
 @tuned_group.command("export")
@@ -509,20 +513,13 @@ class Ctl:
         self.socket_path = socket_path
 
     def call(self, op: str, timeout: float = 10.0, **args: Any) -> dict[str, Any]:
-        """One request, answered within `timeout` seconds; Failure with the error's code
-        (`no_daemon` when nothing listens)."""
-        from tuned.daemon.client import ControlClient, ControlError, DaemonNotRunning
-        from tuned.protocol.control import ProtocolError
+        """One request, answered within `timeout` seconds (errors end the command: see
+        `_talking`); the answer's fields without ``v`` and ``ok``."""
+        from tuned.daemon.client import ControlClient
 
-        try:
-            with ControlClient(self.socket_path, timeout=timeout) as client:
-                answer = client.request(op, **args)
-        except DaemonNotRunning as exc:
-            fail("no_daemon", f"no tuned daemon at {self.socket_path} ({exc})")
-        except ProtocolError as exc:
-            fail(exc.code, exc.message)
-        except ControlError as exc:
-            fail("error", str(exc))
+        with _talking(self.socket_path), \
+                ControlClient(self.socket_path, timeout=timeout) as client:
+            answer = client.request(op, **args)
         return {k: v for k, v in answer.items() if k not in ("v", "ok")}
 
 
@@ -745,12 +742,11 @@ def ctl_logs(ctl: Ctl, experiment: str, trial: int, follow: bool) -> None:
 @click.pass_obj
 def ctl_watch(ctl: Ctl, experiment: str | None) -> None:
     """Follow trials live: a line per start, report and end (Ctrl-C to leave)."""
-    from tuned.daemon.client import ControlClient, ControlError, DaemonNotRunning
-    from tuned.protocol.control import ProtocolError
+    from tuned.daemon.client import ControlClient
 
     args = {"experiment": experiment} if experiment else {}
     try:
-        with ControlClient(ctl.socket_path) as client:
+        with _talking(ctl.socket_path), ControlClient(ctl.socket_path) as client:
             frames = client.stream("watch", **args)
             first = next(frames)
             if OUTPUT.json:
@@ -764,9 +760,3 @@ def ctl_watch(ctl: Ctl, experiment: str | None) -> None:
                 click.echo(json.dumps(frame) if OUTPUT.json else render.event_line(frame))
     except KeyboardInterrupt:
         return
-    except DaemonNotRunning as exc:
-        fail("no_daemon", f"no tuned daemon at {ctl.socket_path} ({exc})")
-    except ProtocolError as exc:
-        fail(exc.code, exc.message)
-    except ControlError as exc:
-        fail("error", str(exc))

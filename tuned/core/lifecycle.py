@@ -90,12 +90,6 @@ def check_transition(old: str, new: str) -> None:
                             f"(from {old}: {allowed})")
 
 
-def predecessors(new: str) -> tuple[str, ...]:
-    """The states from which an experiment may go to `new` (itself included)."""
-    after = ExperimentState(new)
-    return tuple(s.value for s, targets in TRANSITIONS.items() if after in targets or s is after)
-
-
 class ExperimentFailed(RuntimeError):
     """The experiment ended FAILED (raised by the in-process API's `run()`); the message
     gives the reason, with the last trials' errors."""

@@ -385,8 +385,6 @@ class Daemon:
             del self._held[exp_id]
         for exp_id in list(self.runners):
             runner = self.runners[exp_id]
-            if not runner.engine.wants_launch:
-                self.resources.withdraw(exp_id)
             fresh = events.get(exp_id, [])
             runner.engine.arrived(fresh)
             batch = self._held.pop(exp_id, []) + fresh
@@ -468,8 +466,6 @@ class Daemon:
         daemon killed half-way finishes the delete at its next start; its logs and
         checkpoints moved to ``trash/`` (one rename each), its rows removed in one
         transaction, then the trash emptied. Its name is free again."""
-        import shutil
-
         assert self.store is not None
         self.store.set_experiment_state(exp.id, "DELETING")
         self.jobs.cancel(exp.id)
@@ -480,12 +476,13 @@ class Daemon:
             if os.path.lexists(folder):
                 os.rename(folder, os.path.join(trash, f"{part}-{os.urandom(8).hex()}"))
         self.store.delete_experiment(exp.id)
-        shutil.rmtree(trash, ignore_errors=True)
+        self._empty_trash()
         log.info("experiment %s deleted", exp.name)
 
     def _empty_trash(self) -> None:
-        """Remove what a delete cut short left in ``trash/`` (its rows are gone, or its
-        experiment is DELETING and is deleted next)."""
+        """Remove ``trash/``: what a delete moved there (at its end), or what a delete cut
+        short left there (at a start: its rows are gone, or its experiment is DELETING and
+        is deleted next)."""
         import shutil
 
         shutil.rmtree(os.path.join(self.state_dir, "trash"), ignore_errors=True)

@@ -222,8 +222,7 @@ class Ops:
         assert self.d.store is not None
         spec = dict(exp.spec)
         made = sum(self.d.store.count_trials(exp.id).values())
-        first = self.d.store.first_trial_created(exp.id)
-        elapsed = 0.0 if first is None else max(0.0, self.d.store.clock() - first)
+        elapsed = self.d.store.seconds_since_first_trial(exp.id)
         if num_trials is not None:
             if num_trials < made or num_trials == 0:
                 raise OpError("invalid", f"num_trials: {num_trials} is below the {made} "

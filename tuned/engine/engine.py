@@ -149,8 +149,9 @@ class Engine:
                     self.scheduler.on_trial_end(trial.id)
         self.live: dict[int, _Live] = {}
         self.queue: deque[Trial] = deque()
+        counts = store.count_trials(experiment.id)
         # Trial numbers are 0, 1, ... in order of creation: the next is the count so far.
-        self.created = sum(store.count_trials(experiment.id).values())
+        self.created = sum(counts.values())
         self.exhausted = False
         self.deadline: float | None = None
         self.resources = resources
@@ -158,7 +159,6 @@ class Engine:
         # How it ends: set by stop() and by giving up after too many failures; otherwise
         # decided when its budget is spent (`close`).
         self.ended: ExperimentState | None = None
-        counts = store.count_trials(experiment.id)
         self.successes = sum(counts.get(state.value, 0)
                              for state in (TrialState.COMPLETED, TrialState.STOPPED))
         self.failures = store.count_failures(experiment.id)
@@ -205,8 +205,7 @@ class Engine:
         first trial was created (store clock), or None without a time_out."""
         self.deadline = None
         if self.spec.time_out is not None:
-            first = self.store.first_trial_created(self.experiment.id)
-            elapsed = 0.0 if first is None else max(0.0, self.store.clock() - first)
+            elapsed = self.store.seconds_since_first_trial(self.experiment.id)
             self.deadline = self.clock() + max(0.0, self.spec.time_out - elapsed)
 
     @property

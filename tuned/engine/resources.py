@@ -33,11 +33,10 @@ class Grant:
 
 @dataclass(frozen=True)
 class Want:
-    """What a waiting experiment's next trial needs, and its place in the queue."""
+    """What a waiting experiment's next trial needs."""
 
     cpus: float
     gpus: int
-    since: int
 
 
 class ResourcePool:
@@ -53,8 +52,8 @@ class ResourcePool:
         self.cpus_total = float(cpus)
         self.cpus_free = float(cpus)
         self.gpus = GPUPool(gpus)
-        self._queue: dict[Hashable, Want] = {}  # in the order they began to wait
-        self._arrivals = 0
+        # In the order they began to wait: a dict keeps its keys' first insertion order.
+        self._queue: dict[Hashable, Want] = {}
 
     # -- capacity ------------------------------------------------------------------------
 
@@ -84,12 +83,7 @@ class ResourcePool:
             return self.can_take(cpus, gpus)
         if self.can_take(cpus, gpus) and self._lendable(owner, cpus, gpus):
             return True
-        if owner not in self._queue:
-            self._arrivals += 1
-            self._queue[owner] = Want(cpus, gpus, self._arrivals)
-        else:
-            since = self._queue[owner].since
-            self._queue[owner] = Want(cpus, gpus, since)
+        self._queue[owner] = Want(cpus, gpus)  # a new owner at the end, one waiting keeps its place
         return False
 
     def _lendable(self, owner: Hashable, cpus: float, gpus: int) -> bool:

@@ -785,6 +785,12 @@ class Store:
             (experiment_id, n))
         return [_trial(r) for r in rows]
 
+    def seconds_since_first_trial(self, experiment_id: int) -> float:
+        """Store-clock seconds since the experiment's first trial was created (0 before
+        one): what its `time_out` counts, through restarts."""
+        first = self.first_trial_created(experiment_id)
+        return 0.0 if first is None else max(0.0, self.clock() - first)
+
     def first_trial_created(self, experiment_id: int) -> float | None:
         """When the experiment's first trial was created (store clock), or None."""
         row = self.conn.execute("SELECT MIN(created) FROM trials WHERE experiment_id = ?",
@@ -802,17 +808,14 @@ class Store:
     def count_failures(self, experiment_id: int) -> int:
         """How many of the experiment's trials failed for a reason of their own (FAILED, not
         ended by the user: `tuned.core.lifecycle.NOT_FAILURES`)."""
-        return self.conn.execute(
-            f"SELECT COUNT(*) FROM trials WHERE experiment_id = ? AND state = 'FAILED' "
-            f"AND (error IS NULL OR error NOT IN ({','.join('?' * len(NOT_FAILURES))}))",
-            (experiment_id, *NOT_FAILURES)).fetchone()[0]
+        return self.conn.execute(f"SELECT COUNT(*) FROM trials WHERE {_OWN_FAILURE}",
+                                 (experiment_id, *NOT_FAILURES)).fetchone()[0]
 
     def last_errors(self, experiment_id: int, n: int = 3) -> list[tuple[int, str]]:
         """(number, error) of the last `n` trials that failed for a reason of their own,
         the most recently ended first."""
         return [tuple(r) for r in self.conn.execute(
-            f"SELECT number, error FROM trials WHERE experiment_id = ? AND state = 'FAILED' "
-            f"AND (error IS NULL OR error NOT IN ({','.join('?' * len(NOT_FAILURES))})) "
+            f"SELECT number, error FROM trials WHERE {_OWN_FAILURE} "
             f"ORDER BY ended DESC, number DESC LIMIT ?", (experiment_id, *NOT_FAILURES, n))]
 
     def reward_timeline(self, experiment_id: int) -> list[tuple[int, float, float]]:
@@ -950,6 +953,11 @@ class Store:
             "WHERE experiment_id = ? ORDER BY id", (experiment_id,))
         return [RungEntry(b, lv, t, s, Decision(d)) for b, lv, t, s, d in rows]
 
+
+# The experiment's trials that failed for a reason of their own (parameters: the experiment's
+# id, then NOT_FAILURES).
+_OWN_FAILURE = ("experiment_id = ? AND state = 'FAILED' AND (error IS NULL OR error NOT IN "
+                f"({','.join('?' * len(NOT_FAILURES))}))")
 
 _INSERT_REPORT = ("INSERT INTO reports (trial_id, seq, time_value, reward, metrics, decision, "
                   "created) VALUES (?, ?, ?, ?, ?, ?, ?)")

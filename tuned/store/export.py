@@ -184,16 +184,17 @@ def report_rows(store: Store, experiment: Experiment, after: tuple[int, int] | N
 
 def report_pages(store: Store, experiment: Experiment, columns: Sequence[str],
                  page_size: int = 5000) -> Iterator[list[dict[str, Any]]]:
-    """Every report row of the experiment, in pages of `page_size` read after the cursor of
-    the page before (`report_rows`)."""
-    after = None
-    while True:
-        page = report_rows(store, experiment, after, page_size, columns=columns)
-        if page:
-            yield page
-        if len(page) < page_size:
-            return
-        after = (page[-1]["trial"], page[-1]["seq"])
+    """Every report row of the experiment, in pages of `page_size` (`iter_pages`), each
+    read after the cursor of the page before, its last row (`report_rows`)."""
+    last: list[dict[str, Any]] = []
+
+    def fetch(offset: int, limit: int) -> list[dict[str, Any]]:
+        after = (last[0]["trial"], last[0]["seq"]) if last else None
+        page = report_rows(store, experiment, after, limit, columns=columns)
+        last[:] = page[-1:]
+        return page
+
+    return iter_pages(fetch, page_size)
 
 
 def _report_row(r: tuple, metrics: Sequence[tuple[str, str]]) -> dict[str, Any]:
