@@ -11,8 +11,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# "compat": the package's folder on sys.path through a .pth line, not an import hook
 	# (about 30 ms less at every start of tunectl); the default mode where it is gone.
-	$(PY) -m pip install --quiet -e '.[test,plot]' --config-settings editable_mode=compat \
-		2>/dev/null || $(PY) -m pip install --quiet -e '.[test,plot]'
+	$(PY) -m pip install --quiet -e '.[test,plot,dask]' --config-settings editable_mode=compat \
+		2>/dev/null || $(PY) -m pip install --quiet -e '.[test,plot,dask]'
 	$(PY) -m compileall -q tuned
 	rm -f $(VENV)/.installed-* && touch $@
 

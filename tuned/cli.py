@@ -481,25 +481,53 @@ def export_cmd(db: str | None, experiment: str, fmt: str, reports: bool,
 @click.option("--stop-trials", is_flag=True, help="On SIGTERM stop the running trials (they "
               "run again on the next start) instead of leaving them to the next daemon, "
               "which adopts them.")
+@click.option("--dask", "dask_address", default=None, metavar="ADDRESS",
+              help="Run the trials of specs with executor = \"dask\" on the Dask cluster "
+              "whose scheduler is at ADDRESS (tcp://host:8786).")
+@click.option("--dask-scheduler-file", default=None, metavar="FILE",
+              help="As --dask, the scheduler's address read from its scheduler file.")
+@click.option("--listen", default="127.0.0.1:0", show_default=True, metavar="HOST:PORT",
+              help="The report listener that remote trials reach the daemon on (port 0: a "
+              "free one, kept across restarts).")
+@click.option("--advertise", default=None, metavar="HOST",
+              help="The host name the workers reach the listener by [default: its HOST].")
+@click.option("--shared-dir", default=None, metavar="DIR",
+              help="A folder every Dask worker (and the daemon) sees at this path: the "
+              "remote trials' checkpoints [default: the state directory].")
 def serve_cmd(state_dir: str | None, socket_path: str | None, log_level: str,
-              stop_trials: bool) -> None:
+              stop_trials: bool, dask_address: str | None, dask_scheduler_file: str | None,
+              listen: str, advertise: str | None, shared_dir: str | None) -> None:
     """Run the daemon: experiments from the socket and the spool, until SIGTERM. A refused
     start (another daemon, an unsafe socket folder) writes nothing."""
     import logging
 
     from tuned.daemon.control import AlreadyRunning, ControlError, InsecureDirectory
-    from tuned.daemon.daemon import AlreadyServing, Daemon
+    from tuned.daemon.daemon import AlreadyServing, ClusterOptions, Daemon, ListenError
+    from tuned.daemon.listener import parse_address
     from tuned.daemon.paths import default_socket, default_state_dir
     from tuned.store.database import StoreError
 
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cluster = None
+    if dask_address and dask_scheduler_file:
+        fail("usage", "give --dask or --dask-scheduler-file, not both")
+    if dask_address or dask_scheduler_file:
+        try:
+            parse_address(listen)
+            import distributed  # noqa: F401
+        except ValueError as exc:
+            fail("usage", f"--listen: {exc}")
+        except ImportError:
+            fail("usage", "--dask needs Dask: pip install 'tuned[dask]'")
+        cluster = ClusterOptions(dask_address, dask_scheduler_file, listen, advertise,
+                                 os.path.abspath(shared_dir) if shared_dir else None)
     daemon = Daemon(state_dir or default_state_dir(), socket_path or default_socket(),
-                    stop_trials=stop_trials)
+                    stop_trials=stop_trials, cluster=cluster)
     try:
         daemon.serve()
     except (AlreadyServing, AlreadyRunning, InsecureDirectory, ControlError,
-            StoreError) as exc:
+            StoreError, ListenError) as exc:
         fail("error", str(exc))
 
 

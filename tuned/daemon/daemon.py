@@ -20,6 +20,7 @@ stopped and run again on the next start.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import os
 import selectors
@@ -69,12 +70,31 @@ class AlreadyServing(RuntimeError):
     """Another daemon holds this state directory."""
 
 
+class ListenError(RuntimeError):
+    """The report listener's address cannot be had (`--listen`)."""
+
+
 @dataclass
 class Runner:
     """One experiment running in the daemon."""
 
     engine: Engine
-    executor: TemplateExecutor
+    executor: Any  # a TemplateExecutor, or a DaskExecutor for `executor = "dask"`
+
+
+@dataclass
+class ClusterOptions:
+    """How the daemon reaches a Dask cluster (`tuned serve --dask ...`): the scheduler's
+    `address` or its `scheduler_file`; `listen` (``HOST:PORT``, port 0: a free one, kept
+    across restarts) for the report listener, `advertise` the host name the workers reach
+    it by (default: the listen host); `shared_dir` the folder every worker shares, for
+    checkpoints (default: the state directory)."""
+
+    address: str | None = None
+    scheduler_file: str | None = None
+    listen: str = "127.0.0.1:0"
+    advertise: str | None = None
+    shared_dir: str | None = None
 
 
 @dataclass
@@ -84,10 +104,10 @@ class _Loading:
     the answer (or raises OpError); `finish` hears that answer (or the OpError)."""
 
     spec: ExperimentSpec
-    executor: TemplateExecutor
+    executor: Any
     finish: Callable[[dict[str, Any] | OpError], None]
     deadline: float
-    complete: Callable[[TemplateExecutor], dict[str, Any]]
+    complete: Callable[[Any], dict[str, Any]]
 
 
 class Daemon:
@@ -96,7 +116,11 @@ class Daemon:
     next daemon."""
 
     def __init__(self, state_dir: str, socket_path: str,
-                 clock: Callable[[], float] = time.monotonic, stop_trials: bool = False):
+                 clock: Callable[[], float] = time.monotonic, stop_trials: bool = False,
+                 cluster: ClusterOptions | None = None):
+        self.cluster_options = cluster
+        self.cluster: Any = None  # tuned.executors.dask_executor.Cluster, once connected
+        self.listener: Any = None  # tuned.daemon.listener.ReportListener
         self.state_dir = os.path.abspath(state_dir)
         self.socket_path = os.path.abspath(socket_path)
         self.stop_trials = stop_trials
@@ -149,10 +173,14 @@ class Daemon:
         self._install_signals()
         if self.resources.gpus.order:
             self._poll_gpus()
+        if self.cluster_options is not None:
+            self._connect_cluster(self.cluster_options)
         self._recover()
         self.server = ControlServer(self.socket_path, self.ops.dispatch, ops=OPS)
         self.server.open()
         self.server.register(self.selector)
+        if self.listener is not None:
+            self.listener.register(self.selector)
         self.selector.register(self._wake_r, selectors.EVENT_READ, "wake")
         self.spool = Spool(self.state_dir, self._submit_file)
         self.selector.register(self.spool.fileno(), selectors.EVENT_READ, "spool")
@@ -170,6 +198,92 @@ class Daemon:
         finally:
             self.notifier.stopping()
             self._shutdown()
+
+    # -- the Dask cluster ------------------------------------------------------------------
+
+    def _connect_cluster(self, options: ClusterOptions) -> None:
+        """Open the report listener (bound, not accepting until the experiments are
+        recovered) and connect to the Dask scheduler, waiting for the first try (so that
+        the runs a dead daemon left are found again); an unreachable scheduler is logged
+        and tried again in the background."""
+        from tuned.daemon.listener import ReportListener, parse_address
+        from tuned.executors.dask_executor import Cluster
+
+        host, port = parse_address(options.listen)
+        kept = os.path.join(self.state_dir, "listen.port")
+        if port == 0:
+            port = _read_port(kept)
+        self.listener = ReportListener(host, port, self._on_hello, clock=self.clock)
+        try:
+            try:
+                self.listener.open()
+            except OSError:
+                if not (port == _read_port(kept) and port):
+                    raise
+                self.listener.port = 0  # the port kept from the last start is taken
+                self.listener.open()
+        except OSError as exc:
+            raise ListenError(f"--listen {options.listen}: {exc}") from None
+        if parse_address(options.listen)[1] == 0:
+            with open(kept, "w") as f:
+                f.write(f"{self.listener.port}\n")
+        advertise = f"{options.advertise or host}:{self.listener.port}"
+        prefix = hashlib.sha256(self.state_dir.encode()).hexdigest()[:8]
+        adopt_wait = DEFAULT_ADOPT_TIMEOUT
+        self.cluster = Cluster(options.address, options.scheduler_file, advertise, prefix,
+                               patience=adopt_wait)
+        self.cluster.submit(lambda: None).result()  # the first connection tried
+        log.info("report listener on %s:%d (advertised as %s)", host, self.listener.port,
+                 advertise)
+
+    def _on_hello(self, sock: socket.socket, hello: dict[str, Any], rest: bytes) -> str | None:
+        """A remote trial's first line on the report listener (see `tuned.daemon.listener`):
+        None once its socket is taken (a new run placed and sent its order, a run resumed,
+        a log connection), else why it is refused."""
+        from tuned.daemon.listener import check_hello
+
+        problem = check_hello(hello)
+        if problem is not None:
+            return problem
+        run, op = hello["run"], hello["op"]
+        trial_id = int(run.split("-", 1)[0])
+        owner = next(((exp_id, r) for exp_id, r in self.runners.items()
+                      if getattr(r.executor, "run_of", None) is not None
+                      and r.executor.run_of(trial_id) == run), None)
+        if owner is None:
+            return f"run {run} is not a current run of this daemon (superseded or ended)"
+        exp_id, runner = owner
+        executor = runner.executor
+        if not executor.token_ok(trial_id, run, hello["token"]):
+            return f"run {run}: wrong token"
+        if op == "log":
+            executor.attach_log(trial_id, sock, rest)
+            return None
+        assert self.store is not None
+        if op == "hello":
+            if executor.refuses(trial_id):
+                return f"run {run}: its trial is being ended"
+            placed = self.store.place_trial(trial_id, run, str(hello["host"]),
+                                            str(hello["worker"]), hello["pid"],
+                                            hello.get("start"), list(hello.get("gpus") or []))
+            if placed != "placed":
+                return f"run {run} is taken by another copy of it (superseded)"
+            messages = executor.placed(trial_id, sock, hello, rest)
+        else:
+            proc = self.store.trial_process(trial_id)
+            if (proc.run, proc.pid, proc.start) != (run, hello["pid"], hello.get("start")):
+                return f"run {run}: not the process that said hello (superseded)"
+            try:
+                sock.setblocking(True)
+                sock.sendall(b'{"v":1,"ok":true}\n')
+            except OSError:
+                return None
+            if trial_id in runner.engine.live and runner.engine.live[trial_id].adopted:
+                messages = runner.engine.reconnected(trial_id, sock, rest)
+            else:
+                messages = executor.attach(trial_id, sock, rest)
+        self.adopted_events.setdefault(exp_id, []).extend(messages)
+        return None
 
     # -- jobs ------------------------------------------------------------------------------
 
@@ -234,12 +348,17 @@ class Daemon:
             for name in [n for n, lo in self.loading.items() if now >= lo.deadline]:
                 self._loaded(name, timed_out=True)
             self.server.sweep()
+            if self.listener is not None:
+                self.listener.sweep()
+            if self.cluster is not None:
+                self.cluster.refresh(now)
+                self._serve_cluster()
             self.notifier.watchdog()
             self.notifier.status(self._status_line())
 
     def _poll_gpus(self) -> None:
         """Mark GPUs busy or free by the foreign processes on them (ours don't count)."""
-        ours = {pid for r in self.runners.values()
+        ours = {pid for r in self.runners.values() if isinstance(r.executor, TemplateExecutor)
                 for pid in [r.executor.process.pid, *r.executor.pids()]}
         if self.resources.gpus.refresh(self.gpu_provider.usage(ours), ours):
             self._step_all({})
@@ -323,6 +442,10 @@ class Daemon:
                 runner.engine.detach()
             runner.executor.close()
         self.runners.clear()
+        if self.listener is not None:
+            self.listener.close()
+        if self.cluster is not None:
+            self.cluster.close()
         self.jobs.shutdown()
         self.gpu_provider.close()
         if self.spool is not None:
@@ -361,6 +484,8 @@ class Daemon:
                 self._loaded(key.data[1])
                 continue
             if self.server is not None and self.server.handle(key, mask):
+                continue
+            if self.listener is not None and self.listener.handle(key):
                 continue
             for exp_id, runner in self.runners.items():
                 if runner.executor.owns(key):
@@ -457,7 +582,11 @@ class Daemon:
         with self.store.transaction():
             for trial in self.store.trials(experiment_id, ("RUNNING", "PENDING", "PAUSED")):
                 proc = self.store.trial_process(trial.id)
-                if proc.pid and proc.start is not None:
+                if proc.run is not None:
+                    if self.cluster is not None:
+                        self.cluster.executor({}, 0, self.selector, str).terminate(
+                            RunRef(0, None, proc.run))
+                elif proc.pid and proc.start is not None:
                     terminate(RunRef(proc.pid, proc.start))
                 self.store.finish_trial(trial.id, TrialState.FAILED, reason)
 
@@ -494,23 +623,56 @@ class Daemon:
         exp = self.store.experiment(experiment_id)
         spec = ExperimentSpec.from_dict(exp.spec)
         log_dir = os.path.join(self.state_dir, "logs", exp.name)
+        remote = spec.executor == "dask"
+        if remote and self.cluster is None:
+            raise SpecError([NO_CLUSTER])
         if executor is None:
-            executor = self.template(spec, log_dir)
+            executor = self.dask_executor(spec, exp.id) if remote else \
+                self.template(spec, log_dir)
         slots = spec.max_concurrent or 1 << 30
         topic = f"exp/{exp.name}"
         adopt_wait = spec.report_timeout or DEFAULT_ADOPT_TIMEOUT
-        engine = Engine(self.store, exp, spec, executor, self.resources, log_dir, slots,
+        shared = self.state_dir
+        if remote and self.cluster_options is not None and self.cluster_options.shared_dir:
+            shared = self.cluster_options.shared_dir
+        engine = Engine(self.store, exp, spec, executor,
+                        self.cluster.pool if remote else self.resources, log_dir, slots,
                         clock=self.clock,
                         on_event=lambda event: self._publish(topic, exp.name, event),
                         trial_env={ADOPT_SOCKET_ENV: self.socket_path,
                                    ADOPT_TIMEOUT_ENV: f"{adopt_wait:g}"},
                         adopt=True,
-                        checkpoint_dir=os.path.join(self.state_dir, "checkpoints", exp.name))
+                        checkpoint_dir=os.path.join(shared, "checkpoints", exp.name))
         engine.paused = exp.state == "PAUSED"
         engine.start()
         runner = Runner(engine, executor)
         self.runners[exp.id] = runner
         return runner
+
+    def dask_executor(self, spec: ExperimentSpec, experiment_id: int | None = None) -> Any:
+        """A DaskExecutor for `spec` (its workers' templates load the entry)."""
+        assert self.cluster is not None
+        log_dir = os.path.join(self.state_dir, "logs", spec.name)
+        os.makedirs(log_dir, exist_ok=True)
+        store = self.store
+
+        def log_path(trial_id: int) -> str:
+            assert store is not None
+            return os.path.join(log_dir, f"trial-{store.trial(trial_id).number}.log")
+
+        experiment = {"entry": spec.entry, "command": spec.command, "workdir": spec.workdir,
+                      "constants": json_safe(spec.constants), "start_method": spec.start_method,
+                      "name": spec.name}
+        return self.cluster.executor(experiment, spec.num_gpus, self.selector, log_path,
+                                     clock=self.clock)
+
+    def _serve_cluster(self) -> None:
+        """Let the Dask experiments launch what the cluster's capacity (refreshed now and
+        then) allows."""
+        for runner in list(self.runners.values()):
+            if runner.engine.resources is not self.resources and runner.engine.wants_launch:
+                self._step_all({})
+                return
 
     def template(self, spec: ExperimentSpec, log_dir: str,
                   wait: bool = True) -> TemplateExecutor:
@@ -537,6 +699,17 @@ class Daemon:
             spec.seed = int.from_bytes(os.urandom(4), "little")
         if self.store_has(spec.name) or spec.name in self.loading:
             raise OpError("conflict", f"an experiment named {spec.name!r} exists already")
+        if spec.executor == "dask":
+            if self.cluster is None:
+                raise OpError("invalid", str(SpecError([NO_CLUSTER])))
+            too_large = self.cluster.pool.fits_ever(spec.num_cpus, spec.num_gpus) \
+                if self.cluster.reachable else None
+            if too_large is not None:
+                raise OpError("invalid", str(SpecError([too_large])))
+            executor = self.dask_executor(spec)
+            executor.check_entry()
+            self.load(spec, executor, finish, lambda ex: self._store_submitted(spec, ex))
+            return
         too_large = self.resources.fits_ever(spec.num_cpus, spec.num_gpus)
         if too_large is not None:
             raise OpError("invalid", str(SpecError([too_large])))
@@ -618,6 +791,19 @@ class Daemon:
     def _publish(self, topic: str, experiment: str, event: dict[str, Any]) -> None:
         if self.server is not None:
             self.server.broadcast({"experiment": experiment, **event}, topic)
+
+
+NO_CLUSTER = ("executor: 'dask' needs a daemon connected to a Dask cluster "
+              "(tuned serve --dask ADDRESS or --dask-scheduler-file FILE)")
+
+
+def _read_port(path: str) -> int:
+    """The listener port kept in `path` by an earlier start, or 0."""
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return 0
 
 
 def _release_memory() -> None:

@@ -63,6 +63,11 @@ log = logging.getLogger("tuned.engine")
 #: The states of a trial that waits to run (again).
 WAITING = (TrialState.PENDING.value, TrialState.PAUSED.value)
 
+#: A run lost with the machine that ran it (`Exited.lost`: a Dask worker died) is no fault of
+#: the trial: it runs again, its attempt counted, up to this many times beyond `max_retries`
+#: (a trial that kills every machine it runs on must end some time).
+LOST_RUN_RETRIES = 3
+
 
 def trial_seed(experiment_seed: int, number: int) -> int:
     """The seed of trial `number`'s random streams: the same on every attempt."""
@@ -463,7 +468,8 @@ class Engine:
                            f"tuned: {self.experiment.name} trial {trial.number} "
                            f"attempt {trial.attempt}")
         ref = self.executor.reserve(trial.id)
-        if not self.store.claim_trial(trial.id, ref.pid, ref.start, grant.gpus):
+        if not self.store.claim_trial(trial.id, ref.pid, ref.start, grant.gpus, ref.run,
+                                      ref.token_hash):
             self.executor.kill(trial.id)
             self.resources.give(grant)
             raise RuntimeError(f"trial {trial.number} was claimed by someone else")
@@ -484,7 +490,7 @@ class Engine:
         if not is_report(event):
             self._store_reports()
         if isinstance(event, Exited):
-            self._finish(live, event.code)
+            self._finish(live, event.code, event)
         elif event.body is None:
             self._fail(live, f"bad message on the report channel: {event.error}")
         elif "seq" in event.body:
@@ -578,11 +584,23 @@ class Engine:
                            "time": time_value, "reward": reward, "decision": decision})
         return None
 
-    def _finish(self, live: _Live, code: int | None) -> None:
+    def _finish(self, live: _Live, code: int | None, exited: Exited | None = None) -> None:
         trial = live.trial
         del self.live[trial.id]
         if live.grant is not None:
             self.resources.give(live.grant)
+        if exited is not None and exited.lost and live.failure is None and not live.final \
+                and not live.done:
+            if live.stop is not None:
+                code = 0  # it was told to end: losing it now loses nothing
+            elif trial.attempt <= self.spec.max_retries + LOST_RUN_RETRIES \
+                    and not live.adopted:
+                log.warning("trial %d was lost (%s); it runs again", trial.number, exited.why)
+                if self.store.requeue_trial(trial.id):
+                    self.queue.append(self.store.trial(trial.id))
+                    return
+            elif not live.adopted:
+                live.failure = exited.why or "lost with the machine that ran it"
         if live.adopted and live.failure is None:
             log.info("adopted trial %d ended before it reconnected", trial.number)
             self._settle(self.store.trial(trial.id))
@@ -711,9 +729,9 @@ class Engine:
         if adopted. A live process that cannot be adopted is killed (its channel died with
         the engine that started it, so it could never report again)."""
         proc = self.store.trial_process(trial.id)
-        if proc.pid is None or proc.start is None:
+        if proc.run is None and (proc.pid is None or proc.start is None):
             return False
-        ref = RunRef(proc.pid, proc.start)
+        ref = RunRef(proc.pid or 0, proc.start, proc.run, proc.token_hash, proc.host)
         if not self.executor.alive(ref):
             return False
         if self.adopts:

@@ -32,10 +32,17 @@ from tuned.protocol.channel import Event, Exited, Message
 class RunRef:
     """Where a claimed trial runs, as the store keeps it: its process id and that process's
     start time (clock ticks since boot), which together name one process for good (a pid
-    alone may be reused). `start` is None when it cannot be known."""
+    alone may be reused). `start` is None when it cannot be known.
+
+    A remote run (a Dask task) is named by `run`, an id of its own that the store keeps as
+    the trial's current run, with `token_hash` (the SHA-256 of the run's secret, in hex);
+    its process (`pid`, `start`, on `host`) is known only once the trial says hello."""
 
     pid: int
     start: int | None
+    run: str | None = None
+    token_hash: str | None = None
+    host: str | None = None
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,9 @@ from tuned.engine.executor import RunRef, TrialOrder
 from tuned.protocol.channel import MAX_LINE, Exited, Message, answer_line, parse_line
 from tuned.trial.checkpoints import TrialCheckpoints
 from tuned.trial.child import spare_main
+from tuned.trial.identity import process_start_time
+
+__all__ = ["LocalExecutor", "alive", "process_start_time", "terminate"]
 
 _READ_SIZE = 1 << 16  # bytes asked of a report channel per recv
 
@@ -457,16 +460,3 @@ def terminate(ref: RunRef) -> None:
     since names another process, which is left alone)."""
     if alive(ref):
         _killpg(ref.pid, signal.SIGKILL)
-
-
-def process_start_time(pid: int) -> int | None:
-    """The start time of process `pid` (clock ticks since boot), or None if it is gone.
-    With the pid it names a process for good: a pid can be reused, the pair cannot."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    # The command name (field 2) may hold spaces and parentheses: split after its last ')'.
-    fields = stat[stat.rfind(b")") + 2:].split()
-    return int(fields[19])

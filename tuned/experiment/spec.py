@@ -27,6 +27,9 @@ from tuned.core.space import Space
 
 MODES = ("max", "min")
 START_METHODS = ("fork", "spawn")
+#: Where the trials run: "local" (child processes of the daemon's host) or "dask" (tasks on
+#: the Dask cluster the daemon is connected to, `tuned serve --dask`).
+EXECUTORS = ("local", "dask")
 #: The longest report lag a spec may ask for (seconds): a stop reaches a trial that late.
 MAX_REPORT_LAG = 1.0
 
@@ -68,6 +71,7 @@ class ExperimentSpec:
     command: list[str] | None = None
     workdir: str | None = None
     start_method: str = "fork"
+    executor: str = "local"
     report_timeout: float | None = None
     report_lag: float = 0.0
     keep_checkpoints: int | None = None
@@ -181,6 +185,7 @@ def _check_launch(v: dict[str, Any], problems: list[str]) -> None:
     if workdir is not None and (not isinstance(workdir, str) or not os.path.isabs(workdir)):
         problems.append(f"workdir: must be an absolute path, got {workdir!r}")
     _choice(v, "start_method", START_METHODS, problems)
+    _choice(v, "executor", EXECUTORS, problems)
     timeout = v.get("report_timeout")
     if timeout is not None and (not _is_number(timeout) or timeout <= 0):
         problems.append(f"report_timeout: must be a number of seconds > 0, got {timeout!r}")

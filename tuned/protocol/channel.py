@@ -41,6 +41,14 @@ REPORT_LAG_ENV = "TUNED_REPORT_LAG"
 ADOPT_SOCKET_ENV = "TUNED_ADOPT_SOCKET"
 ADOPT_TIMEOUT_ENV = "TUNED_ADOPT_TIMEOUT"
 DEFAULT_ADOPT_TIMEOUT = 600.0
+#: A remote trial's way back to its daemon (a Dask worker's trial): the daemon's report
+#: listener (``HOST:PORT``), the run it is and that run's secret (see `hello_line`).
+DAEMON_ADDRESS_ENV = "TUNED_DAEMON_ADDRESS"
+RUN_ENV = "TUNED_RUN"
+RUN_TOKEN_ENV = "TUNED_RUN_TOKEN"
+
+#: The exit code of a remote trial that its daemon refused (a run superseded or unknown).
+EXIT_REFUSED = 77
 
 # -- events ------------------------------------------------------------------------------------
 
@@ -57,13 +65,24 @@ class Message:
 @dataclass
 class Exited:
     """A trial's process ended; `code` as os.waitstatus_to_exitcode gives it (< 0: signal),
-    or None when its exit status cannot be known (a process adopted after a restart)."""
+    or None when its exit status cannot be known (a process adopted after a restart).
+    `lost`: it was lost with the machine that ran it (a Dask worker or scheduler gone), not
+    through any fault of its own; `why` says how."""
 
     trial_id: int
     code: int | None
+    lost: bool = False
+    why: str | None = None
 
 
 Event = Message | Exited
+
+
+def hello_line(**fields: Any) -> bytes:
+    """The first line a remote trial (or its worker) sends the daemon's report listener:
+    ``{"op": "hello" | "resume" | "log", "run": ..., "token": ..., ...}`` (see
+    docs/report-channel.md, "Over TCP")."""
+    return (compact_json(fields) + "\n").encode()
 
 
 def exit_failure(code: int | None) -> str | None:

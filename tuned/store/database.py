@@ -54,7 +54,7 @@ from tuned.core.schedulers.base import RungEntry
 if TYPE_CHECKING:
     import sqlite_utils
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 # Bytes of WAL written once when a store is opened; about the WAL's size between automatic
 # checkpoints (1000 pages).
 WAL_PREALLOCATE = 4 << 20
@@ -130,16 +130,24 @@ class Trial:
     started: float | None
     ended: float | None
     parent: int | None = None
+    host: str | None = None  # where its last run ran: a Dask worker's host (None: here)
+    worker: str | None = None  # that Dask worker's address
 
 
 @dataclass(frozen=True)
 class TrialProcess:
     """The process a running trial was launched in: pid, its start time (clock ticks since
-    boot; with the pid it names one process for good) and the GPUs it holds."""
+    boot; with the pid it names one process for good) and the GPUs it holds. A remote run
+    (a Dask task) has its `run` id and `token_hash`, and `host`/`worker` once it said hello
+    (its pid and start time are then the remote host's)."""
 
     pid: int | None
     start: int | None
     gpus: list[str]
+    run: str | None = None
+    token_hash: str | None = None
+    host: str | None = None
+    worker: str | None = None
 
 
 class NewReport(NamedTuple):
@@ -288,6 +296,14 @@ def _v6(db: sqlite_utils.Database) -> None:
     db["experiments"].add_column("reason", str)
 
 
+def _v7(db: sqlite_utils.Database) -> None:
+    """A trial may run on another machine (a Dask worker): its current `run` (an id of the
+    launch, which fences any other copy of it), the SHA-256 of that run's secret
+    (`run_token`), and the `host` and `worker` it runs on once it said hello."""
+    for column in ("run", "run_token", "host", "worker"):
+        db["trials"].add_column(column, str)
+
+
 # One more trial in (experiment, state); one fewer. Zero counts stay (count_trials skips them).
 _COUNT_UP = ("INSERT INTO trial_counts (experiment_id, state, n) VALUES ({row}.experiment_id, "
              "{row}.state, 1) ON CONFLICT (experiment_id, state) DO UPDATE SET n = n + 1;")
@@ -306,7 +322,7 @@ _COUNT_TRIGGERS = (
 
 # Step n turns a database of version n - 1 into version n. Append; never edit a shipped step.
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
-    1: _v1, 2: _v2, 3: _v3, 4: _v4, 5: _v5, 6: _v6}
+    1: _v1, 2: _v2, 3: _v3, 4: _v4, 5: _v5, 6: _v6, 7: _v7}
 
 
 class Store:
@@ -669,29 +685,53 @@ class Store:
         return cur.lastrowid
 
     def claim_trial(self, trial_id: int, pid: int, pid_start: int | None = None,
-                    gpus: list[str] | None = None) -> bool:
+                    gpus: list[str] | None = None, run: str | None = None,
+                    token_hash: str | None = None) -> bool:
         """PENDING -> RUNNING with the process that runs it (pid and its start time) and the
-        GPUs it was given; False if it was not PENDING."""
+        GPUs it was given, or with a remote `run` (its id and `token_hash`; its process is
+        stored by `place_trial`); False if it was not PENDING."""
         with self.transaction() as c:
             cur = c.execute(
                 "UPDATE trials SET state = 'RUNNING', pid = ?, pid_start = ?, gpus = ?, "
-                "started = ? WHERE id = ? AND state = 'PENDING'",
-                (pid, pid_start, _dumps(gpus or []), self.clock(), trial_id))
+                "started = ?, run = ?, run_token = ?, host = NULL, worker = NULL "
+                "WHERE id = ? AND state = 'PENDING'",
+                (pid, pid_start, _dumps(gpus or []), self.clock(), run, token_hash, trial_id))
         return cur.rowcount == 1
+
+    def place_trial(self, trial_id: int, run: str, host: str, worker: str, pid: int,
+                    pid_start: int | None, gpus: list[str]) -> str | None:
+        """Store where remote run `run` of a RUNNING trial runs, once, when it says hello:
+        ``"placed"`` the first time; ``"same"`` when that very process (host, pid, start)
+        was placed already (it reconnects); None when `run` is not the trial's current run
+        or another process took it first (a second copy of the run: refuse it)."""
+        with self.transaction() as c:
+            cur = c.execute(
+                "UPDATE trials SET host = ?, worker = ?, pid = ?, pid_start = ?, gpus = ? "
+                "WHERE id = ? AND run = ? AND state = 'RUNNING' AND host IS NULL",
+                (host, worker, pid, pid_start, _dumps(gpus), trial_id, run))
+            if cur.rowcount == 1:
+                return "placed"
+            same = c.execute(
+                "SELECT 1 FROM trials WHERE id = ? AND run = ? AND state = 'RUNNING' "
+                "AND host = ? AND pid = ? AND pid_start IS ?",
+                (trial_id, run, host, pid, pid_start)).fetchone()
+        return "same" if same else None
 
     def trial_process(self, trial_id: int) -> TrialProcess:
         """The process stored for a running trial (all None/empty when it has none)."""
-        row = self.conn.execute("SELECT pid, pid_start, gpus FROM trials WHERE id = ?",
-                                (trial_id,)).fetchone()
+        row = self.conn.execute(
+            "SELECT pid, pid_start, gpus, run, run_token, host, worker FROM trials "
+            "WHERE id = ?", (trial_id,)).fetchone()
         if row is None:
             return TrialProcess(None, None, [])
-        return TrialProcess(row[0], row[1], json.loads(row[2]) if row[2] else [])
+        return TrialProcess(row[0], row[1], json.loads(row[2]) if row[2] else [], *row[3:])
 
     def requeue_trial(self, trial_id: int) -> bool:
         """RUNNING -> PENDING for another attempt (counted); False if it was not RUNNING."""
         with self.transaction() as c:
             cur = c.execute(
-                "UPDATE trials SET state = 'PENDING', pid = NULL, attempt = attempt + 1 "
+                "UPDATE trials SET state = 'PENDING', pid = NULL, run = NULL, "
+                "attempt = attempt + 1 "
                 "WHERE id = ? AND state = 'RUNNING'", (trial_id,))
         return cur.rowcount == 1
 
@@ -699,14 +739,14 @@ class Store:
         """RUNNING or PENDING -> PAUSED (it waits for a resume or a promotion); False if it
         was in neither state."""
         with self.transaction() as c:
-            cur = c.execute("UPDATE trials SET state = 'PAUSED', pid = NULL "
+            cur = c.execute("UPDATE trials SET state = 'PAUSED', pid = NULL, run = NULL "
                             "WHERE id = ? AND state IN ('RUNNING', 'PENDING')", (trial_id,))
         return cur.rowcount == 1
 
     def unpause_trial(self, trial_id: int) -> bool:
         """PAUSED or RUNNING -> PENDING without counting an attempt; False otherwise."""
         with self.transaction() as c:
-            cur = c.execute("UPDATE trials SET state = 'PENDING', pid = NULL "
+            cur = c.execute("UPDATE trials SET state = 'PENDING', pid = NULL, run = NULL "
                             "WHERE id = ? AND state IN ('PAUSED', 'RUNNING')", (trial_id,))
         return cur.rowcount == 1
 
@@ -720,7 +760,7 @@ class Store:
         now = self.clock()
         with self.transaction() as c:
             cur = c.execute(
-                f"UPDATE trials SET state = ?, error = ?, ended = ?, pid = NULL "
+                f"UPDATE trials SET state = ?, error = ?, ended = ?, pid = NULL, run = NULL "
                 f"WHERE id = ? AND state NOT IN {FINISHED_STATES}",
                 (state.value, error, now, trial_id))
             if cur.rowcount == 1 and searcher_state is not None:
@@ -994,7 +1034,8 @@ def _chosen_trials(experiment_id: int, top: int | None) -> tuple[str, tuple[int,
 
 
 _TRIAL_COLUMNS = ("id, experiment_id, number, config, state, bracket, attempt, pid, last_seq, "
-                  "last_time, last_reward, score, error, created, started, ended, parent")
+                  "last_time, last_reward, score, error, created, started, ended, parent, "
+                  "host, worker")
 
 
 def _trial(row: tuple) -> Trial:

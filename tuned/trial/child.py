@@ -16,23 +16,32 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from tuned.protocol.channel import EXIT_REFUSED
 from tuned.trial.proctitle import set_title
 
 _PR_SET_PDEATHSIG = 1
 
 
 def spare_main(runner: Callable[[dict[str, Any], socket.socket], int], channel: socket.socket,
-               parent_pid: int, kill_with_parent: bool) -> None:  # pragma: no cover - child
+               parent_pid: int, kill_with_parent: bool,
+               output_fd: int | None = None) -> None:  # pragma: no cover - child
     """A freshly forked child's life: become a session leader, wait on `channel` for the
     trial's order (payload and log path), run `runner(payload, channel)` with its output in
-    the log, and leave with its exit code (never returns)."""
+    the log (or in `output_fd`, given one: a remote trial's, which its worker forwards), and
+    leave with its exit code (never returns). An order without a payload is a refusal (a
+    remote run the daemon fenced): it is printed and the child leaves with EXIT_REFUSED."""
     code = 70
     try:
-        become_spare(parent_pid, kill_with_parent)
+        become_spare(parent_pid, kill_with_parent, output_fd)
         order = _read_order(channel)
-        if order is not None:
+        if order is not None and "payload" not in order:
+            print(f"tuned: the daemon refused this run: {order.get('error', order)}",
+                  file=sys.stderr)
+            code = EXIT_REFUSED
+        elif order is not None:
             set_title(order["payload"].get("title"))
-            _redirect_output(order["log"])
+            if order.get("log"):
+                _redirect_output(order["log"])
             code = runner(order["payload"], channel)
     except BaseException:
         import traceback
@@ -46,14 +55,19 @@ def spare_main(runner: Callable[[dict[str, Any], socket.socket], int], channel: 
             os._exit(code if isinstance(code, int) else 1)
 
 
-def become_spare(parent_pid: int, kill_with_parent: bool) -> None:
+def become_spare(parent_pid: int, kill_with_parent: bool, output_fd: int | None = None) -> None:
     """In a forked child: own session, default signals, batch scheduling, output bound to
-    fds 1 and 2; with `kill_with_parent`, SIGKILL when the parent dies."""
+    fds 1 and 2 (and sent to `output_fd` if given); with `kill_with_parent`, SIGKILL when
+    the parent dies."""
     os.setsid()
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     _batch_scheduling()
+    if output_fd is not None:
+        os.dup2(output_fd, 1)
+        os.dup2(output_fd, 2)
+        os.close(output_fd)
     _prepare_output()
     if kill_with_parent:
         die_with_parent(parent_pid)

@@ -43,13 +43,18 @@ import numpy as np
 from tuned.protocol.channel import (
     ADOPT_SOCKET_ENV,
     ADOPT_TIMEOUT_ENV,
+    DAEMON_ADDRESS_ENV,
     DEFAULT_ADOPT_TIMEOUT,
     MAX_LINE,
     REPORT_LAG_ENV,
+    RUN_ENV,
+    RUN_TOKEN_ENV,
     decode_line,
     flat_json,
+    hello_line,
 )
 from tuned.trial.checkpoints import Checkpoint, CheckpointError, TrialCheckpoints
+from tuned.trial.identity import process_identity
 
 
 class TrialStopped(BaseException):
@@ -109,15 +114,19 @@ class Reconnect:
 
     @classmethod
     def from_env(cls) -> Reconnect | None:
-        """The Reconnect the daemon described in this trial's environment, or None (the
-        in-process API: nobody to reconnect to)."""
-        path = os.environ.get(ADOPT_SOCKET_ENV)
-        if not path:
-            return None
+        """The Reconnect the daemon described in this trial's environment (a `TcpReconnect`
+        for a remote trial), or None (the in-process API: nobody to reconnect to)."""
         try:
             timeout = float(os.environ.get(ADOPT_TIMEOUT_ENV, DEFAULT_ADOPT_TIMEOUT))
         except ValueError:
             timeout = DEFAULT_ADOPT_TIMEOUT
+        address = os.environ.get(DAEMON_ADDRESS_ENV)
+        if address:
+            return TcpReconnect(address, os.environ.get(RUN_ENV, ""),
+                                os.environ.get(RUN_TOKEN_ENV, ""), timeout)
+        path = os.environ.get(ADOPT_SOCKET_ENV)
+        if not path:
+            return None
         return cls(path, timeout)
 
     def __call__(self) -> socket.socket:
@@ -137,12 +146,23 @@ class Reconnect:
             self.sleep(delay)
             delay = min(1.0, delay * 2)
 
-    def _adopt(self) -> socket.socket:
+    def _connect(self) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(30.0)
             sock.connect(self.path)
-            sock.sendall(b'{"v":1,"op":"adopt"}\n')
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _request(self) -> bytes:
+        return b'{"v":1,"op":"adopt"}\n'
+
+    def _adopt(self) -> socket.socket:
+        sock = self._connect()
+        try:
+            sock.sendall(self._request())
             answer = b""
             while not answer.endswith(b"\n"):
                 chunk = sock.recv(65536)
@@ -160,6 +180,28 @@ class Reconnect:
                                 f"{err.get('message', body)}")
         sock.settimeout(None)
         return sock
+
+
+class TcpReconnect(Reconnect):
+    """How a remote trial (a Dask worker's) finds its daemon again: the report listener at
+    `address` (``HOST:PORT``), where it presents its `run` and that run's `token`
+    (``{"op": "resume", ...}``); the daemon takes it back only if that run is still the
+    trial's current one and this very process is the one that said hello."""
+
+    def __init__(self, address: str, run: str, token: str,
+                 timeout: float = DEFAULT_ADOPT_TIMEOUT, clock: Any = time.monotonic,
+                 sleep: Any = time.sleep):
+        super().__init__(address, timeout, clock, sleep)
+        self.run = run
+        self.token = token
+
+    def _connect(self) -> socket.socket:
+        host, _, port = self.path.rpartition(":")
+        return socket.create_connection((host.strip("[]"), int(port)), timeout=30.0)
+
+    def _request(self) -> bytes:
+        pid, start = process_identity()
+        return hello_line(op="resume", run=self.run, token=self.token, pid=pid, start=start)
 
 
 class Reporter:

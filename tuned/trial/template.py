@@ -92,7 +92,7 @@ class Template:
     `kill_with_parent`: its children get SIGKILL when it dies (a fork server's)."""
 
     def __init__(self, ctl: socket.socket, runner: Callable[[dict[str, Any], socket.socket], int],
-                 kill_with_parent: bool = False):
+                 kill_with_parent: bool = False, watch_parent: bool = False):
         self.ctl = ctl
         self.runner = runner
         self.kill_with_parent = kill_with_parent
@@ -100,6 +100,9 @@ class Template:
         self.wake_r, self.wake_w = socket.socketpair()
         self.wake_r.setblocking(False)
         self.wake_w.setblocking(False)
+        # `watch_parent`: a pidfd of the process that started the template (a Dask worker),
+        # readable once it is gone; then the template ends its trials and leaves.
+        self.parent_fd = os.pidfd_open(os.getppid()) if watch_parent else None
 
     def run(self) -> None:
         signal.set_wakeup_fd(self.wake_w.fileno())
@@ -107,18 +110,23 @@ class Template:
         sel = selectors.DefaultSelector()
         sel.register(self.ctl, selectors.EVENT_READ, "ctl")
         sel.register(self.wake_r, selectors.EVENT_READ, "wake")
+        if self.parent_fd is not None:
+            sel.register(self.parent_fd, selectors.EVENT_READ, "parent")
         while True:
             for key, _ in sel.select(timeout=1.0):
                 if key.data == "ctl" and not self._command():
                     return
                 if key.data == "wake":
                     self._drain()
+                if key.data == "parent":
+                    self._end_children()
+                    return
             self._reap()
 
     def _command(self) -> bool:
         """Handle one message from the daemon; False when the daemon is gone."""
         try:
-            data, fds, _, _ = socket.recv_fds(self.ctl, MAX_MESSAGE, 1)
+            data, fds, _, _ = socket.recv_fds(self.ctl, MAX_MESSAGE, 2)
         except OSError:
             return False
         if not data:
@@ -126,12 +134,18 @@ class Template:
         body = json.loads(data)
         if body.get("op") == "fork" and fds:
             channel = socket.socket(fileno=fds[0])
-            pid = self._fork(channel)
+            output = fds[1] if len(fds) > 1 else None
+            pid = self._fork(channel, output)
             channel.close()
+            if output is not None:
+                os.close(output)
             _send(self.ctl, op="forked", pid=pid)
+        else:
+            for fd in fds:
+                os.close(fd)
         return True
 
-    def _fork(self, channel: socket.socket) -> int:
+    def _fork(self, channel: socket.socket, output: int | None = None) -> int:
         from tuned.trial.child import spare_main
 
         sys.stdout.flush()
@@ -143,9 +157,19 @@ class Template:
             self.ctl.close()
             self.wake_r.close()
             self.wake_w.close()
-            spare_main(self.runner, channel, parent, self.kill_with_parent)
+            if self.parent_fd is not None:
+                os.close(self.parent_fd)
+            spare_main(self.runner, channel, parent, self.kill_with_parent, output)
         self.children.add(pid)
         return pid
+
+    def _end_children(self) -> None:
+        """SIGKILL every child's process group (each child leads its own)."""
+        for pid in self.children:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
     def _drain(self) -> None:
         try:
@@ -221,8 +245,11 @@ def template_title(experiment: dict[str, Any]) -> str:
 
 
 def main(argv: list[str]) -> int:
+    """``FD`` (a daemon's template), ``FD --worker`` (a Dask worker's: it ends its trials and
+    leaves when the worker is gone, and its trials die with it), ``--trial FD``."""
     if argv[:1] == ["--trial"]:
         return trial_main(int(argv[1]))
+    on_worker = argv[1:2] == ["--worker"]
     ctl = socket.socket(fileno=int(argv[0]))
     experiment = json.loads(ctl.recv(MAX_MESSAGE))
     set_title(template_title(experiment))
@@ -235,7 +262,7 @@ def main(argv: list[str]) -> int:
         return 1
     _send(ctl, op="ready", pid=os.getpid(), **described)
     gc.freeze()  # what the entry loaded stays out of the trials' collections: fewer pages copied
-    Template(ctl, runner).run()
+    Template(ctl, runner, kill_with_parent=on_worker, watch_parent=on_worker).run()
     return 0
 
 

@@ -1,0 +1,210 @@
+"""The report listener: where remote trials (a Dask worker's) reach the daemon, over TCP.
+
+Every connection must open with one hello line (``{"op": "hello" | "resume" | "log", "run",
+"token", ...}``, at most `MAX_HELLO` bytes) within `HELLO_TIMEOUT` seconds. The listener
+reads it without ever blocking the daemon's loop and hands it to `on_hello(sock, hello,
+rest)`, which takes the socket (returns None) or refuses it (returns why): the refusal is
+sent as one line, ``{"ok": false, "error": {"code": "refused", "message": why}}``, logged
+with the peer's address, and the connection closed. A connection that sends junk, an
+oversized line or nothing in time is refused the same way. Nothing is stored for a refused
+connection.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import selectors
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("tuned.listener")
+
+MAX_HELLO = 4096
+HELLO_TIMEOUT = 5.0
+HELLO_OPS = ("hello", "resume", "log")
+
+
+@dataclass
+class _Pending:
+    sock: socket.socket
+    peer: str
+    deadline: float
+    buffer: bytearray = field(default_factory=bytearray)
+
+
+_RUN = re.compile(r"^[0-9]{1,18}-[0-9a-f]{1,64}$")
+
+
+def check_hello(hello: dict[str, Any]) -> str | None:
+    """What is wrong with a hello's fields (None when nothing): a ``run`` like
+    ``"<trial id>-<hex>"`` and a string ``token`` always; for ``hello``, the ``host`` and
+    ``worker`` (strings), ``pid`` (an int), ``start`` (an int or null) and ``gpus`` (a
+    list of strings) of the trial's process; for ``resume``, its ``pid`` and ``start``."""
+    run, token = hello.get("run"), hello.get("token")
+    if not isinstance(run, str) or not _RUN.match(run):
+        return f"hello: bad run {str(run)[:80]!r}"
+    if not isinstance(token, str) or not token or len(token) > 256:
+        return "hello: bad token"
+    op = hello["op"]
+    if op in ("hello", "resume"):
+        pid, start = hello.get("pid"), hello.get("start")
+        if type(pid) is not int or pid <= 0:
+            return f"{op}: bad pid {str(pid)[:40]!r}"
+        if start is not None and type(start) is not int:
+            return f"{op}: bad start {str(start)[:40]!r}"
+    if op == "hello":
+        for name in ("host", "worker"):
+            if not isinstance(hello.get(name), str) or len(hello[name]) > 512:
+                return f"hello: bad {name} {str(hello.get(name))[:80]!r}"
+        gpus = hello.get("gpus", [])
+        if not isinstance(gpus, list) or not all(isinstance(g, str) for g in gpus):
+            return f"hello: bad gpus {str(gpus)[:80]!r}"
+    return None
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` as (host, port); ValueError naming what is wrong."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT (port 0 picks a free one), got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+class ReportListener:
+    """A non-blocking TCP server for remote trials' report channels (see the module
+    docstring). `open()` binds (so `port` is known) without accepting; `register(sel)`
+    starts accepting through the daemon's selector; `handle(key)` serves a ready key
+    (False for keys not its own); `sweep()` refuses the connections silent too long."""
+
+    def __init__(self, host: str, port: int,
+                 on_hello: Callable[[socket.socket, dict[str, Any], bytes], str | None],
+                 clock: Callable[[], float] = time.monotonic):
+        self.host = host
+        self.port = port
+        self.on_hello = on_hello
+        self.clock = clock
+        self.sock: socket.socket | None = None
+        self._sel: selectors.BaseSelector | None = None
+        self._pending: dict[int, _Pending] = {}
+        self.refused = 0
+
+    def open(self) -> None:
+        """Bind and listen (OSError when the address cannot be had); `port` is then the
+        real one."""
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.host, self.port))
+            sock.listen(128)
+        except OSError:
+            sock.close()
+            raise
+        sock.setblocking(False)
+        self.sock = sock
+        self.port = sock.getsockname()[1]
+
+    def register(self, sel: selectors.BaseSelector) -> None:
+        assert self.sock is not None, "open() first"
+        self._sel = sel
+        sel.register(self.sock, selectors.EVENT_READ, (self, "accept"))
+
+    def handle(self, key: selectors.SelectorKey) -> bool:
+        if not (isinstance(key.data, tuple) and key.data[0] is self):
+            return False
+        if key.data[1] == "accept":
+            self._accept()
+        else:
+            self._read(key.data[2])
+        return True
+
+    def _accept(self) -> None:
+        assert self.sock is not None and self._sel is not None
+        for _ in range(64):
+            try:
+                sock, peer = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of descriptors, a reset before accept: go on
+                log.warning("report listener: accept failed: %s", exc)
+                return
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            pending = _Pending(sock, f"{peer[0]}:{peer[1]}", self.clock() + HELLO_TIMEOUT)
+            self._pending[sock.fileno()] = pending
+            self._sel.register(sock, selectors.EVENT_READ, (self, "hello", pending))
+
+    def _read(self, pending: _Pending) -> None:
+        try:
+            chunk = pending.sock.recv(MAX_HELLO + 1)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self._drop(pending)
+            return
+        pending.buffer += chunk
+        end = pending.buffer.find(b"\n")
+        if end < 0:
+            if len(pending.buffer) > MAX_HELLO:
+                self._refuse(pending, f"no hello line within {MAX_HELLO} bytes")
+            return
+        line, rest = bytes(pending.buffer[:end]), bytes(pending.buffer[end + 1:])
+        try:
+            hello = json.loads(line)
+        except ValueError:
+            self._refuse(pending, f"not a JSON hello: {line[:80]!r}")
+            return
+        if not isinstance(hello, dict) or hello.get("op") not in HELLO_OPS:
+            self._refuse(pending, f"not a hello: {line[:80]!r}")
+            return
+        self._forget(pending)
+        try:
+            why = self.on_hello(pending.sock, hello, rest)
+        except Exception as exc:  # a bug must not take the daemon down with it
+            log.exception("report listener: a hello from %s failed", pending.peer)
+            why = f"internal error: {exc}"
+        if why is not None:
+            self._refuse(pending, why, registered=False)
+
+    def sweep(self) -> None:
+        """Refuse the connections that sent no hello in time."""
+        now = self.clock()
+        for pending in [p for p in self._pending.values() if p.deadline <= now]:
+            self._refuse(pending, f"no hello within {HELLO_TIMEOUT:g} s")
+
+    def _refuse(self, pending: _Pending, why: str, registered: bool = True) -> None:
+        self.refused += 1
+        log.warning("report listener: refused %s: %s", pending.peer, why)
+        if registered:
+            self._forget(pending)
+        line = json.dumps({"ok": False, "error": {"code": "refused", "message": why}})
+        try:
+            pending.sock.send((line + "\n").encode())
+        except OSError:
+            pass
+        pending.sock.close()
+
+    def _forget(self, pending: _Pending) -> None:
+        self._pending.pop(pending.sock.fileno(), None)
+        if self._sel is not None:
+            self._sel.unregister(pending.sock)
+
+    def _drop(self, pending: _Pending) -> None:
+        self._forget(pending)
+        pending.sock.close()
+
+    def close(self) -> None:
+        for pending in list(self._pending.values()):
+            self._drop(pending)
+        if self.sock is not None:
+            if self._sel is not None:
+                self._sel.unregister(self.sock)
+            self.sock.close()
+            self.sock = None

@@ -1,0 +1,361 @@
+"""The Dask worker's side of tuned's Dask executor (`tuned.executors.dask_executor`).
+
+What runs on a worker:
+
+- `TunedWorkerPlugin` (registered by the daemon on every worker, present and future): the
+  host's GPUs found once with NVML (``TUNED_FAKE_GPUS`` in tests, `tuned.executors.gpus`),
+  handed to its trials by UUID; one template process per experiment (``python -m
+  tuned.trial.template FD --worker``: it imports the entry once and forks each trial in
+  about a millisecond, against some 240 ms for a fresh interpreter); the runs it holds.
+- `run_trial(job)`: one Dask task per launch. It connects to the daemon's report listener,
+  has the template fork the trial with that connection as its report channel and a pipe as
+  its output, says hello for it (run id, secret, host, worker, pid, start time, GPUs) and
+  closes its own copy: the daemon stores the claim and sends the trial its order on that
+  same connection; the trial then talks to the daemon directly. The task forwards the
+  trial's output to the daemon's log of it and returns its exit status.
+- `signal_run` and `describe` run through `Client.run` (in the worker's event loop, so
+  they are served while every thread runs a trial).
+
+A trial is in its own session, a child of the template, which it dies with (SIGKILL, as
+`PR_SET_PDEATHSIG` binds it); the template watches the worker process (a pidfd) and, once
+it is gone, kills every trial's process group and leaves. A worker that dies takes its
+trials with it: nothing holds its GPUs after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from typing import Any
+
+from distributed import get_worker
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from tuned.executors.gpus import make_provider
+from tuned.protocol.channel import hello_line
+from tuned.trial.identity import process_start_time
+
+PLUGIN_NAME = "tuned"
+READY_TIMEOUT = 120.0
+CONNECT_TIMEOUT = 30.0  # per try; the task tries for the job's adopt timeout in all
+LOG_CHUNK = 1 << 16
+
+
+class TemplateFailed(RuntimeError):
+    """The worker's template could not load the experiment's entry, or died."""
+
+
+class _Template:
+    """The worker's client of one template process: `fork` a trial, `wait` for its exit.
+    Thread-safe: each Dask task thread forks and waits for its own trial."""
+
+    def __init__(self, experiment: dict[str, Any], log_path: str):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with open(log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "tuned.trial.template", str(theirs.fileno()), "--worker"],
+                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                start_new_session=True)
+        theirs.close()
+        self.ctl = ours
+        self.ctl.send(json.dumps(experiment).encode())
+        self.ctl.settimeout(READY_TIMEOUT)
+        try:
+            data = self.ctl.recv(1 << 20)
+        except TimeoutError:
+            data = b""
+        finally:
+            self.ctl.settimeout(None)
+        answer = json.loads(data) if data else {"op": "error",
+                                                "message": "the template did not answer"}
+        if answer.get("op") != "ready":
+            self.close()
+            raise TemplateFailed(answer.get("message", "the template died"))
+        self.described = {"space": answer.get("space"), "constants": answer.get("constants")}
+        self._lock = threading.Lock()
+        self._done = threading.Condition()
+        self._asked: deque[list[Any]] = deque()  # forks asked for, oldest first: [pid]
+        self._exits: dict[int, int | None] = {}
+        self.alive = True
+        threading.Thread(target=self._read, name="tuned-template", daemon=True).start()
+
+    def fork(self, fds: list[int]) -> int:
+        """A new trial process, waiting on `fds[0]` for its order (output to `fds[1]`)."""
+        slot: list[Any] = []
+        with self._lock:
+            if not self.alive:
+                raise TemplateFailed("the template died")
+            socket.send_fds(self.ctl, [b'{"op":"fork"}'], fds)
+            self._asked.append(slot)
+        with self._done:
+            if not self._done.wait_for(lambda: slot or not self.alive, timeout=READY_TIMEOUT):
+                raise TemplateFailed("the template did not fork in time")
+        if not slot:
+            raise TemplateFailed("the template died")
+        return slot[0]
+
+    def wait(self, pid: int) -> int | None:
+        """The exit code of trial `pid` once it ended (None if the template died first)."""
+        with self._done:
+            self._done.wait_for(lambda: pid in self._exits or not self.alive)
+            return self._exits.pop(pid, None)
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = self.ctl.recv(1 << 20)
+            except OSError:
+                data = b""
+            with self._done:
+                if not data:
+                    self.alive = False
+                    self._done.notify_all()
+                    return
+                body = json.loads(data)
+                if body.get("op") == "forked" and self._asked:
+                    self._asked.popleft().append(body["pid"])
+                elif body.get("op") == "exited":
+                    self._exits[body["pid"]] = body.get("code")
+                self._done.notify_all()
+
+    def close(self) -> None:
+        """End the template (its trials die with it)."""
+        with contextlib.suppress(OSError):
+            self.ctl.close()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+
+class TunedWorkerPlugin(WorkerPlugin):
+    """tuned's state on one Dask worker: its GPUs, its templates, the runs it holds."""
+
+    name = PLUGIN_NAME
+
+    def setup(self, worker: Any) -> None:
+        """On the worker (the plugin travels pickled, so its state is made here)."""
+        self.worker = worker
+        self.templates: dict[str, _Template] = {}
+        self.runs: dict[str, tuple[int, int | None]] = {}
+        self.lock = threading.Lock()
+        self._loading: dict[str, threading.Lock] = {}
+        provider = make_provider()
+        try:
+            self.gpus = [g.uuid for g in provider.gpus()]
+        finally:
+            provider.close()
+        self.free = list(self.gpus)
+
+    def teardown(self, worker: Any) -> None:
+        for template in list(self.templates.values()):
+            template.close()
+        self.templates.clear()
+
+    # -- templates ----------------------------------------------------------------------
+
+    def template(self, experiment: dict[str, Any]) -> _Template:
+        """The running template of `experiment` (started now if it has none); TemplateFailed
+        when its entry cannot be loaded here."""
+        key = hashlib.sha256(json.dumps(experiment, sort_keys=True).encode()).hexdigest()[:16]
+        with self.lock:
+            loading = self._loading.setdefault(key, threading.Lock())
+        with loading:
+            found = self.templates.get(key)
+            if found is not None and found.alive:
+                return found
+            folder = os.path.join(self.worker.local_directory, "tuned")
+            os.makedirs(folder, exist_ok=True)
+            name = experiment.get("name") or key
+            started = _Template(experiment, os.path.join(folder, f"{name}.template.log"))
+            self.templates[key] = started
+            return started
+
+    # -- GPUs ---------------------------------------------------------------------------
+
+    def take_gpus(self, count: int) -> list[str]:
+        """`count` of this host's GPUs, by UUID (fewer if it has fewer free: Dask's GPU
+        resource is what bounds the trials a worker runs)."""
+        with self.lock:
+            taken, self.free = self.free[:count], self.free[count:]
+        return taken
+
+    def give_gpus(self, gpus: list[str]) -> None:
+        with self.lock:
+            self.free += [g for g in gpus if g not in self.free]
+
+
+def _plugin() -> TunedWorkerPlugin:
+    worker = get_worker()
+    plugin = worker.plugins.get(PLUGIN_NAME)
+    if plugin is None:  # a worker that joined before the plugin was registered
+        plugin = TunedWorkerPlugin()
+        plugin.setup(worker)
+        worker.plugins[PLUGIN_NAME] = plugin
+    return plugin
+
+
+# -- the task -------------------------------------------------------------------------------
+
+
+def connect(address: str, patience: float) -> socket.socket:
+    """A connection to the daemon's report listener at ``HOST:PORT``, tried for `patience`
+    seconds (backing off from 50 ms to 1 s); OSError when none could be made."""
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + patience
+    delay = 0.05
+    while True:
+        try:
+            return socket.create_connection((host.strip("[]"), int(port)),
+                                            timeout=CONNECT_TIMEOUT)
+        except OSError:
+            if time.monotonic() >= deadline:
+                raise
+        time.sleep(delay)
+        delay = min(1.0, delay * 2)
+
+
+def run_trial(job: dict[str, Any]) -> dict[str, Any]:
+    """One launch of a trial on this worker (the Dask task; see the module docstring).
+    `job`: ``run``, ``token``, ``address`` (the daemon's listener), ``experiment`` (what the
+    template loads), ``num_gpus``, ``patience`` (seconds to reach the daemon). Returns
+    ``{"code": exit code or None, "host", "worker", "pid"}``, or with ``"error"`` when the
+    trial could not start here."""
+    plugin = _plugin()
+    where = {"host": socket.gethostname(), "worker": plugin.worker.address}
+    try:
+        template = plugin.template(job["experiment"])
+    except TemplateFailed as exc:
+        return {**where, "code": None, "error": f"entry: {exc}"}
+    gpus = plugin.take_gpus(int(job.get("num_gpus") or 0))
+    try:
+        try:
+            sock = connect(job["address"], float(job.get("patience", 60.0)))
+        except OSError as exc:
+            return {**where, "code": None, "error": f"daemon unreachable: {exc}"}
+        sock.settimeout(None)  # the trial's channel blocks, as a local trial's does
+        out_r, out_w = os.pipe()
+        try:
+            pid = template.fork([sock.fileno(), out_w])
+        except TemplateFailed as exc:
+            os.close(out_r)
+            return {**where, "code": None, "error": str(exc)}
+        finally:
+            os.close(out_w)
+        start = process_start_time(pid)
+        with plugin.lock:
+            plugin.runs[job["run"]] = (pid, start)
+        try:
+            sock.sendall(hello_line(op="hello", run=job["run"], token=job["token"], pid=pid,
+                                    start=start, gpus=gpus, **where))
+        except OSError:
+            pass  # the trial finds its channel closed and asks to be taken back
+        finally:
+            sock.close()
+        forwarder = threading.Thread(target=forward_output, name="tuned-log", daemon=True,
+                                     args=(out_r, job))
+        forwarder.start()
+        code = template.wait(pid)
+        forwarder.join(timeout=10.0)
+        return {**where, "code": code, "pid": pid}
+    finally:
+        plugin.give_gpus(gpus)
+        with plugin.lock:
+            plugin.runs.pop(job["run"], None)
+
+
+def forward_output(fd: int, job: dict[str, Any]) -> None:
+    """Send what the trial writes to `fd` (its stdout and stderr) to the daemon's log of it,
+    over a log connection of its own (``{"op": "log"}``), connecting again when the daemon
+    comes back; until the trial and everything it started closed the pipe. What was in
+    flight when a daemon died may be missing from its log."""
+    sock: socket.socket | None = None
+    try:
+        while True:
+            data = os.read(fd, LOG_CHUNK)
+            if not data:
+                return
+            for _ in range(2):
+                if sock is None:
+                    sock = _log_connection(job)
+                if sock is None:
+                    break
+                try:
+                    sock.sendall(data)
+                    break
+                except OSError:
+                    sock.close()
+                    sock = None
+    finally:
+        os.close(fd)
+        if sock is not None:
+            sock.close()
+
+
+def _log_connection(job: dict[str, Any]) -> socket.socket | None:
+    try:
+        sock = connect(job["address"], 5.0)
+        sock.sendall(hello_line(op="log", run=job["run"], token=job["token"]))
+        return sock
+    except OSError:
+        return None
+
+
+# -- through Client.run -------------------------------------------------------------------
+
+
+def signal_run(run: str, signum: int, dask_worker: Any = None) -> bool:
+    """Send `signum` to the process group of run `run` on this worker, if that very process
+    still runs; whether it did."""
+    plugin = (dask_worker.plugins if dask_worker is not None else get_worker().plugins).get(
+        PLUGIN_NAME)
+    if plugin is None:
+        return False
+    with plugin.lock:
+        found = plugin.runs.get(run)
+    if found is None:
+        return False
+    pid, start = found
+    if start is None or process_start_time(pid) != start:
+        return False
+    try:
+        os.killpg(pid, signum)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+async def describe(experiment: dict[str, Any], dask_worker: Any = None) -> dict[str, Any]:
+    """Load `experiment`'s entry in this worker's template (started now, so the first trial
+    finds it ready): ``{"space", "constants"}`` as the template describes the entry, or
+    ``{"error": why}`` when it cannot be imported here."""
+    worker = dask_worker if dask_worker is not None else get_worker()
+    plugin = worker.plugins.get(PLUGIN_NAME)
+    if plugin is None:
+        plugin = TunedWorkerPlugin()
+        plugin.setup(worker)
+        worker.plugins[PLUGIN_NAME] = plugin
+    try:
+        template = await asyncio.to_thread(plugin.template, experiment)
+    except TemplateFailed as exc:
+        return {"error": str(exc)}
+    return dict(template.described)
+
+
+def runs_here(dask_worker: Any = None) -> dict[str, Any]:
+    """What this worker holds for tuned: its GPUs (all, free) and its runs."""
+    plugin = (dask_worker.plugins if dask_worker is not None else {}).get(PLUGIN_NAME)
+    if plugin is None:
+        return {"gpus": [], "free": [], "runs": []}
+    with plugin.lock:
+        return {"gpus": list(plugin.gpus), "free": list(plugin.free),
+                "runs": sorted(plugin.runs)}
