@@ -51,6 +51,7 @@ COMMITS = {
     4: "2a40fb5",  # clones get their parent's checkpoint (HEAD when the fixtures were made)
     5: "2c56d41",  # trials by state kept by triggers (the commit that introduced v5)
     6: "5106052",  # experiments keep the reason of their state (introduced v6)
+    7: "531d0b5",  # trials keep their remote run, its token, host and worker (introduced v7)
 }
 
 GENERATOR = r'''
