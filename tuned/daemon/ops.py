@@ -90,18 +90,22 @@ class Ops:
     def op_status(self, args: dict[str, Any]) -> dict[str, Any]:
         assert self.d.store is not None
         exps = [self._experiment(args)] if args.get("experiment") else self.d.store.experiments()
-        return {"experiments": [self._summary(e) for e in exps],
-                "gpus_in_use": self.d.resources.gpus_in_use,
-                "gpus_busy_foreign": self.d.resources.gpus.busy_foreign(),
-                "cpus_free": self.d.resources.cpus_free, "cpus": self.d.resources.cpus_total}
+        answer = {"experiments": [self._summary(e) for e in exps],
+                  "gpus_in_use": self.d.resources.gpus_in_use,
+                  "gpus_busy_foreign": self.d.resources.gpus.busy_foreign(),
+                  "cpus_free": self.d.resources.cpus_free, "cpus": self.d.resources.cpus_total}
+        if self.d.cluster is not None:
+            answer["cluster"] = self.d.cluster.describe()
+        return answer
 
     op_experiments = op_status
 
     def _summary(self, exp) -> dict[str, Any]:
         """One experiment in `status` (`views.summary`), with why it waits, if it does."""
         assert self.d.store is not None
-        waiting = self.d.resources.wait_reason(exp.id, self._name_of) \
-            if exp.id in self.d.runners else None
+        runner = self.d.runners.get(exp.id)
+        waiting = runner.engine.resources.wait_reason(exp.id, self._name_of) \
+            if runner is not None else None
         return views.summary(self.d.store, exp, waiting)
 
     def _name_of(self, experiment_id: Any) -> str:

@@ -174,6 +174,7 @@ class Cluster:
         self._refreshed = 0.0
         self._refreshing = False
         self._capacity: tuple[int, int] = (0, 0)
+        self._scheduler_id: str | None = None
         self.submit(self._connect)
 
     # -- the control thread ---------------------------------------------------------------
@@ -227,6 +228,11 @@ class Cluster:
             if client.status != "running":
                 raise OSError(f"the scheduler connection is {client.status}")
             info = client.scheduler_info(n_workers=-1)
+            if info.get("id") != self._scheduler_id:  # a new scheduler: it has no plugin
+                from tuned.executors.dask_worker import TunedWorkerPlugin
+
+                client.register_plugin(TunedWorkerPlugin(), name="tuned")
+                self._scheduler_id = info.get("id")
             held = client.run(_runs_here, on_error="return")
         except Exception as exc:
             with self._lock:
@@ -252,7 +258,7 @@ class Cluster:
         """From the daemon's loop, now and then: describe the cluster again (in the
         background), and resize the pool to what was last seen."""
         with self._lock:
-            self.pool.resize(*self._capacity)
+            self.pool.resize(*(self._capacity if self.connected else (0, 0)))
         if now - self._refreshed < REFRESH_SECONDS or self._refreshing or self._closed:
             return
         self._refreshed = now
@@ -266,14 +272,25 @@ class Cluster:
 
         self.submit(describe)
 
+    @property
+    def connected(self) -> bool:
+        """Whether the client is connected to the scheduler now (read without asking it)."""
+        client = self.client
+        return client is not None and client.status == "running"
+
     def describe(self) -> dict[str, Any]:
         """What `tunectl status` shows of the cluster: its address, whether it is reachable
         (and why not), its workers (address, name, host, threads, GPUs, the runs of ours on
         each)."""
+        client = self.client
         with self._lock:
-            return {"scheduler": self.where, "reachable": self.reachable,
-                    "problem": self.problem, "listener": self.advertise,
-                    "workers": [dict(w) for w in self.workers]}
+            reachable, problem = self.reachable, self.problem
+            if reachable and not self.connected:
+                reachable = False
+                problem = f"the connection to the scheduler is {getattr(client, 'status', None)}"
+            return {"scheduler": self.where, "reachable": reachable, "problem": problem,
+                    "listener": self.advertise,
+                    "workers": [dict(w) for w in self.workers] if reachable else []}
 
     def close(self) -> None:
         """Let go of the scheduler (the tasks it runs go on: they are published)."""
@@ -345,6 +362,7 @@ class DaskExecutor:
         self._runs: dict[int, _Run] = {}
         self._finished: deque[tuple[str, Any]] = deque()  # (run, result) from Dask's thread
         self._unpublish: list[str] = []
+        self._found: dict[str, Any] = {}  # runs' tasks found by `alive`, for `adopt`
         self.ctl, self._wake_w = socket.socketpair()
         self.ctl.setblocking(False)
         self._wake_w.setblocking(False)
@@ -791,20 +809,32 @@ class DaskExecutor:
         return self._published(ref) is not None
 
     def _published(self, ref: RunRef) -> Any:
+        """The task of run `ref.run` if it is published and not done, else None. Found once
+        and kept for `adopt`: a second Future of the same key, made after the first was
+        dropped, can be cancelled by the release of the first."""
+        if ref.run in self._found:
+            future = self._found[ref.run]
+            return None if future.done() else future
         client = self.cluster.client
         if ref.run is None or client is None:
             return None
         try:
             future = self.cluster.submit(client.get_dataset, self._dataset(ref.run)).result(
                 timeout=CONNECT_TIMEOUT)
-        except Exception:
+        except Exception as exc:  # KeyError: not published (any more)
+            log.info("run %s is not a task of the cluster: %s", ref.run, exc)
             return None
-        return None if future.done() else future
+        self._found[ref.run] = future
+        if future.done():
+            log.info("run %s: its task is %s", ref.run, future.status)
+            return None
+        return future
 
     def adopt(self, trial_id: int, ref: RunRef) -> bool:
         """Follow a run a dead daemon launched: its task (found again by name) says when it
         ends, its channel comes back with `attach` when the trial reconnects."""
         future = self._published(ref)
+        self._found.pop(ref.run or "", None)
         if future is None or ref.run is None or ref.token_hash is None:
             return False
         self._mark_ready()

@@ -82,7 +82,6 @@ class _Template:
             self.close()
             raise TemplateFailed(answer.get("message", "the template died"))
         self.described = {"space": answer.get("space"), "constants": answer.get("constants")}
-        self._lock = threading.Lock()
         self._done = threading.Condition()
         self._asked: deque[list[Any]] = deque()  # forks asked for, oldest first: [pid]
         self._exits: dict[int, int | None] = {}
@@ -92,12 +91,11 @@ class _Template:
     def fork(self, fds: list[int]) -> int:
         """A new trial process, waiting on `fds[0]` for its order (output to `fds[1]`)."""
         slot: list[Any] = []
-        with self._lock:
+        with self._done:  # asked for and sent in one go: the template forks in that order
             if not self.alive:
                 raise TemplateFailed("the template died")
-            socket.send_fds(self.ctl, [b'{"op":"fork"}'], fds)
             self._asked.append(slot)
-        with self._done:
+            socket.send_fds(self.ctl, [b'{"op":"fork"}'], fds)
             if not self._done.wait_for(lambda: slot or not self.alive, timeout=READY_TIMEOUT):
                 raise TemplateFailed("the template did not fork in time")
         if not slot:
@@ -141,6 +139,9 @@ class TunedWorkerPlugin(WorkerPlugin):
     """tuned's state on one Dask worker: its GPUs, its templates, the runs it holds."""
 
     name = PLUGIN_NAME
+    # A restarted daemon registers it again: the scheduler keeps the one the workers have
+    # (replacing it would tear down its templates, and with them the running trials).
+    idempotent = True
 
     def setup(self, worker: Any) -> None:
         """On the worker (the plugin travels pickled, so its state is made here)."""
@@ -157,9 +158,9 @@ class TunedWorkerPlugin(WorkerPlugin):
         self.free = list(self.gpus)
 
     def teardown(self, worker: Any) -> None:
-        for template in list(self.templates.values()):
-            template.close()
-        self.templates.clear()
+        """The worker closes (its scheduler is gone, say): nothing is ended here. A trial
+        that runs goes on reporting to its daemon; its template ends it, and leaves, once
+        the worker's process is gone."""
 
     # -- templates ----------------------------------------------------------------------
 

@@ -75,7 +75,8 @@ def trials_page(store: Store, exp: Experiment, limit: int | None,
             "offset": offset if offset >= 0 else max(0, total + offset), "trials": [
                 {"trial": t.number, "state": t.state, "attempt": t.attempt,
                  "reports": t.last_seq, "reward": t.last_reward, "config": t.config,
-                 "error": t.error, "pid": t.pid, "parent": t.parent} for t in rows]}
+                 "error": t.error, "pid": t.pid, "parent": t.parent, "host": t.host,
+                 "worker": t.worker} for t in rows]}
 
 
 def curves(store: Store, exp: Experiment, metric: Any, top: int | None) -> dict[str, Any]:

@@ -107,7 +107,26 @@ def status_text(data: dict[str, Any]) -> str:
         gpus = ", ".join(data.get("gpus_in_use") or []) or "none"
         lines.append(clip(f"CPUs: {num(data['cpus_free'])} of {num(data['cpus'])} free; "
                           f"GPUs in use: {gpus}"))
+    if data.get("cluster"):
+        lines += cluster_lines(data["cluster"])
     return "\n".join(lines)
+
+
+def cluster_lines(cluster: dict[str, Any]) -> list[str]:
+    """The Dask cluster in `status`: reachable or not (and why), then one line a worker:
+    its name, address and host, threads, GPUs, the trials of ours it runs."""
+    if not cluster.get("reachable"):
+        return [clip(f"Dask cluster UNREACHABLE: {cluster.get('problem')}"),
+                clip(f"  scheduler {cluster.get('scheduler')}")]
+    workers = cluster.get("workers") or []
+    lines = [clip(f"Dask cluster: {len(workers)} worker(s); trials report to "
+                  f"{cluster.get('listener')}"), clip(f"  scheduler {cluster.get('scheduler')}")]
+    for w in workers:
+        gpus = num(w.get("gpus") or 0)
+        lines.append(clip(f"  {w.get('name')}  {w.get('address')} on {w.get('host')}: "
+                          f"{w.get('nthreads')} thread(s), {gpus} GPU(s), "
+                          f"{len(w.get('runs') or [])} trial(s) running"))
+    return lines
 
 
 def trials_text(data: dict[str, Any]) -> str:
@@ -122,6 +141,8 @@ def trials_text(data: dict[str, Any]) -> str:
                          f"{config_text(t['config'])}"))
         if t.get("parent") is not None:
             rows.append(clip(f"{'':>7}from trial {t['parent']}"))
+        if t.get("worker"):
+            rows.append(clip(f"{'':>7}on {t.get('host')}, Dask worker {t['worker']}"))
         if t.get("error"):
             rows.append(clip(f"{'':>7}error: {' '.join(str(t['error']).split())}"))
     return "\n".join(rows) if data["trials"] else "no trials"

@@ -1,0 +1,369 @@
+"""Trials on a Dask cluster (tuned/executors/dask_executor.py), with real processes: a `dask
+scheduler` and two `dask worker`s on 127.0.0.1 (tests/dask_cluster.py), a real daemon, real
+trials forked on the workers, SIGKILL to workers, to the daemon and to the scheduler, and raw
+TCP connections to the report listener. Fake only the GPUs (TUNED_FAKE_GPUS on the workers)."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("distributed")
+
+from dask_cluster import DaskCluster  # noqa: E402
+from helpers import Daemon, wait_until, write_spec  # noqa: E402
+
+from tuned.daemon.listener import check_hello  # noqa: E402
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _module(tmp_path: Path, epochs: int, step: float) -> Path:
+    """A training function that keeps a checkpoint after every report, resumes from it,
+    and prints its pid and GPUs to its log."""
+    module = tmp_path / "remote_trial.py"
+    module.write_text(textwrap.dedent(f"""
+        import os, time
+        import tuned
+
+        @tuned.args(x=tuned.space.Real(0, 1), epochs={epochs}, step={step})
+        def train(args, reporter):
+            first = reporter.resume_from or 0
+            gpus = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+            print(f"trial pid {{os.getpid()}} gpus {{gpus}} from {{first}}", flush=True)
+            for e in range(first, args.epochs):
+                time.sleep(args.step)
+                reporter(epoch=e + 1, accuracy=args.x * (e + 1), gpus=gpus, pid=os.getpid())
+                reporter.save_checkpoint({{"epoch": e + 1}})
+    """))
+    return module
+
+
+def _spec(tmp_path: Path, name: str, module: Path, trials: int, extra: str = "") -> str:
+    return write_spec(tmp_path, name, f"""
+        name = "{name}"
+        entry = "{module}:train"
+        executor = "dask"
+        num_trials = {trials}
+        max_concurrent = 2
+        num_gpus = 1
+        seed = 7
+        {extra}
+    """)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    with DaskCluster(tmp_path / "cluster") as c:
+        c.start(workers=2, gpus_per_worker=1, env={"TUNED_FAKE_GPUS": "GPU-fake-a"})
+        yield c
+
+
+@pytest.fixture
+def daemon(tmp_path, cluster):
+    d = Daemon(tmp_path)
+    d.start(args=("--dask-scheduler-file", cluster.scheduler_file))
+    yield d
+    d.close()
+
+
+def _rows(d: Daemon, sql: str, *args) -> list[tuple]:
+    with d.db() as c:
+        return c.execute(sql, args).fetchall()
+
+
+def _reports_exactly_once(d: Daemon) -> None:
+    """Every trial's stored reports are 1..last_seq, each once (the primary key forbids a
+    double; a gap would be a lost report)."""
+    for tid, last in _rows(d, "SELECT id, last_seq FROM trials"):
+        seqs = [s for (s,) in _rows(d, "SELECT seq FROM reports WHERE trial_id = ? "
+                                       "ORDER BY seq", tid)]
+        assert seqs == list(range(1, last + 1)), (tid, seqs)
+
+
+def _everything_accounted_for(d: Daemon, name: str, trials: int, pids: set[int]) -> None:
+    states = dict(_rows(d, "SELECT state, COUNT(*) FROM trials GROUP BY state"))
+    assert sum(states.values()) == trials and states.get("COMPLETED") == trials, \
+        (states, _rows(d, "SELECT number, attempt, error FROM trials"), d.log()[-3000:])
+    _reports_exactly_once(d)
+    wait_until(lambda: not [p for p in pids if _alive(p)], 10, "the trial processes' end")
+    best = d.json("best", name)
+    assert best["trial"] is not None and best["reward"] is not None
+
+
+def _remote_pids(d: Daemon) -> set[int]:
+    return {pid for (pid,) in _rows(d, "SELECT pid FROM trials WHERE host IS NOT NULL "
+                                       "AND pid IS NOT NULL")}
+
+
+def test_trials_run_on_the_workers_with_their_host_gpus_and_logs(tmp_path, cluster, daemon):
+    module = _module(tmp_path, epochs=3, step=0.01)
+    out = daemon.ctl("submit", _spec(tmp_path, "remote", module, trials=6))
+    assert out.returncode == 0, out.stderr
+    daemon.wait_state("remote", ("COMPLETED",), timeout=60)
+    trials = daemon.json("trials", "remote")["trials"]
+    status = daemon.json("status")
+    workers = {w["address"]: w for w in status["cluster"]["workers"]}
+    assert status["cluster"]["reachable"] is True and len(workers) == 2
+    assert {t["worker"] for t in trials} <= set(workers) and all(t["host"] for t in trials)
+    for t in trials:
+        log = (daemon.state / "logs" / "remote" / f"trial-{t['trial']}.log").read_text()
+        assert "gpus GPU-fake-a from 0" in log, log  # its host's GPU, its output forwarded
+    assert "Dask cluster" in daemon.ctl("status").stdout
+    assert "Dask worker" in daemon.ctl("trials", "remote").stdout
+    _reports_exactly_once(daemon)
+
+
+def test_a_dask_spec_is_refused_by_a_daemon_without_a_cluster(tmp_path):
+    (tmp_path / "plain").mkdir()
+    d = Daemon(tmp_path / "plain")
+    d.start()
+    try:
+        out = d.ctl("submit", _spec(tmp_path, "nowhere", _module(tmp_path, 1, 0), 1))
+        assert out.returncode != 0 and "executor" in out.stderr and "--dask" in out.stderr
+    finally:
+        d.close()
+
+
+def test_an_entry_the_workers_cannot_import_is_refused_at_submit(tmp_path, daemon):
+    spec = _spec(tmp_path, "broken", tmp_path / "missing.py", 1)
+    out = daemon.ctl("submit", spec)
+    assert out.returncode != 0 and "entry" in out.stderr and "Dask worker" in out.stderr
+    assert daemon.json("status")["experiments"] == []
+
+
+def test_a_worker_killed_mid_trial_takes_its_trial_down_and_it_runs_again(
+        tmp_path, cluster, daemon):
+    module = _module(tmp_path, epochs=12, step=0.15)
+    assert daemon.ctl("submit", _spec(tmp_path, "w", module, trials=2)).returncode == 0
+    placed = wait_until(lambda: _rows(daemon, "SELECT id, pid, worker FROM trials WHERE "
+                                      "state = 'RUNNING' AND last_seq >= 3"), 30,
+                        "a trial with 3 reports")
+    tid, pid, worker = placed[0]
+    name = next(n for n, w in _worker_names(daemon).items() if w == worker)
+    pids = _remote_pids(daemon)
+    cluster.kill_worker(name)
+    wait_until(lambda: not _alive(pid), 10, "the trial's death with its worker")
+    daemon.wait_state("w", ("COMPLETED",), timeout=90)
+    attempt, last_seq, worker_after = _rows(
+        daemon, "SELECT attempt, last_seq, worker FROM trials WHERE id = ?", tid)[0]
+    assert attempt == 2 and last_seq == 12 and worker_after != worker
+    log = (daemon.state / "logs" / "w" / f"trial-{_number(daemon, tid)}.log").read_text()
+    starts = [int(n) for n in re.findall(r"from (\d+)", log)]
+    assert starts[0] == 0 and len(starts) == 2 and starts[1] >= 3, log  # from its checkpoint
+    _everything_accounted_for(daemon, "w", 2, pids | _remote_pids(daemon))
+
+
+def _worker_names(d: Daemon) -> dict[str, str]:
+    return {w["name"]: w["address"] for w in d.json("status")["cluster"]["workers"]}
+
+
+def _number(d: Daemon, tid: int) -> int:
+    return _rows(d, "SELECT number FROM trials WHERE id = ?", tid)[0][0]
+
+
+def test_a_daemon_killed_mid_trial_adopts_its_remote_trials_after_a_restart(
+        tmp_path, cluster, daemon):
+    module = _module(tmp_path, epochs=15, step=0.1)
+    assert daemon.ctl("submit", _spec(tmp_path, "a", module, trials=2)).returncode == 0
+    wait_until(lambda: len(_rows(daemon, "SELECT id FROM trials WHERE state = 'RUNNING' "
+                                 "AND last_seq >= 2")) == 2, 30, "two trials running")
+    pids = _remote_pids(daemon)
+    daemon.proc.send_signal(signal.SIGKILL)
+    daemon.proc.wait()
+    time.sleep(0.5)
+    assert all(_alive(p) for p in pids)  # the trials outlive their daemon
+    daemon.start(args=("--dask-scheduler-file", cluster.scheduler_file))
+    daemon.wait_state("a", ("COMPLETED",), timeout=60)
+    attempts = [a for (a,) in _rows(daemon, "SELECT attempt FROM trials")]
+    assert attempts == [1, 1], (attempts, daemon.log()[-2000:])  # adopted: nothing reran
+    _everything_accounted_for(daemon, "a", 2, pids)
+
+
+def test_trials_whose_daemon_stays_away_exit_and_run_again_when_it_is_back(
+        tmp_path, cluster, daemon):
+    module = _module(tmp_path, epochs=40, step=0.1)
+    spec = _spec(tmp_path, "away", module, trials=2, extra="report_timeout = 2")
+    assert daemon.ctl("submit", spec).returncode == 0
+    wait_until(lambda: len(_rows(daemon, "SELECT id FROM trials WHERE state = 'RUNNING' "
+                                 "AND last_seq >= 2")) == 2, 30, "two trials running")
+    pids = _remote_pids(daemon)
+    daemon.proc.send_signal(signal.SIGKILL)
+    daemon.proc.wait()
+    # Past the adopt timeout (report_timeout, 2 s) the trials give up, and their tasks end:
+    # the workers hold none of our runs (and no GPU) any more.
+    wait_until(lambda: not [p for p in pids if _alive(p)], 20, "the orphaned trials' exit")
+    from distributed import Client
+
+    with Client(scheduler_file=cluster.scheduler_file, timeout=10) as client:
+        wait_until(lambda: not any(client.processing().values()), 10, "the tasks' end")
+    daemon.start(args=("--dask-scheduler-file", cluster.scheduler_file))
+    daemon.wait_state("away", ("COMPLETED",), timeout=90)
+    attempts = sorted(a for (a,) in _rows(daemon, "SELECT attempt FROM trials"))
+    assert attempts == [2, 2]
+    _everything_accounted_for(daemon, "away", 2, pids | _remote_pids(daemon))
+
+
+def test_kill_and_stop_end_remote_trials_on_their_hosts(tmp_path, cluster, daemon):
+    module = _module(tmp_path, epochs=400, step=0.1)
+    assert daemon.ctl("submit", _spec(tmp_path, "k", module, trials=3)).returncode == 0
+    running = wait_until(lambda: _rows(daemon, "SELECT number, pid FROM trials WHERE "
+                                       "state = 'RUNNING' AND last_seq >= 1"), 30, "a trial")
+    number, pid = running[0]
+    assert daemon.ctl("kill", "k", str(number)).returncode == 0
+    wait_until(lambda: not _alive(pid), 10, "the killed trial's end on its worker")
+    wait_until(lambda: _rows(daemon, "SELECT state, error FROM trials WHERE number = ?",
+                             number)[0][0] == "FAILED", 10, "the killed trial's end")
+    pids = _remote_pids(daemon) | {pid}
+    assert daemon.ctl("stop", "k").returncode == 0
+    daemon.wait_state("k", ("STOPPED",), timeout=20)
+    wait_until(lambda: not [p for p in pids if _alive(p)], 15, "every trial's end")
+    from distributed import Client
+
+    with Client(scheduler_file=cluster.scheduler_file, timeout=10) as client:
+        wait_until(lambda: not any(client.processing().values()), 10,
+                   "Dask's GPUs given back (no task of ours left)")
+    assert not _rows(daemon, "SELECT id FROM trials WHERE state = 'RUNNING'")
+
+
+def test_a_lost_scheduler_is_reported_and_the_search_goes_on_when_it_is_back(
+        tmp_path, cluster, daemon):
+    module = _module(tmp_path, epochs=10, step=0.1)
+    assert daemon.ctl("submit", _spec(tmp_path, "s", module, trials=6)).returncode == 0
+    wait_until(lambda: _rows(daemon, "SELECT id FROM trials WHERE state = 'RUNNING' "
+                             "AND last_seq >= 2"), 30, "a trial running")
+    pids = _remote_pids(daemon)
+    cluster.kill_scheduler()
+    wait_until(lambda: daemon.json("status")["cluster"]["reachable"] is False, 15,
+               "status saying the cluster is unreachable")
+    assert "UNREACHABLE" in daemon.ctl("status").stdout
+    cluster.restart_scheduler()
+    daemon.wait_state("s", ("COMPLETED",), timeout=120)
+    _everything_accounted_for(daemon, "s", 6, pids | _remote_pids(daemon))
+
+
+def test_a_worker_and_the_daemon_killed_in_one_run_lose_nothing(tmp_path, cluster, daemon):
+    module = _module(tmp_path, epochs=8, step=0.1)
+    assert daemon.ctl("submit", _spec(tmp_path, "both", module, trials=8)).returncode == 0
+    wait_until(lambda: _rows(daemon, "SELECT id FROM trials WHERE state = 'RUNNING' "
+                             "AND last_seq >= 2"), 30, "a trial running")
+    pids = _remote_pids(daemon)
+    cluster.kill_worker("w0")
+    cluster.add_worker("w2")
+    time.sleep(0.5)
+    pids |= _remote_pids(daemon)
+    daemon.proc.send_signal(signal.SIGKILL)
+    daemon.proc.wait()
+    daemon.start(args=("--dask-scheduler-file", cluster.scheduler_file))
+    daemon.wait_state("both", ("COMPLETED",), timeout=120)
+    _everything_accounted_for(daemon, "both", 8, pids | _remote_pids(daemon))
+
+
+# -- the report listener ------------------------------------------------------------------
+
+
+def _listener(d: Daemon) -> tuple[str, int]:
+    host, _, port = d.json("status")["cluster"]["listener"].rpartition(":")
+    return host, int(port)
+
+
+def _refusal(address: tuple[str, int], data: bytes) -> dict:
+    with socket.create_connection(address, timeout=10) as sock:
+        sock.sendall(data)
+        answer = b""
+        while not answer.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    return json.loads(answer)
+
+
+def test_the_listener_refuses_bad_tokens_stale_runs_junk_and_oversized_lines(
+        tmp_path, cluster, daemon):
+    module = _module(tmp_path, epochs=400, step=0.1)
+    assert daemon.ctl("submit", _spec(tmp_path, "l", module, trials=1)).returncode == 0
+    wait_until(lambda: _rows(daemon, "SELECT id FROM trials WHERE state = 'RUNNING' "
+                             "AND last_seq >= 1"), 30, "a trial running")
+    (tid, run, host, pid, start), = _rows(
+        daemon, "SELECT id, run, host, pid, pid_start FROM trials WHERE state = 'RUNNING'")
+    address = _listener(daemon)
+    good = {"run": run, "host": "elsewhere", "worker": "tcp://10.0.0.1:1", "pid": 4242,
+            "start": 1, "gpus": []}
+    frames = {
+        "junk": b"\x00\xffnot json at all\n",
+        "not an object": b"[1, 2]\n",
+        "unknown op": b'{"op": "report", "run": "1-ab", "token": "t"}\n',
+        "oversized": b"{" + b" " * 5000,
+        "wrong token": (json.dumps({"op": "hello", "token": "guess", **good}) + "\n").encode(),
+        "stale run": (json.dumps({"op": "hello", "token": "t", **{**good, "run": f"{tid}-0"}})
+                      + "\n").encode(),
+        "bad fields": (json.dumps({"op": "hello", "token": "t", **{**good, "pid": "x"}})
+                       + "\n").encode(),
+        "resume of an unknown run": (json.dumps({"op": "resume", "run": "99999-ab",
+                                                 "token": "t", "pid": 1, "start": 1})
+                                     + "\n").encode(),
+    }
+    for what, data in frames.items():
+        answer = _refusal(address, data)
+        assert answer["ok"] is False and answer["error"]["code"] == "refused", (what, answer)
+    with socket.create_connection(address, timeout=10) as silent:  # no hello at all
+        silent.settimeout(10)
+        assert json.loads(silent.recv(65536))["error"]["message"].startswith("no hello")
+    # Nothing stored: the running trial keeps its place, and still reports.
+    assert _rows(daemon, "SELECT host, pid, pid_start, run FROM trials WHERE id = ?",
+                 tid) == [(host, pid, start, run)]
+    seq = _rows(daemon, "SELECT last_seq FROM trials WHERE id = ?", tid)[0][0]
+    wait_until(lambda: _rows(daemon, "SELECT last_seq FROM trials WHERE id = ?",
+                             tid)[0][0] > seq, 10, "more reports after the junk")
+    assert daemon.proc.poll() is None
+    assert daemon.ctl("stop", "l").returncode == 0
+
+
+@pytest.mark.parametrize("hello, problem", [
+    ({"op": "hello", "run": "12-ab", "token": "t", "host": "h", "worker": "w", "pid": 3,
+      "start": 5, "gpus": ["GPU-a"]}, None),
+    ({"op": "resume", "run": "12-ab", "token": "t", "pid": 3, "start": None}, None),
+    ({"op": "log", "run": "12-ab", "token": "t"}, None),
+    ({"op": "log", "run": "12", "token": "t"}, "bad run"),
+    ({"op": "log", "run": "12-ab", "token": ""}, "bad token"),
+    ({"op": "resume", "run": "12-ab", "token": "t", "pid": True}, "bad pid"),
+    ({"op": "hello", "run": "12-ab", "token": "t", "host": "h", "worker": "w", "pid": 3,
+      "gpus": [1]}, "bad gpus"),
+    ({"op": "hello", "run": "12-ab", "token": "t", "host": 5, "worker": "w", "pid": 3},
+     "bad host"),
+])
+def test_check_hello_names_the_bad_field(hello, problem):
+    found = check_hello(hello)
+    assert (found is None) if problem is None else (problem in found)
+
+
+def test_listen_address_is_checked():
+    from tuned.daemon.listener import parse_address
+
+    assert parse_address("127.0.0.1:0") == ("127.0.0.1", 0)
+    assert parse_address("[::1]:8000") == ("::1", 8000)
+    for bad in ("nohost", ":80", "h:port", "h:70000"):
+        with pytest.raises(ValueError, match="HOST:PORT"):
+            parse_address(bad)
+
+
+def test_dask_cluster_fixture_leaves_no_process(tmp_path):
+    with DaskCluster(tmp_path / "c") as c:
+        c.start(workers=1)
+        pids = list(c.worker_pids.values())
+    assert not [p for p in pids if _alive(p)]
+
