@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test quick lint bench soak clean
+.PHONY: demo demo-cluster test quick lint bench soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: $(STAMP)
 	rm -rf demo-output/in-process/tuned-runs  # this run's experiments only, not earlier demos'
 	$(PY) examples/search_algorithms.py --out demo-output/in-process
 	$(VENV)/bin/tuned experiments --db demo-output/in-process/tuned-runs/tuned.db
+
+# The tutorial's Hyperband run on a local Dask cluster (a scheduler and two workers).
+demo-cluster: $(STAMP)
+	$(PY) examples/cluster_demo.py --out demo-output/cluster
 
 test: $(STAMP)
 	$(PY) -m ruff check tuned tests examples benchmarks

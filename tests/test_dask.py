@@ -367,3 +367,44 @@ def test_dask_cluster_fixture_leaves_no_process(tmp_path):
         pids = list(c.worker_pids.values())
     assert not [p for p in pids if _alive(p)]
 
+
+
+def test_the_cluster_pool_counts_worker_threads_and_gpus_and_follows_resizes():
+    from tuned.executors.dask_executor import ClusterPool
+
+    pool = ClusterPool()
+    assert not pool.admit("a", 1, 0)  # no worker yet
+    assert "no worker" in pool.wait_reason("a", str)
+    pool.resize(2, 1)
+    assert pool.fits_ever(1, 2) is not None and "num_gpus" in pool.fits_ever(1, 2)
+    first = pool.take(4, 1, "a")  # num_cpus is the worker's business: one thread a trial
+    second = pool.take(0.5, 0, "a")
+    assert first is not None and second is not None and pool.take(1, 0, "a") is None
+    assert "worker thread" in pool.wait_reason("a", str)
+    pool.resize(1, 1)  # a worker left: what runs goes on, nothing more starts
+    pool.give(first)
+    assert pool.take(1, 0, "b") is None
+    pool.give(second)
+    assert pool.take(1, 1, "b") is None  # held for "a", which waits longer
+    pool.withdraw("a")
+    assert pool.take(1, 1, "b") is not None
+    held = pool.hold(1, ["GPU-x"])  # an adopted run holds its thread and GPU, even beyond
+    assert len(pool.gpus_in_use) == 2 and held.gpus == ["cluster"] and pool.cpus_free == -1
+
+
+def test_a_daemon_started_without_its_cluster_leaves_the_experiment_waiting(
+        tmp_path, cluster, daemon):
+    module = _module(tmp_path, epochs=30, step=0.1)
+    assert daemon.ctl("submit", _spec(tmp_path, "later", module, trials=2)).returncode == 0
+    wait_until(lambda: len(_rows(daemon, "SELECT id FROM trials WHERE state = 'RUNNING' "
+                                 "AND last_seq >= 1")) == 2, 30, "two trials running")
+    daemon.stop()  # SIGTERM: its trials wait for the next daemon
+    daemon.start()  # no --dask
+    summary = daemon.json("status", "later")["experiments"][0]
+    assert summary["state"] == "RUNNING", summary
+    assert "needs a daemon connected to a Dask cluster" in daemon.log()
+    daemon.stop()
+    daemon.start(args=("--dask-scheduler-file", cluster.scheduler_file))
+    daemon.wait_state("later", ("COMPLETED",), timeout=60)
+    _reports_exactly_once(daemon)
+    assert [a for (a,) in _rows(daemon, "SELECT attempt FROM trials")] == [1, 1]

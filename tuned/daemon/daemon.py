@@ -559,6 +559,10 @@ class Daemon:
             elif exp.state in FINISHED_EXPERIMENT_STATES:
                 why = STOPPED_BY_USER if exp.state == "STOPPED" else EXPERIMENT_FAILED
                 self._end_unfinished(exp.id, why)
+            elif exp.state != "SCHEDULED" and exp.spec.get("executor") == "dask" \
+                    and self.cluster is None:
+                # Not failed: a daemon started with --dask takes it up where it is.
+                log.error("experiment %s waits: %s", exp.name, NO_CLUSTER)
             elif exp.state != "SCHEDULED":
                 try:
                     self.start_runner(exp.id)
@@ -584,8 +588,7 @@ class Daemon:
                 proc = self.store.trial_process(trial.id)
                 if proc.run is not None:
                     if self.cluster is not None:
-                        self.cluster.executor({}, 0, self.selector, str).terminate(
-                            RunRef(0, None, proc.run))
+                        self.cluster.terminate(proc.run)
                 elif proc.pid and proc.start is not None:
                     terminate(RunRef(proc.pid, proc.start))
                 self.store.finish_trial(trial.id, TrialState.FAILED, reason)

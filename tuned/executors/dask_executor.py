@@ -85,10 +85,11 @@ class ClusterUnavailable(RuntimeError):
 
 class ClusterPool(ResourcePool):
     """The cluster's capacity, as the engines of Dask experiments take from it: its worker
-    threads (a trial's task holds one; `num_cpus` is counted against them) and its GPU
-    resource (``dask worker --resources GPU=n``), counted, not named: which GPUs a trial
-    gets is decided on its host. `resize` follows the workers as they come and go; what
-    runs beyond a smaller capacity keeps running and frees as it ends."""
+    threads (a trial's task holds one, whatever its `num_cpus`: size the workers' threads
+    to the trials) and its GPU resource (``dask worker --resources GPU=n``), counted, not
+    named: which GPUs a trial gets is decided on its host. `resize` follows the workers
+    as they come and go (0 while the scheduler is unreachable); what runs beyond a smaller
+    capacity keeps running and frees as it ends. The sharing rule is the local pool's."""
 
     def __init__(self) -> None:
         super().__init__(0)
@@ -108,34 +109,54 @@ class ClusterPool(ResourcePool):
         return None
 
     def can_take(self, cpus: float, gpus: int) -> bool:
-        return cpus <= self.cpus_free + 1e-9 and gpus <= self.gpus_free
+        return self.cpus_free >= 1 - 1e-9 and gpus <= self.gpus_free
 
     def _lendable(self, owner: Any, cpus: float, gpus: int) -> bool:
         head = self.head()
         if head is None or head == owner:
             return True
         want = self._queue[head]
-        return (cpus <= self.cpus_free - min(self.cpus_free, want.cpus) + 1e-9
+        return (self.cpus_free - 1 >= 1 - 1e-9
                 and gpus <= self.gpus_free - min(self.gpus_free, want.gpus))
 
     def take(self, cpus: float, gpus: int, owner: Any = None) -> Grant | None:
         if not self.admit(owner, cpus, gpus):
             return None
-        self.cpus_free -= cpus
+        self.cpus_free -= 1
         self.gpus_free -= gpus
         if owner is not None:
             self._queue.pop(owner, None)
-        return Grant(cpus, ["cluster"] * gpus)
+        return Grant(1, ["cluster"] * gpus)
 
     def hold(self, cpus: float, gpus: Any) -> Grant:
         count = len(list(gpus))
-        self.cpus_free -= cpus
+        self.cpus_free -= 1
         self.gpus_free -= count
-        return Grant(cpus, ["cluster"] * count)
+        return Grant(1, ["cluster"] * count)
 
     def give(self, grant: Grant) -> None:
         self.cpus_free = min(self.cpus_total, self.cpus_free + grant.cpus)
         self.gpus_free = min(self.gpus_total, self.gpus_free + len(grant.gpus))
+
+    def wait_reason(self, owner: Any, name_of: Callable[[Any], str]) -> str | None:
+        want = self._queue.get(owner)
+        if want is None:
+            return None
+        if self.cpus_total == 0:
+            return "waiting: the Dask cluster has no worker (or is unreachable)"
+        needs = []
+        if self.cpus_free < 1 - 1e-9:
+            needs.append(f"every one of the Dask cluster's {self.cpus_total:g} worker "
+                         "thread(s) runs a trial")
+        if want.gpus > self.gpus_free:
+            needs.append(f"needs {want.gpus} GPU(s), the Dask cluster has {self.gpus_free} "
+                         "free")
+        if needs:
+            return "waiting: " + "; ".join(needs)
+        head = self.head()
+        if head is not None and head != owner:
+            return f"waiting: what is free is held for {name_of(head)}, which waits longer"
+        return "waiting: its turn comes at the next step"
 
     @property
     def gpus_in_use(self) -> list[str]:
@@ -302,6 +323,30 @@ class Cluster:
                 client.close(timeout=5)
             except Exception:  # closing a client of a dead scheduler may fail any way
                 pass
+
+    def dataset(self, run: str) -> str:
+        """The name run `run`'s task is published under."""
+        return f"tuned-{self.prefix}-{run}"
+
+    def terminate(self, run: str) -> None:
+        """SIGKILL to run `run`'s process group on whichever worker runs it, its task
+        cancelled (one still queued never starts; one that starts is refused at its hello,
+        no longer being its trial's run) and unpublished, in the background; a run that is
+        gone is left alone."""
+        def end() -> None:
+            from tuned.executors.dask_worker import signal_run
+
+            client = self.client
+            if client is None:
+                return
+            try:
+                client.run(signal_run, run, signal.SIGKILL, on_error="ignore")
+                client.cancel([client.get_dataset(self.dataset(run))])  # queued: never runs
+                client.unpublish_dataset(self.dataset(run))
+            except Exception as exc:  # unreachable, or the dataset is gone already
+                log.info("run %s not ended on the cluster: %s", run, exc)
+
+        self.submit(end)
 
     def executor(self, experiment: dict[str, Any], num_gpus: int,
                  selector: selectors.BaseSelector, log_path: Callable[[int], str],
@@ -477,7 +522,7 @@ class DaskExecutor:
         self._task_done(run, result)
 
     def _dataset(self, run: str) -> str:
-        return f"tuned-{self.cluster.prefix}-{run}"
+        return self.cluster.dataset(run)
 
     def _task_done(self, run: str, result: Any) -> None:
         """From Dask's thread (or the control thread): a run's task is done."""
@@ -837,6 +882,8 @@ class DaskExecutor:
         self._found.pop(ref.run or "", None)
         if future is None or ref.run is None or ref.token_hash is None:
             return False
+        if ref.host is None:
+            return False  # never said hello, so it never got its order: it runs anew
         self._mark_ready()
         r = _Run(trial_id, ref.run, None, ref.token_hash, future=future, placed=True,
                  log_path=self._log_path(trial_id))
@@ -845,24 +892,9 @@ class DaskExecutor:
         return True
 
     def terminate(self, ref: RunRef) -> None:
-        """End run `ref.run` wherever it runs (SIGKILL to its process group), and forget it."""
-        if ref.run is None:
-            return
-        name = self._dataset(ref.run)
-
-        def end() -> None:
-            from tuned.executors.dask_worker import signal_run
-
-            client = self.cluster.client
-            if client is None:
-                return
-            try:
-                client.run(signal_run, ref.run, signal.SIGKILL, on_error="ignore")
-                client.unpublish_dataset(name)
-            except Exception:
-                pass
-
-        self.cluster.submit(end)
+        """End run `ref.run` wherever it runs (`Cluster.terminate`)."""
+        if ref.run is not None:
+            self.cluster.terminate(ref.run)
 
     def pid_of(self, trial_id: int) -> int | None:
         """None: a remote run's pid is another host's (the control socket's `adopt`, which
