@@ -2,8 +2,8 @@
 
     python benchmarks/overhead.py [--trials 500] [--daemon-trials 500] [--optuna-trials 100]
                                   [--ray-trials 20] [--throughput-seconds 10] [--lag 0.005]
-                                  [--skip overhead,daemon,optuna,optuna-seq,ray,floor,nosync,
-                                          throughput]
+                                  [--skip overhead,daemon,dask,optuna,optuna-seq,ray,floor,
+                                          nosync,throughput]
 
 1. Overhead. N no-op trials of up to 10 reports each (x ~ U(0, 1); report e of 10 is
    {"epoch": e, "accuracy": x * e / 10}), successive halving stopping them (one bracket,
@@ -14,6 +14,12 @@
      hears it;
    - tuned through the daemon: `tuned serve` on a fresh state directory, the same
      experiment submitted as a spec (each trial forked by the experiment's template process);
+   - tuned via Dask: the daemon's spec with ``executor = "dask"``, submitted to a fresh
+     `tuned serve --dask-scheduler-file F` connected to a local cluster started for the row
+     (`dask scheduler` and 2 `dask worker --nthreads 1 --no-nanny`): each trial a Dask task
+     whose trial is forked by the worker's template process and reports to the daemon over
+     TCP; when Dask is installed (`pip install -e '.[dask]'`), skipped with a message
+     otherwise;
    - Optuna with SQLite storage (`optuna.storages.RDBStorage`, SQLite's default
      synchronous=FULL, rollback journal), `SuccessiveHalvingPruner`, `n_jobs=2` (threads in
      one process, no isolation), and the same sequentially (`n_jobs=1`);
@@ -21,14 +27,15 @@
      is installed (`pip install -e '.[ray]'`); skipped with a message otherwise.
 
    For each: trials/s and reports/s over the run's wall time (tuned in-process: `run()`;
-   the daemon: its store's first trial created to last trial ended; Optuna: `optimize()`;
-   Ray: `Tuner.fit()`, `ray.init()` excluded), the report round trip (the call in the trial,
-   to its return) p50 and p99, and the peak memory of the process tree: every 0.1 s the
-   sum over the measured process and all its descendants (the daemon, its template and the
-   trials; the Python process and its trials; Ray's driver, raylet, GCS and workers) of
-   VmRSS and of Pss (/proc/PID/smaps_rollup: pages shared by forked processes counted once),
-   the peak of each sum. The last column is how many times tuned in-process's trials/s the
-   row's is (from this run).
+   the daemon and Dask: the store's first trial created to last trial ended; Optuna:
+   `optimize()`; Ray: `Tuner.fit()`, `ray.init()` excluded), the report round trip (the call
+   in the trial, to its return) p50 and p99, and the peak memory of the process tree: every
+   0.1 s the sum over the measured process and all its descendants (the daemon, its template
+   and the trials; for Dask also the scheduler and the workers, their templates and trials;
+   the Python process and its trials; Ray's driver, raylet, GCS and workers) of VmRSS and of
+   Pss (/proc/PID/smaps_rollup: pages shared by forked processes counted once), the peak of
+   each sum. The last column is how many times tuned in-process's trials/s the row's is
+   (from this run).
 
 2. Report throughput: 2 trials (FIFO, tuned in-process and through the daemon) calling
    `reporter()` as fast as they can for --throughput-seconds, with report_lag 0 (each call
@@ -78,6 +85,8 @@ TIMES_ENV = "TUNED_OVERHEAD_TIMES"
 MAX_T, GRACE, ETA = 10, 1, 3
 TARGET_TRIALS_S, TARGET_RATIO, TARGET_REPORTS_S, TARGET_P99_MS = 100.0, 4.0, 5000.0, 2.0
 NOSYNC = "tuned, no fsync"
+DASK = "tuned via Dask (2 local workers)"
+TARGET_DASK_RATIO = 20.0  # the Dask row's trials/s against Ray Tune with ASHA's
 
 ENTRY_SOURCE = '''"""A no-op trial for benchmarks/overhead.py: 10 reports, or reports for S s."""
 import os
@@ -250,11 +259,11 @@ def _yield_cpu() -> None:
 
 
 class TreeMemory:
-    """Samples the summed VmRSS and Pss of `root` and its descendants every `interval`
+    """Samples the summed VmRSS and Pss of `roots` and their descendants every `interval`
     seconds in a thread; `peak_mb` is (peak RSS, peak PSS) in MB."""
 
-    def __init__(self, root: int, interval: float = 0.1):
-        self.root, self.interval = root, interval
+    def __init__(self, *roots: int, interval: float = 0.1):
+        self.roots, self.interval = roots, interval
         self.peak = (0, 0)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -263,7 +272,7 @@ class TreeMemory:
     def _run(self) -> None:
         _yield_cpu()
         while not self._stop.is_set():
-            sums = [_rss_pss_kb(p) for p in _descendants(self.root)]
+            sums = [_rss_pss_kb(p) for root in self.roots for p in _descendants(root)]
             rss, pss = sum(s[0] for s in sums), sum(s[1] for s in sums)
             self.peak = (max(self.peak[0], rss), max(self.peak[1], pss))
             self._stop.wait(self.interval)
@@ -489,11 +498,13 @@ def run_child(argv: list[str], env: dict[str, str] | None = None) -> tuple[dict,
 
 class Daemon(ServedDaemon):
     """`tuned serve` on a fresh state directory, its trials writing round trips to `times`;
-    the memory of its process tree sampled until `stop`."""
+    the memory of its process tree (and of the `cluster`'s, when it runs its trials on one)
+    sampled until `stop`."""
 
-    def __init__(self, folder: str, times: str):
-        super().__init__(folder, {TIMES_ENV: times})
-        self.memory = TreeMemory(self.proc.pid)
+    def __init__(self, folder: str, times: str, cluster: LocalDask | None = None):
+        args = ["--dask-scheduler-file", cluster.scheduler_file] if cluster else []
+        super().__init__(folder, {TIMES_ENV: times}, args)
+        self.memory = TreeMemory(self.proc.pid, *(cluster.pids if cluster else []))
 
     def run(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
         """Submit `spec`, wait for its end; wall time and trial count from the store."""
@@ -514,6 +525,78 @@ class Daemon(ServedDaemon):
         """Stop the daemon; the peak RSS and PSS of its tree."""
         super().stop()
         return self.memory.stop()
+
+
+class LocalDask:
+    """A local Dask cluster for the Dask row: `dask scheduler` and `workers` `dask worker`
+    processes (``--nthreads 1 --no-nanny``; no GPU resource: the trials ask for none), each in
+    its own session with its log in `folder`, `env` added to their environment (the trials,
+    forked by a template process of the worker, inherit it). The constructor returns once the
+    scheduler counts every worker; `close` SIGKILLs every process group started here and the
+    workers' templates' (each in a session of its own) and reaps them."""
+
+    def __init__(self, folder: str, env: dict[str, str], workers: int = 2,
+                 timeout: float = 60.0):
+        from distributed import Client
+
+        self.folder = folder
+        self.procs: list[subprocess.Popen] = []
+        self.scheduler_file = os.path.join(folder, "scheduler.json")
+        self.env = dict(os.environ, **env)
+        try:
+            self._spawn("scheduler", ["scheduler", "--host", "127.0.0.1", "--port", "0",
+                                      "--no-dashboard", "--scheduler-file", self.scheduler_file])
+            self._until(self._written, timeout)
+            names = {f"w{i}" for i in range(workers)}
+            for name in sorted(names):
+                self._spawn(name, ["worker", "--scheduler-file", self.scheduler_file,
+                                   "--nthreads", "1", "--no-nanny", "--name", name,
+                                   "--local-directory", os.path.join(folder, name)])
+            with Client(scheduler_file=self.scheduler_file, timeout=timeout) as client:
+                self._until(lambda: names <= {w["name"] for w in client.scheduler_info(
+                    n_workers=-1)["workers"].values()}, timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    def _spawn(self, name: str, args: list[str]) -> None:
+        with open(os.path.join(self.folder, f"{name}.log"), "wb") as log:
+            self.procs.append(subprocess.Popen(
+                [os.path.join(os.path.dirname(sys.executable), "dask"), *args], env=self.env,
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True))
+
+    def _until(self, predicate: Any, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if any(p.poll() is not None for p in self.procs) or time.monotonic() > deadline:
+                raise RuntimeError(f"the Dask cluster did not come up (logs in {self.folder})")
+            time.sleep(0.05)
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def _written(self) -> bool:
+        try:  # the scheduler writes its file in place: there, but maybe not whole yet
+            with open(self.scheduler_file, encoding="utf-8") as f:
+                return bool(json.load(f)["address"])
+        except (OSError, ValueError, KeyError):
+            return False
+
+    def close(self) -> None:
+        groups = set()
+        for pid in (p for proc in self.procs for p in _descendants(proc.pid)):
+            try:
+                groups.add(os.getpgid(pid))
+            except ProcessLookupError:
+                pass
+        for group in groups:
+            try:
+                os.killpg(group, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for proc in self.procs:
+            proc.wait()
 
 
 def daemon_spec(n: int, seconds: float, lag: float = 0.0) -> dict[str, Any]:
@@ -575,6 +658,14 @@ def measure_overhead(cli: argparse.Namespace, folder: str) -> list[Row]:
         finally:
             rss, pss = daemon.stop()
         rows.append(_row("tuned daemon", result, times, rss, pss, "process", "yes"))
+    if "dask" not in cli.skip:
+        try:
+            import distributed  # noqa: F401
+        except ImportError:
+            print(f"  {DASK}: skipped, Dask is not installed (pip install -e '.[dask]')")
+        else:
+            print(f"  {DASK}: {cli.daemon_trials} trials ...", flush=True)
+            rows.append(measure_dask(cli.daemon_trials, folder))
     for key, jobs, label in (("optuna", 2, "Optuna+SQLite, 2 threads"),
                              ("optuna-seq", 1, "Optuna+SQLite, sequential")):
         if key in cli.skip:
@@ -598,6 +689,25 @@ def measure_overhead(cli: argparse.Namespace, folder: str) -> list[Row]:
             rows.append(_row("Ray Tune + ASHA", result, times, rss, pss, "process (actors)",
                              "no"))
     return rows
+
+
+def measure_dask(n: int, folder: str) -> Row:
+    """The daemon row's experiment with ``executor = "dask"``: a fresh daemon (and state
+    directory) connected to a fresh local cluster of 2 workers, whose trials (forked by each
+    worker's template process) write their round trips to the row's folder."""
+    times = _fresh(folder, "dask")
+    entry = _fresh(folder, "dask-entry")  # not "entry": the daemon row's state is there
+    shutil.copy(os.path.join(folder, "entry", "overhead_entry.py"), entry)
+    cluster = LocalDask(_fresh(folder, "dask-cluster"), {TIMES_ENV: times})
+    try:
+        daemon = Daemon(entry, times, cluster)
+        try:
+            result = daemon.run("overhead", dict(daemon_spec(n, 0), executor="dask"))
+        finally:
+            rss, pss = daemon.stop()
+    finally:
+        cluster.close()
+    return _row(DASK, result, times, rss, pss, "process", "yes")
 
 
 def measure_throughput(cli: argparse.Namespace, folder: str) -> list[Row]:
@@ -655,14 +765,14 @@ def print_overhead(rows: list[Row]) -> None:
     base = rows[0]["trials_s"]
     print(f"\nOverhead: no-op trials of up to {MAX_T} reports, successive halving (grace "
           f"{GRACE}, reduction {ETA}), 2 at a time")
-    head = (f"  {'':<27}{'N':>5} {'isolation':<17}{'durable':<8}{'trials/s':>9}"
+    head = (f"  {'':<33}{'N':>5} {'isolation':<17}{'durable':<8}{'trials/s':>9}"
             f"{'reports/s':>10}{'rtt p50':>9}{'rtt p99':>9}{'peak RSS':>10}{'peak PSS':>10}"
             f"{'tuned/x':>9}")
     print(head)
-    print(f"  {'':<27}{'':>5} {'':<17}{'':<8}{'':>9}{'':>10}{'ms':>9}{'ms':>9}{'MB':>10}"
+    print(f"  {'':<33}{'':>5} {'':<17}{'':<8}{'':>9}{'':>10}{'ms':>9}{'ms':>9}{'MB':>10}"
           f"{'MB':>10}")
     for r in rows:
-        print(f"  {r['name']:<27}{r['n']:>5} {r['isolation']:<17}{r['durable']:<8}"
+        print(f"  {r['name']:<33}{r['n']:>5} {r['isolation']:<17}{r['durable']:<8}"
               f"{r['trials_s']:>9.1f}{_rate(r['reports_s']):>10}{r['p50']:>9.3f}{r['p99']:>9.3f}"
               f"{r['rss']:>10.0f}{r['pss']:>10.0f}{base / r['trials_s']:>9.1f}")
     print("  N: trials of the row; durable: each report on disk before the trial goes on; "
@@ -716,17 +826,28 @@ def print_targets(overhead: list[Row], throughput: list[Row]) -> None:
         return "PASS" if ok else "FAIL"
 
     print("\nTargets:")
-    for r in overhead:
-        if r["name"].startswith("tuned"):
-            print(f"  {verdict(r['trials_s'] >= TARGET_TRIALS_S)}  {r['name']}: "
-                  f"{r['trials_s']:.1f} trials/s (>= {TARGET_TRIALS_S:g})")
+    tuned = [r for r in overhead if r["name"].startswith("tuned") and r["name"] != DASK]
+    for r in tuned:
+        print(f"  {verdict(r['trials_s'] >= TARGET_TRIALS_S)}  {r['name']}: "
+              f"{r['trials_s']:.1f} trials/s (>= {TARGET_TRIALS_S:g})")
     optuna = [r for r in overhead if r["name"] == "Optuna+SQLite, 2 threads"]
-    if optuna:
-        for r in overhead:
-            if r["name"].startswith("tuned"):
-                ratio = r["trials_s"] / optuna[0]["trials_s"]
-                print(f"  {verdict(ratio >= TARGET_RATIO)}  {r['name']} / Optuna+SQLite "
-                      f"(2 threads): {ratio:.1f}x (>= {TARGET_RATIO:g}x)")
+    for r in tuned if optuna else []:
+        ratio = r["trials_s"] / optuna[0]["trials_s"]
+        print(f"  {verdict(ratio >= TARGET_RATIO)}  {r['name']} / Optuna+SQLite "
+              f"(2 threads): {ratio:.1f}x (>= {TARGET_RATIO:g}x)")
+    ray = [r for r in overhead if r["name"].startswith("Ray")]
+    daemon = [r for r in overhead if r["name"] == "tuned daemon"]
+    for r in (r for r in overhead if r["name"] == DASK):
+        if ray:  # the issue's target: trials on a cluster, against Ray Tune with ASHA
+            ratio = r["trials_s"] / ray[0]["trials_s"]
+            print(f"  {verdict(ratio >= TARGET_DASK_RATIO)}  {r['name']} / {ray[0]['name']}: "
+                  f"{ratio:.1f}x (>= {TARGET_DASK_RATIO:g}x)")
+        else:
+            print(f"  info  {r['name']}: {r['trials_s']:.1f} trials/s (Ray Tune not run: "
+                  f"no target to judge; >= {TARGET_DASK_RATIO:g}x Ray's trials/s when it is)")
+        if daemon:
+            print(f"  info  {r['name']}: {r['trials_s'] / daemon[0]['trials_s']:.2f}x the "
+                  "local daemon's trials/s")
     floors = floor_p99(throughput)
     for r in (r for r in throughput if r["name"] in ("tuned in-process", "tuned daemon")):
         name = f"{r['name']}, report_lag {r['lag'] * 1e3:g} ms"
@@ -783,7 +904,8 @@ def child_main(cli: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=500, help="tuned in-process trials")
-    parser.add_argument("--daemon-trials", type=int, default=500, help="trials via the daemon")
+    parser.add_argument("--daemon-trials", type=int, default=500,
+                        help="trials via the daemon, and via Dask")
     parser.add_argument("--optuna-trials", type=int, default=100, help="Optuna's trials")
     parser.add_argument("--ray-trials", type=int, default=20, help="Ray Tune's trials")
     parser.add_argument("--throughput-seconds", type=float, default=10.0,
@@ -792,7 +914,7 @@ def main() -> None:
                         help="the report_lag (seconds) of the throughput test's lagged rows")
     parser.add_argument("--skip", default="",
                         help="comma-separated: overhead (the whole no-op trial table), daemon, "
-                             "optuna, optuna-seq, ray, floor, nosync, throughput")
+                             "dask, optuna, optuna-seq, ray, floor, nosync, throughput")
     parser.add_argument("--child", choices=("tuned", "tuned-nosync", "floor", "optuna", "ray"),
                         help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)

@@ -17,11 +17,12 @@ TUNED = os.path.join(os.path.dirname(os.path.abspath(sys.executable)), "tuned")
 
 class ServedDaemon:
     """`tuned serve` with its state in `folder`/state, its log in `folder`/daemon.log, its
-    socket in a short temporary folder (sun_path is short), `env` added to its environment.
-    The constructor returns once the daemon answers hello; RuntimeError if it exits first or
-    does not answer within 60 s."""
+    socket in a short temporary folder (sun_path is short), `env` added to its environment,
+    `args` to its command line (``--dask-scheduler-file F``). The constructor returns once the
+    daemon answers hello; RuntimeError if it exits first or does not answer within 60 s."""
 
-    def __init__(self, folder: str, env: dict[str, str] | None = None):
+    def __init__(self, folder: str, env: dict[str, str] | None = None,
+                 args: list[str] | None = None):
         self.folder = folder
         self.state = os.path.join(folder, "state")
         self.sock_dir = tempfile.mkdtemp(prefix="tb-", dir="/tmp")
@@ -29,7 +30,7 @@ class ServedDaemon:
         self.log = open(os.path.join(folder, "daemon.log"), "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [TUNED, "serve", "--state-dir", self.state, "--socket", self.socket,
-             "--log-level", "WARNING"], env=dict(os.environ, **(env or {})),
+             "--log-level", "WARNING", *(args or [])], env=dict(os.environ, **(env or {})),
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log,
             start_new_session=True)
         self._wait_hello()
