@@ -1,26 +1,28 @@
 """Trials on a Dask cluster (tuned/executors/dask_executor.py), with real processes: a `dask
 scheduler` and two `dask worker`s on 127.0.0.1 (tests/dask_cluster.py), a real daemon, real
 trials forked on the workers, SIGKILL to workers, to the daemon and to the scheduler, and raw
-TCP connections to the report listener. Fake only the GPUs (TUNED_FAKE_GPUS on the workers)."""
+TCP connections to the report listener; the same over TLS, with certificates the `openssl`
+command makes for each test (a CA, the daemon's and a worker's certificates, and another CA
+with a certificate of its own). Fake only the GPUs (TUNED_FAKE_GPUS on the workers)."""
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import socket
+import ssl
+import subprocess
 import textwrap
 import time
 from pathlib import Path
 
 import pytest
+from dask_cluster import DaskCluster  # `make test` installs the dask extra
+from helpers import Daemon, cli, wait_until, write_spec
 
-pytest.importorskip("distributed")
-
-from dask_cluster import DaskCluster  # noqa: E402
-from helpers import Daemon, wait_until, write_spec  # noqa: E402
-
-from tuned.daemon.listener import check_hello  # noqa: E402
+from tuned.daemon.listener import check_hello
 
 
 def _alive(pid: int) -> bool:
@@ -408,3 +410,301 @@ def test_a_daemon_started_without_its_cluster_leaves_the_experiment_waiting(
     daemon.wait_state("later", ("COMPLETED",), timeout=60)
     _reports_exactly_once(daemon)
     assert [a for (a,) in _rows(daemon, "SELECT attempt FROM trials")] == [1, 1]
+
+
+# -- TLS --------------------------------------------------------------------------------------
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def _make_ca(folder: Path, name: str) -> None:
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+             "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "2",
+             "-subj", f"/CN=tuned test {name}", "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=folder)
+
+
+def _make_leaf(folder: Path, name: str, ca: str, serial: int) -> None:
+    """`name`.pem and `name`.key: a certificate for client and server use, signed by `ca`
+    with serial number `serial` (no host name in it: the clients do not check it)."""
+    (folder / "leaf.ext").write_text(
+        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+        "extendedKeyUsage=serverAuth,clientAuth\nsubjectKeyIdentifier=hash\n"
+        "authorityKeyIdentifier=keyid\n")
+    _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+             "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+             "-subj", f"/CN=tuned test {name}", cwd=folder)
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
+             "-set_serial", str(serial), "-days", "2", "-out",
+             f"{name}.pem", "-extfile", "leaf.ext", cwd=folder)
+
+
+@pytest.fixture
+def certs(tmp_path) -> dict[str, str]:
+    """A CA, the daemon's and a worker's certificates signed by it, and an unrelated CA with
+    a client certificate of its own (PEM files; made with the openssl command)."""
+    assert shutil.which("openssl"), "the TLS tests make their certificates with openssl " \
+        "(.ci/run installs it when missing)"
+    folder = tmp_path / "certs"
+    folder.mkdir()
+    _make_ca(folder, "ca")
+    _make_leaf(folder, "daemon", "ca", 1)
+    _make_leaf(folder, "worker", "ca", 2)
+    _make_ca(folder, "other-ca")
+    _make_leaf(folder, "stranger", "other-ca", 1)
+    return {f"{name}.{ext}": str(folder / f"{name}.{ext}")
+            for name in ("ca", "daemon", "worker", "other-ca", "stranger")
+            for ext in ("pem", "key")}
+
+
+def _tls_args(certs: dict[str, str], cluster: DaskCluster) -> tuple[str, ...]:
+    return ("--dask-scheduler-file", cluster.scheduler_file, "--tls-cert", certs["daemon.pem"],
+            "--tls-key", certs["daemon.key"], "--tls-ca", certs["ca.pem"])
+
+
+@pytest.fixture
+def tls_cluster(tmp_path, certs):
+    """The cluster (on tcp://) with the workers' Dask TLS files set: the CA, the worker's
+    certificate and key."""
+    with DaskCluster(tmp_path / "cluster") as c:
+        c.start(workers=2, gpus_per_worker=1, nthreads=1, env={
+            "TUNED_FAKE_GPUS": "GPU-fake-a",
+            "DASK_DISTRIBUTED__COMM__TLS__CA_FILE": certs["ca.pem"],
+            "DASK_DISTRIBUTED__COMM__TLS__WORKER__CERT": certs["worker.pem"],
+            "DASK_DISTRIBUTED__COMM__TLS__WORKER__KEY": certs["worker.key"]})
+        yield c
+
+
+@pytest.fixture
+def tls_daemon(tmp_path, tls_cluster, certs):
+    d = Daemon(tmp_path)
+    d.start(args=_tls_args(certs, tls_cluster))
+    yield d
+    d.close()
+
+
+def test_trials_report_over_tls_and_programs_resume_their_channel_after_exec(
+        tmp_path, tls_daemon):
+    module = _module(tmp_path, epochs=3, step=0.01)
+    assert tls_daemon.ctl("submit", _spec(tmp_path, "tls", module, trials=4)).returncode == 0
+    spawned = _spec(tmp_path, "spawned", module, trials=2, extra='start_method = "spawn"')
+    assert tls_daemon.ctl("submit", spawned).returncode == 0
+    for name, trials in (("tls", 4), ("spawned", 2)):
+        assert tls_daemon.wait_state(name, ("COMPLETED",), timeout=60)["trials"] == \
+            {"COMPLETED": trials}
+        for t in tls_daemon.json("trials", name)["trials"]:
+            assert t["reports"] == 3 and t["worker"], t
+            log = (tls_daemon.state / "logs" / name / f"trial-{t['trial']}.log").read_text()
+            assert "gpus GPU-fake-a from 0" in log, log  # its output forwarded over TLS
+    cluster = tls_daemon.json("status")["cluster"]
+    assert cluster["tls"] is True and "over TLS" in tls_daemon.ctl("status").stdout
+    # A command trial's program cannot inherit the TLS session: it resumes on its own.
+    (tmp_path / "prog.py").write_text(textwrap.dedent("""
+        import os
+        import tuned.report as report
+
+        print("report fd", os.environ["TUNED_REPORT_FD"], flush=True)
+        for epoch in range(1, 4):
+            report.report(epoch=epoch, accuracy=report.config()["x"] * epoch)
+    """))
+    spec = write_spec(tmp_path, "prog", """
+        name = "prog"
+        command = ["{python}", "prog.py"]
+        executor = "dask"
+        num_trials = 2
+        [space]
+        x = {type = "real", lower = 0, upper = 1}
+    """)
+    assert tls_daemon.ctl("submit", spec).returncode == 0
+    assert tls_daemon.wait_state("prog", ("COMPLETED",), timeout=60)["trials"] == \
+        {"COMPLETED": 2}
+    for t in tls_daemon.json("trials", "prog")["trials"]:
+        assert t["reports"] == 3, t
+        log = (tls_daemon.state / "logs" / "prog" / f"trial-{t['trial']}.log").read_text()
+        assert "report fd -1" in log, log
+    _reports_exactly_once(tls_daemon)
+    assert "TLS handshake failed" not in tls_daemon.log()
+
+
+def test_a_daemon_killed_mid_trial_adopts_its_tls_trials_after_a_restart(
+        tmp_path, tls_cluster, tls_daemon, certs):
+    module = _module(tmp_path, epochs=15, step=0.1)
+    assert tls_daemon.ctl("submit", _spec(tmp_path, "a", module, trials=2)).returncode == 0
+    wait_until(lambda: len(_rows(tls_daemon, "SELECT id FROM trials WHERE state = 'RUNNING' "
+                                 "AND last_seq >= 2")) == 2, 30, "two trials running")
+    pids = _remote_pids(tls_daemon)
+    tls_daemon.proc.send_signal(signal.SIGKILL)
+    tls_daemon.proc.wait()
+    time.sleep(0.3)
+    assert all(_alive(p) for p in pids)
+    tls_daemon.start(args=_tls_args(certs, tls_cluster))
+    tls_daemon.wait_state("a", ("COMPLETED",), timeout=60)
+    attempts = [a for (a,) in _rows(tls_daemon, "SELECT attempt FROM trials")]
+    assert attempts == [1, 1], (attempts, tls_daemon.log()[-2000:])  # resumed over TLS
+    assert "reconnected" in tls_daemon.log()
+    _everything_accounted_for(tls_daemon, "a", 2, pids)
+
+
+def _tls_client(certs: dict[str, str], name: str) -> ssl.SSLContext:
+    from tuned.protocol.tcp import TlsFiles, client_context
+
+    return client_context(TlsFiles(certs["ca.pem"], certs[f"{name}.pem"], certs[f"{name}.key"]))
+
+
+def test_the_tls_listener_refuses_plain_tcp_and_certificates_of_another_ca(
+        tmp_path, tls_daemon, certs):
+    module = _module(tmp_path, epochs=400, step=0.1)
+    assert tls_daemon.ctl("submit", _spec(tmp_path, "l", module, trials=1)).returncode == 0
+    wait_until(lambda: _rows(tls_daemon, "SELECT id FROM trials WHERE state = 'RUNNING' "
+                             "AND last_seq >= 1"), 30, "a trial running")
+    (tid, run, host, pid, start), = _rows(
+        tls_daemon, "SELECT id, run, host, pid, pid_start FROM trials WHERE state = 'RUNNING'")
+    address = _listener(tls_daemon)
+    hello = (json.dumps({"op": "hello", "run": run, "token": "guess", "host": "elsewhere",
+                         "worker": "tcp://10.0.0.1:1", "pid": 4242, "start": 1, "gpus": []})
+             + "\n").encode()
+    with socket.create_connection(address, timeout=10) as plain:  # no TLS at all
+        plain.sendall(hello)
+        try:
+            answer = plain.recv(65536)
+        except ConnectionResetError:
+            answer = b""
+        assert answer == b""  # closed, nothing answered in clear text
+    stranger = _tls_client(certs, "stranger")  # a certificate of the other CA
+    with socket.create_connection(address, timeout=10) as raw, \
+            pytest.raises((ssl.SSLError, ConnectionError)):
+        with stranger.wrap_socket(raw) as sock:
+            sock.sendall(hello)
+            if not sock.recv(65536):  # TLS 1.3: the server refuses after the client's end
+                raise ConnectionResetError("closed")
+    # A client of the cluster's CA is heard, and refused for its wrong token, over TLS.
+    with _tls_client(certs, "worker").wrap_socket(
+            socket.create_connection(address, timeout=10)) as sock:
+        sock.sendall(hello)
+        answer = json.loads(sock.recv(65536))
+        assert answer["error"]["message"].endswith("wrong token"), answer
+    assert _rows(tls_daemon, "SELECT host, pid, pid_start, run FROM trials WHERE id = ?",
+                 tid) == [(host, pid, start, run)]
+    seq = _rows(tls_daemon, "SELECT last_seq FROM trials WHERE id = ?", tid)[0][0]
+    wait_until(lambda: _rows(tls_daemon, "SELECT last_seq FROM trials WHERE id = ?",
+                             tid)[0][0] > seq, 10, "more reports after the refusals")
+    assert tls_daemon.proc.poll() is None
+    assert tls_daemon.log().count("TLS handshake failed") == 2, tls_daemon.log()[-3000:]
+    assert tls_daemon.ctl("stop", "l").returncode == 0
+
+
+def _serve_listener(listener, sel, until, timeout: float = 10.0) -> None:
+    """Run `listener`'s side of a daemon loop until `until()`."""
+    deadline = time.monotonic() + timeout
+    while not until():
+        assert time.monotonic() < deadline, "the listener did not get there in time"
+        for key, _ in sel.select(0.05):
+            listener.handle(key)
+        listener.sweep()
+
+
+def test_the_tls_listener_hands_over_every_decrypted_byte_and_refuses_bad_handshakes(certs):
+    """In-process: a hello and the lines after it in one TLS record reach `on_hello` whole
+    (`rest` holds what TLS had decrypted, which select() would never report); a plain TCP
+    client and a certificate of another CA are refused at the handshake, without blocking."""
+    import selectors
+    import threading
+
+    from tuned.daemon.listener import ReportListener
+    from tuned.protocol.tcp import server_context
+
+    heard: list[tuple[dict, bytes]] = []
+    socks: list[socket.socket] = []
+
+    def on_hello(sock, hello, rest):
+        heard.append((hello, rest))
+        socks.append(sock)
+        return None
+
+    listener = ReportListener("127.0.0.1", 0, on_hello, ssl_context=server_context(
+        certs["daemon.pem"], certs["daemon.key"], certs["ca.pem"]))
+    listener.open()
+    sel = selectors.DefaultSelector()
+    listener.register(sel)
+    address = ("127.0.0.1", listener.port)
+    lines = b"".join(b'{"seq":%d,"metrics":{"pad":"%s"}}\n' % (i, b"x" * 40)
+                     for i in range(1, 120))
+    hello = b'{"op":"log","run":"1-ab","token":"t"}\n'
+
+    def client() -> None:
+        with _tls_client(certs, "worker").wrap_socket(
+                socket.create_connection(address, timeout=10)) as sock:
+            sock.sendall(hello + lines)  # < 16 KiB: one TLS record
+            sock.recv(1)  # until the test closes its end
+
+    thread = threading.Thread(target=client, daemon=True)
+    thread.start()
+    try:
+        _serve_listener(listener, sel, lambda: heard)
+        assert heard[0] == ({"op": "log", "run": "1-ab", "token": "t"}, lines)
+        refused = listener.refused
+        with socket.create_connection(address, timeout=10) as plain:
+            plain.sendall(hello)
+            _serve_listener(listener, sel, lambda: listener.refused == refused + 1)
+        stranger = threading.Thread(target=lambda: _ignore_errors(
+            lambda: _tls_client(certs, "stranger").wrap_socket(
+                socket.create_connection(address, timeout=10)).recv(1)), daemon=True)
+        stranger.start()
+        _serve_listener(listener, sel, lambda: listener.refused == refused + 2)
+        assert len(heard) == 1 and not listener._pending
+    finally:
+        for sock in socks:
+            sock.close()
+        thread.join(5)
+        listener.close()
+        sel.close()
+
+
+def _ignore_errors(fn) -> None:
+    try:
+        fn()
+    except OSError:
+        pass
+
+
+def test_tls_flags_go_with_a_cluster_and_with_each_other(tmp_path, certs):
+    def serve(*args: str) -> subprocess.CompletedProcess:
+        return cli("tuned_main", "serve", "--state-dir", str(tmp_path / "s"), *args,
+                   sock=str(tmp_path / "c.sock"))
+
+    cert, key, ca = ("--tls-cert", certs["daemon.pem"]), ("--tls-key", certs["daemon.key"]), \
+        ("--tls-ca", certs["ca.pem"])
+    dask = ("--dask", "tcp://127.0.0.1:1")
+    for args, says in [((*cert, *key), "--tls-cert is for the report listener"),
+                       ((*dask, *cert), "--tls-cert needs --tls-key"),
+                       ((*dask, *key), "--tls-key needs --tls-cert"),
+                       ((*dask, *ca), "--tls-ca needs --tls-cert and --tls-key")]:
+        out = serve(*args)
+        assert out.returncode == 2 and says in out.stderr, (args, out.stderr)
+    out = serve(*dask, *cert, "--tls-key", certs["ca.key"])  # not the certificate's key
+    assert out.returncode == 1 and "--tls-cert" in out.stderr, out.stderr
+    assert not (tmp_path / "s").exists()  # refused before anything was written
+
+
+def test_a_worker_takes_its_tls_files_from_dask_config_or_the_environment(monkeypatch):
+    import dask
+
+    from tuned.executors.dask_worker import tls_files
+    from tuned.protocol.tcp import TlsFiles
+
+    for name in ("TUNED_TLS_CA", "TUNED_TLS_CERT", "TUNED_TLS_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    with dask.config.set({"distributed.comm.tls.ca-file": None,
+                          "distributed.comm.tls.worker.cert": None,
+                          "distributed.comm.tls.worker.key": None}):
+        with pytest.raises(ValueError, match="no CA file .* and no certificate"):
+            tls_files()
+    with dask.config.set({"distributed.comm.tls.ca-file": "/c/ca.pem",
+                          "distributed.comm.tls.worker.cert": "/c/w.pem",
+                          "distributed.comm.tls.worker.key": None}):
+        assert tls_files() == TlsFiles("/c/ca.pem", "/c/w.pem", None)
+        monkeypatch.setenv("TUNED_TLS_KEY", "/o/w.key")
+        monkeypatch.setenv("TUNED_TLS_CA", "/o/ca.pem")
+        assert tls_files() == TlsFiles("/o/ca.pem", "/c/w.pem", "/o/w.key")

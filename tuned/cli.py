@@ -470,6 +470,11 @@ def export_cmd(db: str | None, experiment: str, fmt: str, reports: bool,
             store, exp, reports, EXPORT_PAGE, offset, after, columns), reports, fmt, output)
 
 
+def _absolute(path: str | None) -> str | None:
+    """`path` made absolute (a daemon's files outlive its working directory), or None."""
+    return os.path.abspath(path) if path else None
+
+
 @tuned_group.command("serve")
 @click.option("--state-dir", default=None, help="State directory [default: TUNED_STATE_DIR, "
               "/var/lib/tuned as root, else $XDG_STATE_HOME/tuned].")
@@ -494,15 +499,31 @@ def export_cmd(db: str | None, experiment: str, fmt: str, reports: bool,
 @click.option("--shared-dir", default=None, metavar="DIR",
               help="A folder every Dask worker (and the daemon) sees at this path: the "
               "remote trials' checkpoints [default: the state directory].")
+@click.option("--tls-cert", default=None, metavar="FILE",
+              help="The report listener speaks TLS only, with this certificate (PEM; with "
+              "--tls-key). The workers verify it against the CA of their Dask TLS config.")
+@click.option("--tls-key", default=None, metavar="FILE",
+              help="The private key of --tls-cert (PEM).")
+@click.option("--tls-ca", default=None, metavar="FILE",
+              help="Require client certificates signed by this CA (mutual TLS): the workers' "
+              "Dask certificates.")
 def serve_cmd(state_dir: str | None, socket_path: str | None, log_level: str,
               stop_trials: bool, dask_address: str | None, dask_scheduler_file: str | None,
-              listen: str, advertise: str | None, shared_dir: str | None) -> None:
+              listen: str, advertise: str | None, shared_dir: str | None,
+              tls_cert: str | None, tls_key: str | None, tls_ca: str | None) -> None:
     """Run the daemon: experiments from the socket and the spool, until SIGTERM. A refused
-    start (another daemon, an unsafe socket folder) writes nothing."""
+    start (another daemon, an unsafe socket folder, TLS files that cannot be loaded) writes
+    nothing."""
     import logging
 
     from tuned.daemon.control import AlreadyRunning, ControlError, InsecureDirectory
-    from tuned.daemon.daemon import AlreadyServing, ClusterOptions, Daemon, ListenError
+    from tuned.daemon.daemon import (
+        AlreadyServing,
+        ClusterOptions,
+        Daemon,
+        ListenError,
+        tls_flags_problem,
+    )
     from tuned.daemon.listener import parse_address
     from tuned.daemon.paths import default_socket, default_state_dir
     from tuned.store.database import StoreError
@@ -512,6 +533,14 @@ def serve_cmd(state_dir: str | None, socket_path: str | None, log_level: str,
     cluster = None
     if dask_address and dask_scheduler_file:
         fail("usage", "give --dask or --dask-scheduler-file, not both")
+    tls_given = next((flag for flag, value in (("--tls-cert", tls_cert), ("--tls-key", tls_key),
+                                               ("--tls-ca", tls_ca)) if value), None)
+    if tls_given and not (dask_address or dask_scheduler_file):
+        fail("usage", f"{tls_given} is for the report listener: it needs --dask or "
+             "--dask-scheduler-file")
+    problem = tls_flags_problem(tls_cert, tls_key, tls_ca)
+    if problem is not None:
+        fail("usage", problem)
     if dask_address or dask_scheduler_file:
         try:
             parse_address(listen)
@@ -521,7 +550,12 @@ def serve_cmd(state_dir: str | None, socket_path: str | None, log_level: str,
         except ImportError:
             fail("usage", "--dask needs Dask: pip install 'tuned[dask]'")
         cluster = ClusterOptions(dask_address, dask_scheduler_file, listen, advertise,
-                                 os.path.abspath(shared_dir) if shared_dir else None)
+                                 _absolute(shared_dir), tls_cert=_absolute(tls_cert),
+                                 tls_key=_absolute(tls_key), tls_ca=_absolute(tls_ca))
+        try:
+            cluster.ssl_context()  # a file that cannot be loaded: refused before anything
+        except ValueError as exc:
+            fail("error", str(exc))
     daemon = Daemon(state_dir or default_state_dir(), socket_path or default_socket(),
                     stop_trials=stop_trials, cluster=cluster)
     try:

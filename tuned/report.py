@@ -19,7 +19,9 @@ training function's reporter does. `save_checkpoint(obj)` after a report and
 `load_checkpoint()` at the start let a paused or restarted trial go on where it was. When
 the program ends, the daemon is told whether it
 returned normally or with an uncaught exception (which matters to a daemon that adopted it
-after a restart, and so cannot see its exit status).
+after a restart, and so cannot see its exit status). A Dask trial over TLS has no channel to
+inherit (``TUNED_REPORT_FD=-1``): the first report connects to the daemon's report listener
+and resumes there (`tuned.trial.reporter.resume_channel`).
 """
 
 from __future__ import annotations
@@ -35,11 +37,19 @@ from typing import Any
 from tuned.protocol.channel import (
     CHECKPOINT_DIR_ENV,
     CONFIG_ENV,
+    NO_REPORT_FD,
     NUMBER_ENV,
     REPORT_FD_ENV,
     SEED_ENV,
 )
-from tuned.trial.reporter import ChannelClosed, Reconnect, Reporter, ReportRejected, TrialStopped
+from tuned.trial.reporter import (
+    ChannelClosed,
+    Reconnect,
+    Reporter,
+    ReportRejected,
+    TrialStopped,
+    resume_channel,
+)
 
 _reporter: Reporter | None = None
 _failed = False
@@ -99,8 +109,11 @@ def _channel() -> Reporter:
         if not fd:
             raise RuntimeError(f"not running as a tuned trial: {REPORT_FD_ENV} is not set "
                                "(run this program through a spec's command)")
-        sock = socket.socket(fileno=int(fd))
-        os.set_inheritable(sock.fileno(), False)
+        if fd == NO_REPORT_FD:  # a TLS channel, which exec could not hand over: resume
+            sock = resume_channel()
+        else:
+            sock = socket.socket(fileno=int(fd))
+            os.set_inheritable(sock.fileno(), False)
         _reporter = Reporter(sock, reconnect=Reconnect.from_env(),
                              checkpoint_dir=os.environ.get(CHECKPOINT_DIR_ENV) or None,
                              trial_number=trial_number())

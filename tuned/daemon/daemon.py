@@ -88,13 +88,57 @@ class ClusterOptions:
     `address` or its `scheduler_file`; `listen` (``HOST:PORT``, port 0: a free one, kept
     across restarts) for the report listener, `advertise` the host name the workers reach
     it by (default: the listen host); `shared_dir` the folder every worker shares, for
-    checkpoints (default: the state directory)."""
+    checkpoints (default: the state directory). `tls_cert` and `tls_key` (both or neither):
+    the listener speaks TLS only, with this certificate; `tls_ca` (with them): it requires
+    client certificates signed by this CA (`tuned.protocol.tcp`)."""
 
     address: str | None = None
     scheduler_file: str | None = None
     listen: str = "127.0.0.1:0"
     advertise: str | None = None
     shared_dir: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+
+    @property
+    def tls(self) -> bool:
+        """Whether the listener speaks TLS."""
+        return self.tls_cert is not None
+
+    def ssl_context(self) -> Any:
+        """The listener's `ssl.SSLContext`, or None without TLS. ValueError naming the flag
+        (``--tls-cert``, ``--tls-ca``) whose file cannot be loaded, or the one missing."""
+        problem = tls_flags_problem(self.tls_cert, self.tls_key, self.tls_ca)
+        if problem is not None:
+            raise ValueError(problem)
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        from tuned.protocol.tcp import server_context
+
+        try:  # ssl.SSLError is an OSError
+            context = server_context(self.tls_cert, self.tls_key)
+        except OSError as exc:
+            raise ValueError(f"--tls-cert {self.tls_cert} / --tls-key {self.tls_key}: "
+                             f"{exc}") from None
+        if self.tls_ca is not None:
+            try:
+                return server_context(self.tls_cert, self.tls_key, self.tls_ca)
+            except OSError as exc:
+                raise ValueError(f"--tls-ca {self.tls_ca}: {exc}") from None
+        return context
+
+
+def tls_flags_problem(cert: str | None, key: str | None, ca: str | None) -> str | None:
+    """What is wrong with a set of ``--tls-cert``, ``--tls-key`` and ``--tls-ca`` (None
+    when nothing): the certificate and its key go together, and a CA needs them."""
+    if cert is not None and key is None:
+        return "--tls-cert needs --tls-key"
+    if key is not None and cert is None:
+        return "--tls-key needs --tls-cert"
+    if ca is not None and cert is None:
+        return "--tls-ca needs --tls-cert and --tls-key"
+    return None
 
 
 @dataclass
@@ -213,7 +257,12 @@ class Daemon:
         kept = os.path.join(self.state_dir, "listen.port")
         if port == 0:
             port = _read_port(kept)
-        self.listener = ReportListener(host, port, self._on_hello, clock=self.clock)
+        try:
+            context = options.ssl_context()
+        except ValueError as exc:
+            raise ListenError(str(exc)) from None
+        self.listener = ReportListener(host, port, self._on_hello, clock=self.clock,
+                                       ssl_context=context)
         try:
             try:
                 self.listener.open()
@@ -231,10 +280,11 @@ class Daemon:
         prefix = hashlib.sha256(self.state_dir.encode()).hexdigest()[:8]
         adopt_wait = DEFAULT_ADOPT_TIMEOUT
         self.cluster = Cluster(options.address, options.scheduler_file, advertise, prefix,
-                               patience=adopt_wait)
+                               patience=adopt_wait, tls=options.tls)
         self.cluster.submit(lambda: None).result()  # the first connection tried
-        log.info("report listener on %s:%d (advertised as %s)", host, self.listener.port,
-                 advertise)
+        log.info("report listener on %s:%d (advertised as %s)%s", host, self.listener.port,
+                 advertise, ", TLS" + (", client certificates required" if options.tls_ca
+                                       else "") if options.tls else "")
 
     def _on_hello(self, sock: socket.socket, hello: dict[str, Any], rest: bytes) -> str | None:
         """A remote trial's first line on the report listener (see `tuned.daemon.listener`):
@@ -273,10 +323,11 @@ class Daemon:
             proc = self.store.trial_process(trial_id)
             if (proc.run, proc.pid, proc.start) != (run, hello["pid"], hello.get("start")):
                 return f"run {run}: not the process that said hello (superseded)"
-            try:
-                sock.setblocking(True)
+            try:  # blocking for a line (a TLS socket too), but not for long
+                sock.settimeout(5.0)
                 sock.sendall(b'{"v":1,"ok":true}\n')
             except OSError:
+                sock.close()
                 return None
             if trial_id in runner.engine.live and runner.engine.live[trial_id].adopted:
                 messages = runner.engine.reconnected(trial_id, sock, rest)

@@ -1,13 +1,20 @@
-"""The report listener: where remote trials (a Dask worker's) reach the daemon, over TCP.
+"""The report listener: where remote trials (a Dask worker's) reach the daemon, over TCP,
+or over TLS only when it is given an SSL context (`tuned serve --tls-cert/--tls-key
+[--tls-ca]`, `tuned.protocol.tcp.server_context`).
 
 Every connection must open with one hello line (``{"op": "hello" | "resume" | "log", "run",
-"token", ...}``, at most `MAX_HELLO` bytes) within `HELLO_TIMEOUT` seconds. The listener
-reads it without ever blocking the daemon's loop and hands it to `on_hello(sock, hello,
-rest)`, which takes the socket (returns None) or refuses it (returns why): the refusal is
-sent as one line, ``{"ok": false, "error": {"code": "refused", "message": why}}``, logged
-with the peer's address, and the connection closed. A connection that sends junk, an
-oversized line or nothing in time is refused the same way. Nothing is stored for a refused
-connection.
+"token", ...}``, at most `MAX_HELLO` bytes) within `HELLO_TIMEOUT` seconds (the TLS
+handshake included). The listener reads it without ever blocking the daemon's loop and hands
+it to `on_hello(sock, hello, rest)`, which takes the socket (returns None) or refuses it
+(returns why): the refusal is sent as one line, ``{"ok": false, "error": {"code":
+"refused", "message": why}}``, logged with the peer's address, and the connection closed. A
+connection that sends junk, an oversized line or nothing in time is refused the same way. A
+TLS handshake that fails (a plain TCP client, a client certificate not signed by the CA) is
+logged with the peer's address and the reason, counted in `refused`, and the connection
+closed. Nothing is stored for a refused connection.
+
+Under TLS, `rest` holds every byte decrypted so far: nothing is left buffered in the socket
+where the selector would not see it (`ssl.SSLSocket.pending`).
 """
 
 from __future__ import annotations
@@ -17,10 +24,13 @@ import logging
 import re
 import selectors
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from tuned.protocol.tcp import NOT_NOW, buffered
 
 log = logging.getLogger("tuned.listener")
 
@@ -31,10 +41,15 @@ HELLO_OPS = ("hello", "resume", "log")
 
 @dataclass
 class _Pending:
+    """A connection that has not said its hello yet (under TLS: maybe not even finished its
+    handshake); `events` what the selector watches it for."""
+
     sock: socket.socket
     peer: str
     deadline: float
     buffer: bytearray = field(default_factory=bytearray)
+    handshaking: bool = False
+    events: int = selectors.EVENT_READ
 
 
 _RUN = re.compile(r"^[0-9]{1,18}-[0-9a-f]{1,64}$")
@@ -44,7 +59,8 @@ def check_hello(hello: dict[str, Any]) -> str | None:
     """What is wrong with a hello's fields (None when nothing): a ``run`` like
     ``"<trial id>-<hex>"`` and a string ``token`` always; for ``hello``, the ``host`` and
     ``worker`` (strings), ``pid`` (an int), ``start`` (an int or null) and ``gpus`` (a
-    list of strings) of the trial's process; for ``resume``, its ``pid`` and ``start``."""
+    list of strings) of the trial's process, and optionally ``tls`` (the trial's TLS files,
+    ``{"ca", "cert", "key"}``); for ``resume``, its ``pid`` and ``start``."""
     run, token = hello.get("run"), hello.get("token")
     if not isinstance(run, str) or not _RUN.match(run):
         return f"hello: bad run {str(run)[:80]!r}"
@@ -64,6 +80,13 @@ def check_hello(hello: dict[str, Any]) -> str | None:
         gpus = hello.get("gpus", [])
         if not isinstance(gpus, list) or not all(isinstance(g, str) for g in gpus):
             return f"hello: bad gpus {str(gpus)[:80]!r}"
+        if "tls" in hello:
+            from tuned.protocol.tcp import TlsFiles
+
+            try:
+                TlsFiles.from_dict(hello["tls"])
+            except ValueError:
+                return f"hello: bad tls {str(hello['tls'])[:80]!r}"
     return None
 
 
@@ -77,17 +100,20 @@ def parse_address(text: str) -> tuple[str, int]:
 
 class ReportListener:
     """A non-blocking TCP server for remote trials' report channels (see the module
-    docstring). `open()` binds (so `port` is known) without accepting; `register(sel)`
-    starts accepting through the daemon's selector; `handle(key)` serves a ready key
-    (False for keys not its own); `sweep()` refuses the connections silent too long."""
+    docstring); with `ssl_context` (a server-side one), a TLS server only. `open()` binds
+    (so `port` is known) without accepting; `register(sel)` starts accepting through the
+    daemon's selector; `handle(key)` serves a ready key (False for keys not its own);
+    `sweep()` refuses the connections silent too long."""
 
     def __init__(self, host: str, port: int,
                  on_hello: Callable[[socket.socket, dict[str, Any], bytes], str | None],
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 ssl_context: ssl.SSLContext | None = None):
         self.host = host
         self.port = port
         self.on_hello = on_hello
         self.clock = clock
+        self.ssl_context = ssl_context
         self.sock: socket.socket | None = None
         self._sel: selectors.BaseSelector | None = None
         self._pending: dict[int, _Pending] = {}
@@ -120,7 +146,7 @@ class ReportListener:
         if key.data[1] == "accept":
             self._accept()
         else:
-            self._read(key.data[2])
+            self._serve(key.data[2])
         return True
 
     def _accept(self) -> None:
@@ -135,25 +161,81 @@ class ReportListener:
                 return
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            pending = _Pending(sock, f"{peer[0]}:{peer[1]}", self.clock() + HELLO_TIMEOUT)
+            where = f"{peer[0]}:{peer[1]}"
+            if self.ssl_context is not None:
+                try:
+                    sock = self.ssl_context.wrap_socket(sock, server_side=True,
+                                                        do_handshake_on_connect=False)
+                except (OSError, ValueError) as exc:  # reset already: nothing to refuse
+                    self.refused += 1
+                    log.warning("report listener: refused %s: TLS: %s", where, exc)
+                    sock.close()
+                    continue
+            pending = _Pending(sock, where, self.clock() + HELLO_TIMEOUT,
+                               handshaking=self.ssl_context is not None)
             self._pending[sock.fileno()] = pending
             self._sel.register(sock, selectors.EVENT_READ, (self, "hello", pending))
 
-    def _read(self, pending: _Pending) -> None:
+    def _serve(self, pending: _Pending) -> None:
+        """A pending connection is ready: go on with its TLS handshake, then its hello."""
+        if pending.handshaking and not self._handshake(pending):
+            return
+        self._read(pending)
+
+    def _handshake(self, pending: _Pending) -> bool:
+        """One step of the server side's TLS handshake, never blocking: True once it is
+        done; False while it waits for the peer (watched for what it waits on), or when it
+        failed (then the connection is refused and closed)."""
+        sock = pending.sock
+        assert isinstance(sock, ssl.SSLSocket)
         try:
-            chunk = pending.sock.recv(MAX_HELLO + 1)
-        except BlockingIOError:
-            return
-        except OSError:
-            chunk = b""
-        if not chunk:
-            self._drop(pending)
-            return
-        pending.buffer += chunk
+            sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._watch(pending, selectors.EVENT_READ)
+            return False
+        except ssl.SSLWantWriteError:
+            self._watch(pending, selectors.EVENT_WRITE)
+            return False
+        except OSError as exc:  # ssl.SSLError (a bad certificate, not TLS at all), a reset
+            self._refuse(pending, f"TLS handshake failed: {str(exc) or type(exc).__name__}",
+                         answer=False)
+            return False
+        pending.handshaking = False
+        self._watch(pending, selectors.EVENT_READ)
+        return True
+
+    def _watch(self, pending: _Pending, events: int) -> None:
+        """Have the selector watch `pending` for `events` (if it does not already)."""
+        if pending.events != events and self._sel is not None:
+            self._sel.modify(pending.sock, events, (self, "hello", pending))
+            pending.events = events
+
+    def _read(self, pending: _Pending) -> None:
+        """Read what came of the hello (and what TLS holds decrypted past it); hand the
+        connection on once its line is whole."""
+        while True:
+            try:
+                chunk = pending.sock.recv(MAX_HELLO + 1)
+            except ssl.SSLWantWriteError:
+                self._watch(pending, selectors.EVENT_WRITE)
+                return
+            except NOT_NOW:
+                self._watch(pending, selectors.EVENT_READ)
+                return
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self._drop(pending)
+                return
+            pending.buffer += chunk
+            if len(pending.buffer) > MAX_HELLO and b"\n" not in pending.buffer:
+                self._refuse(pending, f"no hello line within {MAX_HELLO} bytes")
+                return
+            if not buffered(pending.sock):
+                break
         end = pending.buffer.find(b"\n")
         if end < 0:
-            if len(pending.buffer) > MAX_HELLO:
-                self._refuse(pending, f"no hello line within {MAX_HELLO} bytes")
+            self._watch(pending, selectors.EVENT_READ)
             return
         line, rest = bytes(pending.buffer[:end]), bytes(pending.buffer[end + 1:])
         try:
@@ -177,18 +259,26 @@ class ReportListener:
         """Refuse the connections that sent no hello in time."""
         now = self.clock()
         for pending in [p for p in self._pending.values() if p.deadline <= now]:
-            self._refuse(pending, f"no hello within {HELLO_TIMEOUT:g} s")
+            if pending.handshaking:
+                self._refuse(pending, f"no TLS handshake within {HELLO_TIMEOUT:g} s",
+                             answer=False)
+            else:
+                self._refuse(pending, f"no hello within {HELLO_TIMEOUT:g} s")
 
-    def _refuse(self, pending: _Pending, why: str, registered: bool = True) -> None:
+    def _refuse(self, pending: _Pending, why: str, registered: bool = True,
+                answer: bool = True) -> None:
+        """Count, log and close a connection; with `answer`, the refusal line is sent first
+        (as far as it goes without blocking: not at all before a TLS handshake is done)."""
         self.refused += 1
         log.warning("report listener: refused %s: %s", pending.peer, why)
         if registered:
             self._forget(pending)
-        line = json.dumps({"ok": False, "error": {"code": "refused", "message": why}})
-        try:
-            pending.sock.send((line + "\n").encode())
-        except OSError:
-            pass
+        if answer:
+            line = json.dumps({"ok": False, "error": {"code": "refused", "message": why}})
+            try:
+                pending.sock.send((line + "\n").encode())
+            except OSError:  # ssl.SSLError and the SSLWant* errors among them
+                pass
         pending.sock.close()
 
     def _forget(self, pending: _Pending) -> None:

@@ -4,11 +4,12 @@
 The engine decides (which trial, when, with what) and keeps the state of record; an executor
 only runs trials and reports what they do, as the events of the report channel
 (`tuned.protocol.channel`: a `Message` per line a trial sends, `Exited` when it is gone).
-Everything about processes (forking, signals, process groups, /proc start times, pidfds) or,
-later, remote workers lives behind it. Implementations: `tuned.executors.local`,
+Everything about processes (forking, signals, process groups, /proc start times, pidfds) or
+remote workers lives behind it. Implementations: `tuned.executors.local`,
 `tuned.executors.template` (the daemon's template process, the in-process fork server),
-`tuned.executors.simulated` (a virtual clock); `tests/test_executors.py` runs one
-conformance suite over all of them.
+`tuned.executors.simulated` (a virtual clock), on which `tests/test_executors.py` runs one
+conformance suite; and `tuned.executors.dask_executor` (tasks on a Dask cluster; a `RunRef`
+then names a run, see below), tested with real processes in `tests/test_dask.py`.
 
 The life of a trial in an executor: `reserve` gives it somewhere to run (a process) and says
 where (`RunRef`), which the engine stores before it tells it to `start` with its order, so

@@ -11,11 +11,14 @@ is submitted. The task is published (``publish_dataset``) so that it outlives th
 client (a restarted daemon finds it again), and unpublished once the trial's end is stored.
 
 The trial talks to the daemon directly over TCP (the report listener, `tuned.daemon.listener`),
-the same JSON lines as a local trial's channel. Its first line is said for it by the task:
-its run, secret, host, worker, pid, start time and GPUs; the daemon checks that this run is
-the trial's current one and that no other copy took it (`Store.place_trial`: a Dask rerun of
-a task whose worker died is refused, "superseded", and exits), stores that claim, and only
-then sends the trial its order.
+the same JSON lines as a local trial's channel. Its first line is said for it by the task
+(over TLS, `Cluster.tls`, by the trial itself, which holds the TLS session): its run,
+secret, host, worker, pid, start time and GPUs; the daemon checks that this run is the
+trial's current one and that no other copy took it (`Store.place_trial`: a Dask rerun of a
+task whose worker died is refused, "superseded", and exits), stores that claim, and only
+then sends the trial its order. A channel may be an `ssl.SSLSocket`: reads and writes that
+cannot go on now raise SSLWantReadError or SSLWantWriteError (as BlockingIOError on a plain
+socket), and the bytes TLS holds decrypted (`pending()`) are read before waiting again.
 
 A run ends (`Exited`) once its task is done and its channel closed, in that order or the
 other. A task that ended without a result (its worker died, the scheduler was lost), or a
@@ -50,6 +53,7 @@ from tuned.protocol.channel import (
     ADOPT_SOCKET_ENV,
     DAEMON_ADDRESS_ENV,
     EXIT_REFUSED,
+    EXIT_UNREACHABLE,
     MAX_LINE,
     RUN_ENV,
     RUN_TOKEN_ENV,
@@ -59,6 +63,7 @@ from tuned.protocol.channel import (
     compact_json,
     parse_line,
 )
+from tuned.protocol.tcp import NOT_NOW, TlsFiles, buffered
 from tuned.trial.checkpoints import TrialCheckpoints
 
 log = logging.getLogger("tuned.dask")
@@ -169,19 +174,21 @@ class ClusterPool(ResourcePool):
 class Cluster:
     """The daemon's connection to a Dask scheduler (`address`, or a `scheduler_file`).
 
-    `advertise` is the report listener's address as the workers reach it (``HOST:PORT``).
-    `prefix` names this daemon's tasks and published runs (two daemons may share a
+    `advertise` is the report listener's address as the workers reach it (``HOST:PORT``);
+    `tls`: the listener speaks TLS (the trials connect themselves, with their worker's TLS
+    files). `prefix` names this daemon's tasks and published runs (two daemons may share a
     cluster). Connecting, and reconnecting after the scheduler was lost, happen on the
     control thread: the daemon serves meanwhile, and `describe()` says the cluster is
     unreachable. Raises nothing at construction."""
 
     def __init__(self, address: str | None, scheduler_file: str | None, advertise: str,
-                 prefix: str, patience: float):
+                 prefix: str, patience: float, tls: bool = False):
         if (address is None) == (scheduler_file is None):
             raise ValueError("give a Dask scheduler's address or its scheduler file")
         self.address = address
         self.scheduler_file = scheduler_file
         self.advertise = advertise
+        self.tls = tls
         self.prefix = prefix
         self.patience = patience
         self.pool = ClusterPool()
@@ -196,6 +203,9 @@ class Cluster:
         self._refreshing = False
         self._capacity: tuple[int, int] = (0, 0)
         self._scheduler_id: str | None = None
+        self._to_publish: dict[str, Any] = {}
+        self._to_unpublish: list[str] = []
+        self._flush_due = False
         self.submit(self._connect)
 
     # -- the control thread ---------------------------------------------------------------
@@ -301,8 +311,8 @@ class Cluster:
 
     def describe(self) -> dict[str, Any]:
         """What `tunectl status` shows of the cluster: its address, whether it is reachable
-        (and why not), its workers (address, name, host, threads, GPUs, the runs of ours on
-        each)."""
+        (and why not), the listener (and whether it speaks TLS), its workers (address, name,
+        host, threads, GPUs, the runs of ours on each)."""
         client = self.client
         with self._lock:
             reachable, problem = self.reachable, self.problem
@@ -310,7 +320,7 @@ class Cluster:
                 reachable = False
                 problem = f"the connection to the scheduler is {getattr(client, 'status', None)}"
             return {"scheduler": self.where, "reachable": reachable, "problem": problem,
-                    "listener": self.advertise,
+                    "listener": self.advertise, "tls": self.tls,
                     "workers": [dict(w) for w in self.workers] if reachable else []}
 
     def close(self) -> None:
@@ -322,6 +332,60 @@ class Cluster:
             try:
                 client.close(timeout=5)
             except Exception:  # closing a client of a dead scheduler may fail any way
+                pass
+
+    def publish(self, name: str, future: Any) -> None:
+        """Publish a run's task under `name`, with the others of the next flush (one round
+        trip to the scheduler, about 10 ms, for them all: its batched stream's interval)."""
+        with self._lock:
+            self._to_publish[name] = future
+            self._flush_soon()
+
+    def unpublish(self, names: list[str]) -> None:
+        """Unpublish ended runs' tasks, with the others of the next flush."""
+        with self._lock:
+            self._to_unpublish += names
+            self._flush_soon()
+
+    def _flush_soon(self) -> None:
+        if not self._flush_due:  # the caller holds the lock
+            self._flush_due = True
+            self.submit(self._flush)
+
+    def _flush(self) -> None:
+        """Publish and unpublish what waits (control thread): those published and ended
+        since the last flush are never published."""
+        with self._lock:
+            publish, self._to_publish = self._to_publish, {}
+            unpublish, self._to_unpublish = self._to_unpublish, []
+            self._flush_due = False
+        for name in unpublish:
+            publish.pop(name, None)
+        client = self.client
+        if client is None:
+            return
+        try:
+            if publish:
+                client.publish_dataset(override=True, **publish)
+            if unpublish:
+                self._unpublish_all(client, unpublish)
+        except Exception as exc:  # the scheduler is gone: it forgot them anyway
+            log.info("could not publish/unpublish %d/%d run(s): %s", len(publish),
+                     len(unpublish), exc)
+
+    @staticmethod
+    def _unpublish_all(client: Any, names: list[str]) -> None:
+        """Unpublish `names` in one call (recent distributed takes a list), else one
+        by one; a name that is gone already is no error."""
+        try:
+            client.unpublish_dataset(names)
+            return
+        except Exception:  # an older distributed, or one of them gone
+            pass
+        for name in names:
+            try:
+                client.unpublish_dataset(name)
+            except KeyError:
                 pass
 
     def dataset(self, run: str) -> str:
@@ -491,7 +555,7 @@ class DaskExecutor:
         r.log_path = order.log_path
         job = {"run": r.run, "token": r.token, "address": self.cluster.advertise,
                "experiment": self.experiment, "num_gpus": self.num_gpus,
-               "patience": self.cluster.patience}
+               "patience": self.cluster.patience, "tls": self.cluster.tls}
         key = (f"tuned-{self.cluster.prefix}-t{order.trial_id}-a{order.attempt}-"
                f"{r.run.rsplit('-', 1)[1]}")
         self.cluster.submit(self._submit, r, key, job)
@@ -505,12 +569,12 @@ class DaskExecutor:
                 raise ClusterUnavailable(f"no Dask scheduler ({self.cluster.problem})")
             resources = {"GPU": self.num_gpus} if self.num_gpus else None
             future = client.submit(run_trial, job, key=key, resources=resources, pure=False)
-            client.publish_dataset(future, name=self._dataset(r.run), override=True)
         except Exception as exc:
             self._task_done(r.run, exc)
             return
         r.future = future
         future.add_done_callback(lambda f, run=r.run: self._on_future(run, f))
+        self.cluster.publish(self._dataset(r.run), future)
 
     def _on_future(self, run: str, future: Any) -> None:
         """From Dask's callback thread: fetch a done task's result (or its exception) there,
@@ -556,7 +620,8 @@ class DaskExecutor:
     def placed(self, trial_id: int, sock: socket.socket, hello: dict[str, Any],
                rest: bytes = b"") -> list[Message]:
         """The run said hello and its claim is stored: send it its order on `sock` (its
-        GPUs those its host gave it) and make `sock` its channel."""
+        GPUs those its host gave it; over TLS, the TLS files its hello named, for its
+        `resume`) and make `sock` its channel."""
         r = self._runs[trial_id]
         r.placed = True
         r.worker = hello.get("worker")
@@ -568,6 +633,8 @@ class DaskExecutor:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(hello["gpus"])
         env.update({DAEMON_ADDRESS_ENV: self.cluster.advertise, RUN_ENV: r.run,
                     RUN_TOKEN_ENV: r.token, "TUNED_WORKER": str(r.worker)})
+        if self.cluster.tls and hello.get("tls"):
+            env.update(TlsFiles.from_dict(hello["tls"]).env())
         payload = {**order.payload(), "env": env}
         sock.setblocking(True)
         sock.settimeout(5.0)
@@ -614,7 +681,7 @@ class DaskExecutor:
         data = "".join(map(answer_line, bodies)).encode()
         try:
             sent = r.sock.send(data)
-        except BlockingIOError:
+        except NOT_NOW:  # its buffer is full: it stopped reading
             return False
         except OSError:
             return True
@@ -695,8 +762,9 @@ class DaskExecutor:
                 continue
             if r.connected and isinstance(r.result, BaseException):
                 continue  # the task was lost, not the trial: it goes on while it talks
-            if r.connected and r.done_at is not None and now - r.done_at < EOF_WAIT:
-                continue
+            if (r.connected or r.logs) and r.done_at is not None \
+                    and now - r.done_at < EOF_WAIT:
+                continue  # its last lines, and its output, are on their way
             if r.connected:
                 self._read(r, events)
                 self._close_channel(r)
@@ -732,6 +800,11 @@ class DaskExecutor:
                 return [Message(r.trial_id, {"op": "error", "message": f"{error}{where}"}),
                         Exited(r.trial_id, None)]
             return [Exited(r.trial_id, None, lost=not r.ending, why=f"{error}{where}")]
+        if code == EXIT_UNREACHABLE and not r.placed and not r.ending:
+            # A trial that connects itself (TLS) and never got its order: no fault of its own.
+            return [Exited(r.trial_id, None, lost=True,
+                           why=f"it could not reach the daemon's report listener{where} "
+                               "(a refused TLS handshake is in the daemon's log)")]
         if code == EXIT_REFUSED and not r.ending:
             # Refused: another copy of this run was placed first, so this is a Dask rerun
             # of a task whose worker died, and the copy that ran died with it.
@@ -753,17 +826,7 @@ class DaskExecutor:
         if not self._unpublish:
             return
         names, self._unpublish = [self._dataset(run) for run in self._unpublish], []
-        self.cluster.submit(self._unpublish_now, names)
-
-    def _unpublish_now(self, names: list[str]) -> None:
-        client = self.cluster.client
-        if client is None:
-            return
-        for name in names:
-            try:
-                client.unpublish_dataset(name)
-            except Exception:  # gone already, or the scheduler with it
-                pass
+        self.cluster.unpublish(names)
 
     def _escalate(self, timeout: float | None) -> float | None:
         now = self.clock()
@@ -774,7 +837,7 @@ class DaskExecutor:
                     r.kill_at = now + 2.0
                 wait = max(0.0, r.kill_at - now)
                 timeout = wait if timeout is None else min(timeout, wait)
-            if r.done and r.connected and r.done_at is not None \
+            if r.done and (r.connected or r.logs) and r.done_at is not None \
                     and not isinstance(r.result, BaseException):
                 wait = max(0.0, r.done_at + EOF_WAIT - now)
                 timeout = wait if timeout is None else min(timeout, wait)
@@ -784,7 +847,7 @@ class DaskExecutor:
         while r.connected and r.sock is not None:
             try:
                 chunk = r.sock.recv(_READ_SIZE)
-            except BlockingIOError:
+            except NOT_NOW:
                 break
             except OSError:
                 chunk = b""
@@ -793,7 +856,7 @@ class DaskExecutor:
                 break
             r.buffer += chunk
             self._split(r, events)
-            if len(chunk) < _READ_SIZE:
+            if len(chunk) < _READ_SIZE and not buffered(r.sock):
                 break
 
     @staticmethod
@@ -817,10 +880,12 @@ class DaskExecutor:
             r.sock = None
 
     def _read_log(self, r: _Run, sock: Any) -> None:
+        """Append what came on a log connection (until it would block: all TLS holds
+        decrypted too) to the run's log; close it at its end."""
         while True:
             try:
                 data = sock.recv(_READ_SIZE)
-            except BlockingIOError:
+            except NOT_NOW:
                 return
             except OSError:
                 data = b""

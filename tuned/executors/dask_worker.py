@@ -13,6 +13,14 @@ What runs on a worker:
   closes its own copy: the daemon stores the claim and sends the trial its order on that
   same connection; the trial then talks to the daemon directly. The task forwards the
   trial's output to the daemon's log of it and returns its exit status.
+- Over TLS (``job["tls"]``: ``tuned serve --tls-cert``), a TLS session cannot be handed to
+  another process, so the trial connects itself: the template forks it with a ``connect``
+  instruction (the listener's address, the worker's TLS files, the hello's fields but its
+  pid and start time) and only its output pipe; the trial connects, wraps the connection in
+  TLS, says its hello with its own pid and start time and reads its order
+  (`tuned.trial.child.spare_main`). The worker's TLS files are those of Dask's config
+  (`tls_files`), which ``TUNED_TLS_CA``, ``TUNED_TLS_CERT`` and ``TUNED_TLS_KEY`` in the
+  worker's environment override; the log connection is TLS too.
 - `signal_run` and `describe` run through `Client.run` (in the worker's event loop, so
   they are served while every thread runs a trial).
 
@@ -31,10 +39,10 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
-import time
 from collections import deque
 from typing import Any
 
@@ -42,17 +50,22 @@ from distributed import get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from tuned.executors.gpus import make_provider
-from tuned.protocol.channel import hello_line
+from tuned.protocol.channel import TLS_CA_ENV, TLS_CERT_ENV, TLS_KEY_ENV, hello_line
+from tuned.protocol.tcp import TlsFiles, client_context
+from tuned.protocol.tcp import connect as _connect
 from tuned.trial.identity import process_start_time
 
 PLUGIN_NAME = "tuned"
 READY_TIMEOUT = 120.0
-CONNECT_TIMEOUT = 30.0  # per try; the task tries for the job's adopt timeout in all
 LOG_CHUNK = 1 << 16
 
 
 class TemplateFailed(RuntimeError):
     """The worker's template could not load the experiment's entry, or died."""
+
+
+class DaemonUnreachable(RuntimeError):
+    """The task could not connect to the daemon's report listener."""
 
 
 class _Template:
@@ -61,11 +74,15 @@ class _Template:
 
     def __init__(self, experiment: dict[str, Any], log_path: str):
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # The trials' TLS files are in their order's environment when (and only when) their
+        # daemon speaks TLS: the worker's own settings of them do not reach the trials.
+        env = {k: v for k, v in os.environ.items()
+               if k not in (TLS_CA_ENV, TLS_CERT_ENV, TLS_KEY_ENV)}
         with open(log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "tuned.trial.template", str(theirs.fileno()), "--worker"],
                 pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                start_new_session=True)
+                start_new_session=True, env=env)
         theirs.close()
         self.ctl = ours
         self.ctl.send(json.dumps(experiment).encode())
@@ -88,14 +105,18 @@ class _Template:
         self.alive = True
         threading.Thread(target=self._read, name="tuned-template", daemon=True).start()
 
-    def fork(self, fds: list[int]) -> int:
-        """A new trial process, waiting on `fds[0]` for its order (output to `fds[1]`)."""
+    def fork(self, fds: list[int], connect: dict[str, Any] | None = None) -> int:
+        """A new trial process, waiting on `fds[0]` for its order (output to `fds[1]`); with
+        `connect` (`tuned.trial.child.spare_main`'s), one that connects to the daemon itself
+        and says its hello (output to `fds[0]`, the only fd)."""
         slot: list[Any] = []
+        request = b'{"op":"fork"}' if connect is None else \
+            json.dumps({"op": "fork", "connect": connect}).encode()
         with self._done:  # asked for and sent in one go: the template forks in that order
             if not self.alive:
                 raise TemplateFailed("the template died")
             self._asked.append(slot)
-            socket.send_fds(self.ctl, [b'{"op":"fork"}'], fds)
+            socket.send_fds(self.ctl, [request], fds)
             if not self._done.wait_for(lambda: slot or not self.alive, timeout=READY_TIMEOUT):
                 raise TemplateFailed("the template did not fork in time")
         if not slot:
@@ -208,62 +229,90 @@ def _plugin() -> TunedWorkerPlugin:
 # -- the task -------------------------------------------------------------------------------
 
 
-def connect(address: str, patience: float) -> socket.socket:
+def connect(address: str, patience: float,
+            context: ssl.SSLContext | None = None) -> socket.socket:
     """A connection to the daemon's report listener at ``HOST:PORT``, tried for `patience`
-    seconds (backing off from 50 ms to 1 s); OSError when none could be made."""
-    host, _, port = address.rpartition(":")
-    deadline = time.monotonic() + patience
-    delay = 0.05
-    while True:
-        try:
-            return socket.create_connection((host.strip("[]"), int(port)),
-                                            timeout=CONNECT_TIMEOUT)
-        except OSError:
-            if time.monotonic() >= deadline:
-                raise
-        time.sleep(delay)
-        delay = min(1.0, delay * 2)
+    seconds (backing off from 50 ms to 1 s); with `context` (an `ssl.SSLContext`), over TLS
+    (`tuned.protocol.tcp.connect`). OSError when none could be made."""
+    return _connect(address, patience, context)
+
+
+def tls_files() -> TlsFiles:
+    """This worker's TLS files: the CA file and the worker's certificate and key of Dask's
+    config (``distributed.comm.tls.ca-file``, ``distributed.comm.tls.worker.cert``,
+    ``distributed.comm.tls.worker.key``; the key may be in the certificate's file), each
+    overridden by ``TUNED_TLS_CA``, ``TUNED_TLS_CERT`` and ``TUNED_TLS_KEY`` in the
+    worker's environment. ValueError naming what is missing."""
+    import dask
+
+    def setting(env: str, key: str) -> str | None:
+        value = os.environ.get(env) or dask.config.get(key, None)
+        return os.path.abspath(str(value)) if value else None
+
+    ca = setting(TLS_CA_ENV, "distributed.comm.tls.ca-file")
+    cert = setting(TLS_CERT_ENV, "distributed.comm.tls.worker.cert")
+    key = setting(TLS_KEY_ENV, "distributed.comm.tls.worker.key")
+    missing = [what for what, value in (
+        (f"no CA file (distributed.comm.tls.ca-file or {TLS_CA_ENV})", ca),
+        (f"no certificate (distributed.comm.tls.worker.cert or {TLS_CERT_ENV})", cert))
+        if value is None]
+    if missing:
+        raise ValueError(f"the worker has {' and '.join(missing)}")
+    assert ca is not None and cert is not None
+    return TlsFiles(ca, cert, key)
+
+
+def _worker_tls() -> tuple[TlsFiles, ssl.SSLContext]:
+    """This worker's TLS files (`tls_files`) and a client context made of them; ValueError
+    saying what is missing or cannot be loaded."""
+    files = tls_files()
+    try:
+        return files, client_context(files)
+    except OSError as exc:  # ssl.SSLError too
+        raise ValueError(f"the worker's TLS files {files.ca}, {files.cert}"
+                         f"{', ' + files.key if files.key else ''}: {exc}") from None
 
 
 def run_trial(job: dict[str, Any]) -> dict[str, Any]:
     """One launch of a trial on this worker (the Dask task; see the module docstring).
     `job`: ``run``, ``token``, ``address`` (the daemon's listener), ``experiment`` (what the
-    template loads), ``num_gpus``, ``patience`` (seconds to reach the daemon). Returns
-    ``{"code": exit code or None, "host", "worker", "pid"}``, or with ``"error"`` when the
-    trial could not start here."""
+    template loads), ``num_gpus``, ``patience`` (seconds to reach the daemon), ``tls``
+    (whether the listener speaks TLS). Returns ``{"code": exit code or None, "host",
+    "worker", "pid"}``, or with ``"error"`` when the trial could not start here (``"tls:
+    ..."`` when this worker has no TLS files that load)."""
     plugin = _plugin()
     where = {"host": socket.gethostname(), "worker": plugin.worker.address}
+    tls: tuple[TlsFiles, ssl.SSLContext] | None = None
+    if job.get("tls"):
+        try:
+            tls = _worker_tls()
+        except ValueError as exc:
+            return {**where, "code": None, "error": f"tls: {exc}"}
     try:
         template = plugin.template(job["experiment"])
     except TemplateFailed as exc:
         return {**where, "code": None, "error": f"entry: {exc}"}
     gpus = plugin.take_gpus(int(job.get("num_gpus") or 0))
+    # The log connection first: the daemon has it before the trial can end, and reads it
+    # to its end before it takes the trial's end (nothing the trial printed comes too late).
+    log_sock = _log_connection(job, None if tls is None else tls[1])
     try:
-        try:
-            sock = connect(job["address"], float(job.get("patience", 60.0)))
-        except OSError as exc:
-            return {**where, "code": None, "error": f"daemon unreachable: {exc}"}
-        sock.settimeout(None)  # the trial's channel blocks, as a local trial's does
         out_r, out_w = os.pipe()
         try:
-            pid = template.fork([sock.fileno(), out_w])
-        except TemplateFailed as exc:
+            if tls is None:
+                pid = _fork_plain(plugin, template, job, gpus, where, out_w)
+            else:
+                pid = _fork_connecting(plugin, template, job, gpus, where, out_w, tls[0])
+        except (DaemonUnreachable, TemplateFailed) as exc:
             os.close(out_r)
+            if log_sock is not None:
+                log_sock.close()
             return {**where, "code": None, "error": str(exc)}
         finally:
             os.close(out_w)
-        start = process_start_time(pid)
-        with plugin.lock:
-            plugin.runs[job["run"]] = (pid, start)
-        try:
-            sock.sendall(hello_line(op="hello", run=job["run"], token=job["token"], pid=pid,
-                                    start=start, gpus=gpus, **where))
-        except OSError:
-            pass  # the trial finds its channel closed and asks to be taken back
-        finally:
-            sock.close()
         forwarder = threading.Thread(target=forward_output, name="tuned-log", daemon=True,
-                                     args=(out_r, job))
+                                     args=(out_r, job, None if tls is None else tls[1],
+                                           log_sock))
         forwarder.start()
         code = template.wait(pid)
         forwarder.join(timeout=10.0)
@@ -274,12 +323,59 @@ def run_trial(job: dict[str, Any]) -> dict[str, Any]:
             plugin.runs.pop(job["run"], None)
 
 
-def forward_output(fd: int, job: dict[str, Any]) -> None:
+def _forked(plugin: TunedWorkerPlugin, pid: int, run: str) -> int | None:
+    """Note trial `pid` as run `run` of this worker (for `signal_run`); its start time."""
+    start = process_start_time(pid)
+    with plugin.lock:
+        plugin.runs[run] = (pid, start)
+    return start
+
+
+def _fork_plain(plugin: TunedWorkerPlugin, template: _Template, job: dict[str, Any],
+                gpus: list[str], where: dict[str, str], out_w: int) -> int:
+    """Plain TCP: connect to the listener, have the template fork the trial with that
+    connection as its channel, and say its hello for it (then close this copy); its pid.
+    DaemonUnreachable, TemplateFailed."""
+    try:
+        sock = connect(job["address"], float(job.get("patience", 60.0)))
+    except OSError as exc:
+        raise DaemonUnreachable(f"daemon unreachable: {exc}") from None
+    try:
+        sock.settimeout(None)  # the trial's channel blocks, as a local trial's does
+        pid = template.fork([sock.fileno(), out_w])
+        start = _forked(plugin, pid, job["run"])
+        try:
+            sock.sendall(hello_line(op="hello", run=job["run"], token=job["token"], pid=pid,
+                                    start=start, gpus=gpus, **where))
+        except OSError:
+            pass  # the trial finds its channel closed and asks to be taken back
+    finally:
+        sock.close()
+    return pid
+
+
+def _fork_connecting(plugin: TunedWorkerPlugin, template: _Template, job: dict[str, Any],
+                     gpus: list[str], where: dict[str, str], out_w: int,
+                     files: TlsFiles) -> int:
+    """TLS: have the template fork a trial that connects to the listener itself, over TLS
+    with `files`, and says its own hello (`tuned.trial.child.spare_main`); its pid.
+    TemplateFailed."""
+    hello = {"op": "hello", "run": job["run"], "token": job["token"], "gpus": gpus, **where,
+             "tls": files.to_dict()}
+    connect = {"address": job["address"], "patience": float(job.get("patience", 60.0)),
+               "tls": files.to_dict(), "hello": hello}
+    pid = template.fork([out_w], connect=connect)
+    _forked(plugin, pid, job["run"])
+    return pid
+
+
+def forward_output(fd: int, job: dict[str, Any], context: ssl.SSLContext | None = None,
+                   sock: socket.socket | None = None) -> None:
     """Send what the trial writes to `fd` (its stdout and stderr) to the daemon's log of it,
-    over a log connection of its own (``{"op": "log"}``), connecting again when the daemon
-    comes back; until the trial and everything it started closed the pipe. What was in
-    flight when a daemon died may be missing from its log."""
-    sock: socket.socket | None = None
+    over a log connection of its own (``{"op": "log"}``; TLS with `context`; `sock` if one
+    is open already), connecting again when the daemon comes back; until the trial and
+    everything it started closed the pipe, then close it. What was in flight when a daemon
+    died may be missing from its log."""
     try:
         while True:
             data = os.read(fd, LOG_CHUNK)
@@ -287,7 +383,7 @@ def forward_output(fd: int, job: dict[str, Any]) -> None:
                 return
             for _ in range(2):
                 if sock is None:
-                    sock = _log_connection(job)
+                    sock = _log_connection(job, context)
                 if sock is None:
                     break
                 try:
@@ -302,9 +398,11 @@ def forward_output(fd: int, job: dict[str, Any]) -> None:
             sock.close()
 
 
-def _log_connection(job: dict[str, Any]) -> socket.socket | None:
+def _log_connection(job: dict[str, Any],
+                    context: ssl.SSLContext | None = None) -> socket.socket | None:
+    """A log connection of run ``job["run"]`` (TLS with `context`), or None."""
     try:
-        sock = connect(job["address"], 5.0)
+        sock = connect(job["address"], 5.0, context)
         sock.sendall(hello_line(op="log", run=job["run"], token=job["token"]))
         return sock
     except OSError:

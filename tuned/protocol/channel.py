@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,9 +47,21 @@ DEFAULT_ADOPT_TIMEOUT = 600.0
 DAEMON_ADDRESS_ENV = "TUNED_DAEMON_ADDRESS"
 RUN_ENV = "TUNED_RUN"
 RUN_TOKEN_ENV = "TUNED_RUN_TOKEN"
+#: A remote trial's TLS files when its daemon's listener speaks TLS (`tuned.protocol.tcp`):
+#: the CA that signed the daemon's certificate, the trial's certificate and its key. Also
+#: read by a Dask worker, where they override the TLS files of Dask's config.
+TLS_CA_ENV = "TUNED_TLS_CA"
+TLS_CERT_ENV = "TUNED_TLS_CERT"
+TLS_KEY_ENV = "TUNED_TLS_KEY"
+#: `REPORT_FD_ENV` of a program whose channel could not be inherited (a TLS session cannot
+#: cross exec): it connects to `DAEMON_ADDRESS_ENV` itself and resumes (``resume`` line).
+NO_REPORT_FD = "-1"
 
 #: The exit code of a remote trial that its daemon refused (a run superseded or unknown).
 EXIT_REFUSED = 77
+#: The exit code of a remote trial that connects itself (over TLS) and could not reach its
+#: daemon, or was refused at the TLS handshake, before its order came.
+EXIT_UNREACHABLE = 76
 
 # -- events ------------------------------------------------------------------------------------
 
@@ -83,6 +96,13 @@ def hello_line(**fields: Any) -> bytes:
     ``{"op": "hello" | "resume" | "log", "run": ..., "token": ..., ...}`` (see
     docs/report-channel.md, "Over TCP")."""
     return (compact_json(fields) + "\n").encode()
+
+
+def is_tls(sock: Any) -> bool:
+    """Whether `sock` is a TLS socket (`ssl.SSLSocket`), without importing `ssl` where
+    nothing did: a trial over a plain channel never does, and then no socket is one."""
+    ssl = sys.modules.get("ssl")
+    return ssl is not None and isinstance(sock, ssl.SSLSocket)
 
 
 def exit_failure(code: int | None) -> str | None:

@@ -1,7 +1,8 @@
 """A trial process's own side of its start: forked from an engine, a template or a fork
 server, it becomes a spare (its own session, default signals, batch scheduling, output on
 fds 1 and 2, optionally bound to die with its parent), waits for its order, then runs it with
-its output in the trial's log (`spare_main`)."""
+its output in the trial's log (`spare_main`). A Dask worker's trial over TLS first connects
+to the daemon's report listener itself and says its own hello (`connect_for_order`)."""
 
 from __future__ import annotations
 
@@ -16,25 +17,34 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from tuned.protocol.channel import EXIT_REFUSED
+from tuned.protocol.channel import EXIT_REFUSED, EXIT_UNREACHABLE
 from tuned.trial.proctitle import set_title
 
 _PR_SET_PDEATHSIG = 1
 
 
-def spare_main(runner: Callable[[dict[str, Any], socket.socket], int], channel: socket.socket,
-               parent_pid: int, kill_with_parent: bool,
-               output_fd: int | None = None) -> None:  # pragma: no cover - child
+def spare_main(runner: Callable[[dict[str, Any], socket.socket], int],
+               channel: socket.socket | None, parent_pid: int, kill_with_parent: bool,
+               output_fd: int | None = None,
+               connect: dict[str, Any] | None = None) -> None:  # pragma: no cover - child
     """A freshly forked child's life: become a session leader, wait on `channel` for the
     trial's order (payload and log path), run `runner(payload, channel)` with its output in
     the log (or in `output_fd`, given one: a remote trial's, which its worker forwards), and
     leave with its exit code (never returns). An order without a payload is a refusal (a
-    remote run the daemon fenced): it is printed and the child leaves with EXIT_REFUSED."""
+    remote run the daemon fenced): it is printed and the child leaves with EXIT_REFUSED.
+    With `connect` (and no `channel`), the channel is its own connection to the daemon
+    (`connect_for_order`); when it cannot have one, or its order, it says why and leaves
+    with EXIT_UNREACHABLE."""
     code = 70
     try:
         become_spare(parent_pid, kill_with_parent, output_fd)
-        order = _read_order(channel)
-        if order is not None and "payload" not in order:
+        if connect is not None:
+            channel, order = connect_for_order(connect)
+        else:
+            order = None if channel is None else _read_order(channel)
+        if channel is None:
+            code = EXIT_UNREACHABLE
+        elif order is not None and "payload" not in order:
             print(f"tuned: the daemon refused this run: {order.get('error', order)}",
                   file=sys.stderr)
             code = EXIT_REFUSED
@@ -84,6 +94,42 @@ def die_with_parent(parent_pid: int) -> None:
 def _libc() -> ctypes.CDLL:
     """The C library, loaded once (a fork server's children inherit it loaded)."""
     return ctypes.CDLL(None, use_errno=True)
+
+
+def connect_for_order(connect: dict[str, Any]) -> tuple[Any, dict[str, Any] | None]:
+    """In a Dask worker's trial over TLS: connect to the report listener at
+    ``connect["address"]`` (for up to ``connect["patience"]`` seconds), over TLS with the
+    files ``connect["tls"]`` (`tuned.protocol.tcp.client_context`: the daemon's certificate
+    verified against the CA, not its host name), send the hello ``connect["hello"]`` with
+    this process's pid and start time, and read the order (or a refusal) that answers it.
+    The channel (blocking) and the order; (None, None), the reason printed, when there is
+    no connection, the handshake failed, or the connection closed before the order."""
+    from tuned.protocol.channel import hello_line
+    from tuned.protocol.tcp import TlsFiles, client_context
+    from tuned.protocol.tcp import connect as connect_to
+    from tuned.trial.identity import process_identity
+
+    address = connect.get("address")
+    sock = None
+    try:
+        context = client_context(TlsFiles.from_dict(connect.get("tls")))
+        sock = connect_to(str(address), float(connect.get("patience", 60.0)), context)
+        pid, start = process_identity()
+        sock.sendall(hello_line(**connect["hello"], pid=pid, start=start))
+        sock.settimeout(None)  # the trial's channel blocks, as a local trial's does
+        order = _read_order(sock)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"tuned: cannot reach the daemon at {address}: {type(exc).__name__}: {exc}",
+              file=sys.stderr)
+        if sock is not None:
+            sock.close()
+        return None, None
+    if order is None:
+        print(f"tuned: the daemon at {address} closed the connection before the trial's "
+              "order", file=sys.stderr)
+        sock.close()
+        return None, None
+    return sock, order
 
 
 def _read_order(sock: socket.socket) -> dict[str, Any] | None:

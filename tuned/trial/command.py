@@ -6,7 +6,9 @@ trial's log. It learns its trial from its environment and reports over the chann
 file descriptor `TUNED_REPORT_FD` names (the protocol: docs/report-channel.md;
 `tuned.report` speaks it for Python programs):
 
-- ``TUNED_REPORT_FD``: the report channel, a stream socket carrying JSON lines;
+- ``TUNED_REPORT_FD``: the report channel, a stream socket carrying JSON lines (``-1`` for
+  a Dask trial over TLS, whose TLS session cannot cross exec: the program connects to
+  ``TUNED_DAEMON_ADDRESS`` itself and resumes, as `tuned.report` does);
 - ``TUNED_TRIAL_CONFIG``: the trial's arguments (the spec's constants and the config), a
   JSON object;
 - ``TUNED_TRIAL_NUMBER``, ``TUNED_TRIAL_SEED``: the trial's number, and a seed for its
@@ -33,9 +35,11 @@ from tuned.experiment.command import render
 from tuned.protocol.channel import (
     CHECKPOINT_DIR_ENV,
     CONFIG_ENV,
+    NO_REPORT_FD,
     NUMBER_ENV,
     REPORT_FD_ENV,
     SEED_ENV,
+    is_tls,
 )
 
 # Exit code of a trial whose program could not be started (as a shell says it).
@@ -51,9 +55,12 @@ def command_runner(command: list[str], workdir: str | None, constants: dict[str,
         args = {**constants, **payload["config"]}
         fields = {"python": sys.executable, **args}
         os.environ.update(payload.get("env", {}))
-        fd = channel.fileno()
-        os.set_inheritable(fd, True)
-        os.environ.update({REPORT_FD_ENV: str(fd), CONFIG_ENV: json.dumps(args),
+        if is_tls(channel):  # a TLS session cannot cross exec: the program resumes
+            fd = NO_REPORT_FD
+        else:
+            fd = str(channel.fileno())
+            os.set_inheritable(channel.fileno(), True)
+        os.environ.update({REPORT_FD_ENV: fd, CONFIG_ENV: json.dumps(args),
                            NUMBER_ENV: str(payload.get("number", "")),
                            SEED_ENV: str(payload["seed"]),
                            CHECKPOINT_DIR_ENV: payload.get("checkpoint_dir") or ""})

@@ -24,7 +24,11 @@ When the engine goes away (a daemon restarted, killed or upgraded), a reporter g
 `Reconnect` connects to the daemon's control socket again, asks to be adopted
 (``{"v": 1, "op": "adopt"}``; the daemon knows the trial by the peer's pid and its start
 time) and sends the unanswered line once more: reports are exactly-once by their sequence
-number, so a report the old daemon stored gets its stored decision back.
+number, so a report the old daemon stored gets its stored decision back. A remote trial's
+`TcpReconnect` presents its run at the daemon's report listener instead (``resume``), over
+TLS when its environment names TLS files (``TUNED_TLS_CA``, ``TUNED_TLS_CERT``,
+``TUNED_TLS_KEY``). A channel may be a TLS socket (`ssl.SSLSocket`): then the answers are
+read without ``MSG_DONTWAIT``, which TLS sockets refuse (`Reporter._read_answers`).
 """
 
 from __future__ import annotations
@@ -32,11 +36,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import socket
 import time
 from collections import deque
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -49,12 +54,19 @@ from tuned.protocol.channel import (
     REPORT_LAG_ENV,
     RUN_ENV,
     RUN_TOKEN_ENV,
+    TLS_CERT_ENV,
     decode_line,
     flat_json,
     hello_line,
+    is_tls,
 )
 from tuned.trial.checkpoints import Checkpoint, CheckpointError, TrialCheckpoints
 from tuned.trial.identity import process_identity
+
+if TYPE_CHECKING:
+    import ssl
+
+    from tuned.protocol.tcp import TlsFiles
 
 
 class TrialStopped(BaseException):
@@ -101,6 +113,36 @@ def report_lag_from_env() -> float:
 
 
 
+def _recv_tls_now(sock: ssl.SSLSocket) -> bytes:
+    """What a blocking TLS socket has to read now, without waiting (TLS sockets refuse
+    ``MSG_DONTWAIT``): what it holds decrypted, else one read in non-blocking mode if
+    select() sees bytes (a record may be incomplete yet). BlockingIOError when nothing came;
+    b"" at the end of the channel."""
+    import ssl  # loaded already: `sock` is one of its sockets
+
+    if not sock.pending() and not select.select([sock], [], [], 0)[0]:
+        raise BlockingIOError("nothing to read now")
+    timeout = sock.gettimeout()
+    sock.setblocking(False)
+    try:
+        return sock.recv(65536)
+    except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+        raise BlockingIOError("nothing to read now") from None
+    finally:
+        sock.settimeout(timeout)
+
+
+def resume_channel() -> socket.socket:
+    """A channel for a trial that could not inherit one (a TLS channel cannot cross exec:
+    a command trial's program, a spawned interpreter): the daemon's report listener,
+    resumed (`Reconnect.from_env`, a `TcpReconnect`). ChannelClosed when there is no way to
+    the daemon in the environment, or it did not take the trial back."""
+    reconnect = Reconnect.from_env()
+    if reconnect is None:
+        raise ChannelClosed("no report channel, and no daemon to resume with")
+    return reconnect()
+
+
 class Reconnect:
     """How a trial finds a restarted daemon: its control socket `path`, tried for up to
     `timeout` seconds (backing off from 50 ms to 1 s between tries)."""
@@ -122,8 +164,13 @@ class Reconnect:
             timeout = DEFAULT_ADOPT_TIMEOUT
         address = os.environ.get(DAEMON_ADDRESS_ENV)
         if address:
+            tls = None
+            if os.environ.get(TLS_CERT_ENV):  # else `ssl` is not even imported
+                from tuned.protocol.tcp import TlsFiles
+
+                tls = TlsFiles.from_env()
             return TcpReconnect(address, os.environ.get(RUN_ENV, ""),
-                                os.environ.get(RUN_TOKEN_ENV, ""), timeout)
+                                os.environ.get(RUN_TOKEN_ENV, ""), timeout, tls=tls)
         path = os.environ.get(ADOPT_SOCKET_ENV)
         if not path:
             return None
@@ -186,18 +233,26 @@ class TcpReconnect(Reconnect):
     """How a remote trial (a Dask worker's) finds its daemon again: the report listener at
     `address` (``HOST:PORT``), where it presents its `run` and that run's `token`
     (``{"op": "resume", ...}``); the daemon takes it back only if that run is still the
-    trial's current one and this very process is the one that said hello."""
+    trial's current one and this very process is the one that said hello. With `tls` (a
+    `tuned.protocol.tcp.TlsFiles`), over TLS: the daemon's certificate verified against
+    its CA, this trial's certificate presented (a handshake that fails is tried again, as
+    a connection that fails is)."""
 
     def __init__(self, address: str, run: str, token: str,
                  timeout: float = DEFAULT_ADOPT_TIMEOUT, clock: Any = time.monotonic,
-                 sleep: Any = time.sleep):
+                 sleep: Any = time.sleep, tls: TlsFiles | None = None):
         super().__init__(address, timeout, clock, sleep)
         self.run = run
         self.token = token
+        self.tls = tls
+        self._context: ssl.SSLContext | None = None
 
     def _connect(self) -> socket.socket:
-        host, _, port = self.path.rpartition(":")
-        return socket.create_connection((host.strip("[]"), int(port)), timeout=30.0)
+        from tuned.protocol.tcp import client_context, connect
+
+        if self.tls is not None and self._context is None:
+            self._context = client_context(self.tls)
+        return connect(self.path, 0.0, self._context)
 
     def _request(self) -> bytes:
         pid, start = process_identity()
@@ -423,7 +478,12 @@ class Reporter:
         """The complete answer lines received (at least one when `block`)."""
         while b"\n" not in self._buffer:
             try:
-                chunk = self._sock.recv(65536, 0 if block else socket.MSG_DONTWAIT)
+                if block:
+                    chunk = self._sock.recv(65536)
+                elif is_tls(self._sock):
+                    chunk = _recv_tls_now(self._sock)
+                else:
+                    chunk = self._sock.recv(65536, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 return []
             except OSError as exc:

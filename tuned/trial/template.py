@@ -8,13 +8,19 @@ FD is a SOCK_SEQPACKET socket to the daemon. The first message is the experiment
 entry and answers ``{"op": "ready"}`` or ``{"op": "error", "message"}`` (and exits). Then, for each
 ``{"op": "fork"}`` message carrying one file descriptor (the trial's report channel), it
 forks a child that waits on that channel for its order, exactly as the daemon's own spare
-children do (`tuned.trial.child.spare_main`), and answers ``{"op": "forked", "pid"}``.
+children do (`tuned.trial.child.spare_main`), and answers ``{"op": "forked", "pid"}``. A
+second descriptor, if any, is the child's output (a Dask worker's trial). A fork request with
+``"connect": {...}`` (a Dask worker's trial over TLS, which cannot be handed a TLS session)
+carries only the output's descriptor: the child connects to the daemon itself and says its
+own hello (`spare_main`'s `connect`).
 When a child exits it sends ``{"op": "exited", "pid", "code"}``. When the daemon goes away
 (end of file) the template exits, leaving its trials running: they are in their own
 sessions, and a restarted daemon deals with them.
 
 With ``start_method = "spawn"`` a child does not run the function it inherited: it execs a
 fresh interpreter (``python -m tuned.trial.template --trial``) that imports the entry itself.
+A TLS channel cannot cross that exec: the fresh interpreter gets ``-1`` for it and resumes
+over TCP (`tuned.trial.reporter.resume_channel`).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from tuned.protocol.channel import is_tls
 from tuned.trial.proctitle import set_title
 
 MAX_MESSAGE = 1 << 20
@@ -69,22 +76,38 @@ def spawn_runner(entry: str, workdir: str | None,
     """A runner that execs a fresh interpreter for the trial (start_method = "spawn")."""
 
     def runner(payload: dict[str, Any], channel: socket.socket) -> int:
-        os.set_inheritable(channel.fileno(), True)
+        if is_tls(channel):  # a TLS session cannot cross exec: the new program resumes
+            fd = -1
+        else:
+            fd = channel.fileno()
+            os.set_inheritable(fd, True)
         os.environ["TUNED_TRIAL_ORDER"] = json.dumps(
             {"entry": entry, "workdir": workdir, "constants": constants, "payload": payload})
         os.execv(sys.executable, [sys.executable, "-m", "tuned.trial.template", "--trial",
-                                  str(channel.fileno())])
+                                  str(fd)])
         return 70  # pragma: no cover - execv does not return
 
     return runner
 
 
 def trial_main(fd: int) -> int:
-    """A spawned trial: import the entry in this fresh interpreter and run the payload."""
+    """A spawned trial: import the entry in this fresh interpreter and run the payload on
+    channel `fd` (-1: none could be inherited, a TLS one: it resumes over TCP first)."""
     order = json.loads(os.environ.pop("TUNED_TRIAL_ORDER"))
     set_title(order["payload"].get("title"))
     runner = load_runner(order["entry"], order["workdir"], order["constants"])
-    return runner(order["payload"], socket.socket(fileno=fd))
+    if fd >= 0:
+        return runner(order["payload"], socket.socket(fileno=fd))
+    from tuned.trial.reporter import ChannelClosed, resume_channel
+    from tuned.trial.worker import EXIT_ENGINE_GONE
+
+    os.environ.update(order["payload"].get("env", {}))
+    try:
+        channel = resume_channel()
+    except ChannelClosed as exc:
+        print(f"tuned: {exc}", file=sys.stderr)
+        return EXIT_ENGINE_GONE
+    return runner(order["payload"], channel)
 
 
 class Template:
@@ -132,7 +155,16 @@ class Template:
         if not data:
             return False
         body = json.loads(data)
-        if body.get("op") == "fork" and fds:
+        connect = body.get("connect")
+        if body.get("op") == "fork" and connect is not None:
+            import tuned.protocol.tcp  # noqa: F401 - TLS loaded here once, not in each child
+
+            output = fds[0] if fds else None
+            pid = self._fork(None, output, connect)
+            if output is not None:
+                os.close(output)
+            _send(self.ctl, op="forked", pid=pid)
+        elif body.get("op") == "fork" and fds:
             channel = socket.socket(fileno=fds[0])
             output = fds[1] if len(fds) > 1 else None
             pid = self._fork(channel, output)
@@ -145,7 +177,10 @@ class Template:
                 os.close(fd)
         return True
 
-    def _fork(self, channel: socket.socket, output: int | None = None) -> int:
+    def _fork(self, channel: socket.socket | None, output: int | None = None,
+              connect: dict[str, Any] | None = None) -> int:
+        """Fork a child that waits on `channel` for its order (or, with `connect`, connects
+        for it itself: `spare_main`), its output on `output` if given; its pid."""
         from tuned.trial.child import spare_main
 
         sys.stdout.flush()
@@ -159,7 +194,7 @@ class Template:
             self.wake_w.close()
             if self.parent_fd is not None:
                 os.close(self.parent_fd)
-            spare_main(self.runner, channel, parent, self.kill_with_parent, output)
+            spare_main(self.runner, channel, parent, self.kill_with_parent, output, connect)
         self.children.add(pid)
         return pid
 

@@ -119,8 +119,10 @@ def cluster_lines(cluster: dict[str, Any]) -> list[str]:
         return [clip(f"Dask cluster UNREACHABLE: {cluster.get('problem')}"),
                 clip(f"  scheduler {cluster.get('scheduler')}")]
     workers = cluster.get("workers") or []
+    tls = " over TLS" if cluster.get("tls") else ""
     lines = [clip(f"Dask cluster: {len(workers)} worker(s); trials report to "
-                  f"{cluster.get('listener')}"), clip(f"  scheduler {cluster.get('scheduler')}")]
+                  f"{cluster.get('listener')}{tls}"),
+             clip(f"  scheduler {cluster.get('scheduler')}")]
     for w in workers:
         gpus = num(w.get("gpus") or 0)
         lines.append(clip(f"  {w.get('name')}  {w.get('address')} on {w.get('host')}: "
