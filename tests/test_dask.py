@@ -106,6 +106,15 @@ def _everything_accounted_for(d: Daemon, name: str, trials: int, pids: set[int])
     assert best["trial"] is not None and best["reward"] is not None
 
 
+def _nothing_published(cluster: DaskCluster) -> None:
+    """Every run's task unpublished once its trial's end is stored (wait: it is batched)."""
+    from distributed import Client
+
+    with Client(scheduler_file=cluster.scheduler_file, timeout=10) as client:
+        wait_until(lambda: not [n for n in client.list_datasets() if str(n).startswith("tuned-")],
+                   10, lambda: f"the runs unpublished: {client.list_datasets()}")
+
+
 def _remote_pids(d: Daemon) -> set[int]:
     return {pid for (pid,) in _rows(d, "SELECT pid FROM trials WHERE host IS NOT NULL "
                                        "AND pid IS NOT NULL")}
@@ -193,6 +202,7 @@ def test_a_daemon_killed_mid_trial_adopts_its_remote_trials_after_a_restart(
     attempts = [a for (a,) in _rows(daemon, "SELECT attempt FROM trials")]
     assert attempts == [1, 1], (attempts, daemon.log()[-2000:])  # adopted: nothing reran
     _everything_accounted_for(daemon, "a", 2, pids)
+    _nothing_published(cluster)
 
 
 def test_trials_whose_daemon_stays_away_exit_and_run_again_when_it_is_back(
@@ -272,6 +282,7 @@ def test_a_worker_and_the_daemon_killed_in_one_run_lose_nothing(tmp_path, cluste
     daemon.start(args=("--dask-scheduler-file", cluster.scheduler_file))
     daemon.wait_state("both", ("COMPLETED",), timeout=120)
     _everything_accounted_for(daemon, "both", 8, pids | _remote_pids(daemon))
+    _nothing_published(cluster)
 
 
 # -- the report listener ------------------------------------------------------------------

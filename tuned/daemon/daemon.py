@@ -220,6 +220,10 @@ class Daemon:
         if self.cluster_options is not None:
             self._connect_cluster(self.cluster_options)
         self._recover()
+        if self.cluster is not None:
+            self.cluster.forget_others({
+                r.executor.run_of(t) for r in self.runners.values()
+                if hasattr(r.executor, "run_of") for t in r.engine.live} - {None})
         self.server = ControlServer(self.socket_path, self.ops.dispatch, ops=OPS)
         self.server.open()
         self.server.register(self.selector)

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tuned.protocol.tcp import NOT_NOW, buffered
+from tuned.protocol.tcp import NOT_NOW, buffered, split_address
 
 log = logging.getLogger("tuned.listener")
 
@@ -91,11 +91,15 @@ def check_hello(hello: dict[str, Any]) -> str | None:
 
 
 def parse_address(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` as (host, port); ValueError naming what is wrong."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+    """``HOST:PORT`` as (host, port), the port below 65536 (0 picks a free one); ValueError
+    naming what is wrong."""
+    try:
+        host, port = split_address(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port < 65536:
         raise ValueError(f"expected HOST:PORT (port 0 picks a free one), got {text!r}")
-    return host.strip("[]"), int(port)
+    return host, port
 
 
 class ReportListener:

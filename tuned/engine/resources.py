@@ -129,6 +129,12 @@ class ResourcePool:
             busy = len(self.gpus.busy_foreign())
             foreign = f", {busy} busy with other programs" if busy else ""
             needs.append(f"needs {_count(want.gpus, 'GPU')}, {free_gpus} free{foreign}")
+        return self._waiting(owner, needs, name_of)
+
+    def _waiting(self, owner: Hashable, needs: list[str],
+                 name_of: Callable[[Hashable], str]) -> str:
+        """Why `owner` waits: what it `needs` that is not free, or else that what is free
+        is held for the head of the queue, or that its turn is next."""
         if needs:
             return "waiting: " + "; ".join(needs)
         head = self.head()
