@@ -477,3 +477,39 @@ def test_example_spec_details():
     rl = load_spec_file(EXAMPLES / "rl_simulation.toml")
     assert rl.searcher_options == {"controller_batch_size": 4, "controller_lr": 5e-3}
     assert load_spec_file(EXAMPLES / "fifo.toml").num_cpus == 2
+
+
+@pytest.mark.parametrize("kind, canonical", [("stopping", "hyperband_stopping"),
+                                             ("promotion", "hyperband_promotion")])
+def test_the_tutorials_hyperband_type_is_the_canonical_scheduler(kind, canonical):
+    spec = parse_spec_text(textwrap.dedent(f"""
+        name = "seed"
+        entry = "x.py:f"
+        num_trials = 10
+        scheduler = "hyperband"
+        [scheduler_options]
+        type = "{kind}"
+        max_t = 9
+        grace_period = 1
+        reduction_factor = 3
+    """), "seed.toml", "/tmp")
+    assert spec.scheduler == canonical
+    assert spec.scheduler_options == {"max_t": 9, "grace_period": 1, "reduction_factor": 3}
+    assert ExperimentSpec.from_dict(spec.to_dict()).scheduler == canonical  # stored canonical
+    from tuned.core.factory import make_scheduler
+    from tuned.core.schedulers.hyperband import HyperbandPromotion, HyperbandStopping
+
+    made = make_scheduler("hyperband", {"type": kind, "max_t": 9})
+    assert type(made) is (HyperbandPromotion if kind == "promotion" else HyperbandStopping)
+
+
+@pytest.mark.parametrize("scheduler, kind, words", [
+    ("hyperband", "async", ["scheduler_options.type", "'stopping'", "'promotion'", "'async'"]),
+    ("hyperband", 3, ["scheduler_options.type", "got 3"]),
+    ("hyperband_stopping", "promotion", ["scheduler_options.type", "contradicts"]),
+])
+def test_a_bad_hyperband_type_is_refused_naming_the_choices(scheduler, kind, words):
+    with pytest.raises(SpecError) as err:
+        ExperimentSpec.from_dict({"name": "bad", "entry": "x.py:f", "scheduler": scheduler,
+                                  "scheduler_options": {"type": kind, "max_t": 9}})
+    assert all(w in str(err.value) for w in words), str(err.value)

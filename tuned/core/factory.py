@@ -15,13 +15,16 @@ from tuned.core.schedulers.base import FIFOScheduler, TrialScheduler
 from tuned.core.searchers import SEARCHERS, make_searcher
 from tuned.core.space import Space
 
-__all__ = ["MAX_T_KEYS", "SCHEDULER_ALIASES", "SCHEDULER_NAMES", "SEARCHER_NAMES",
-           "infer_max_t", "make_scheduler", "make_searcher", "max_t_problem", "needs_max_t"]
+__all__ = ["HYPERBAND_TYPES", "MAX_T_KEYS", "SCHEDULER_ALIASES", "SCHEDULER_NAMES",
+           "SEARCHER_NAMES", "infer_max_t", "make_scheduler", "make_searcher", "max_t_problem",
+           "needs_max_t", "resolve_scheduler"]
 
 SEARCHER_NAMES = SEARCHERS
 SCHEDULER_NAMES = ("fifo", "hyperband_stopping", "hyperband_promotion", "pbt")
 #: Other names a spec may use for a scheduler, and the canonical name each stands for.
 SCHEDULER_ALIASES = {"hyperband": "hyperband_stopping"}
+#: The original tutorial's spelling: ``hyperband`` with ``type = "stopping" | "promotion"``.
+HYPERBAND_TYPES = {"stopping": "hyperband_stopping", "promotion": "hyperband_promotion"}
 #: The constants (the function's arguments) `max_t` is read from when it is not given.
 MAX_T_KEYS = ("epochs", "max_t")
 
@@ -49,6 +52,29 @@ def max_t_problem(scheduler: str) -> str:
             f"integer {' or '.join(repr(k) for k in MAX_T_KEYS)} argument or constant")
 
 
+def resolve_scheduler(name: str, options: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The canonical scheduler name and options for `name` and `options` as a spec or the
+    tutorial writes them: an alias is replaced (``hyperband`` is ``hyperband_stopping``), and
+    a Hyperband scheduler's ``type`` option (``"stopping"`` or ``"promotion"``, the tutorial's
+    argument) chooses between the two and leaves the options. ValueError naming the option
+    when ``type`` is not one of them, or contradicts a canonical name
+    (``hyperband_stopping`` with ``type = "promotion"``). Any other name is returned as it is
+    (`make_scheduler` says what is wrong with it)."""
+    canonical = SCHEDULER_ALIASES.get(name, name)
+    options = dict(options)
+    if "type" not in options or canonical not in HYPERBAND_TYPES.values():
+        return canonical, options
+    kind = options.pop("type")
+    if not isinstance(kind, str) or kind not in HYPERBAND_TYPES:
+        raise ValueError(f"scheduler_options.type: must be one of {list(HYPERBAND_TYPES)}, "
+                         f"got {kind!r}")
+    chosen = HYPERBAND_TYPES[kind]
+    if name != "hyperband" and chosen != canonical:
+        raise ValueError(f"scheduler_options.type: {kind!r} contradicts scheduler {name!r} "
+                         f"(write scheduler = \"hyperband\" with a type, or {chosen!r})")
+    return chosen, options
+
+
 def make_scheduler(name: str, options: Mapping[str, Any], seed: int | None = None,
                    space: Space | None = None) -> TrialScheduler:
     """The trial scheduler called `name` (canonical or an alias) with `options`; `seed` is
@@ -57,7 +83,7 @@ def make_scheduler(name: str, options: Mapping[str, Any], seed: int | None = Non
     Raises ValueError naming the scheduler or the option: an unknown name, a missing
     `max_t` (`max_t_problem`), an unknown or invalid option.
     """
-    name = SCHEDULER_ALIASES.get(name, name)
+    name, options = resolve_scheduler(name, options)
     if name not in SCHEDULER_NAMES:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {list(SCHEDULER_NAMES)}")
     options = dict(options)

@@ -21,7 +21,12 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from tuned.core.factory import SCHEDULER_ALIASES, SCHEDULER_NAMES, SEARCHER_NAMES
+from tuned.core.factory import (
+    SCHEDULER_ALIASES,
+    SCHEDULER_NAMES,
+    SEARCHER_NAMES,
+    resolve_scheduler,
+)
 from tuned.core.lifecycle import DEFAULT_MAX_FAILURES
 from tuned.core.space import Space
 
@@ -86,8 +91,10 @@ class ExperimentSpec:
     def from_dict(cls, data: dict[str, Any]) -> ExperimentSpec:
         """Validate and build; SpecError listing every problem.
 
-        A scheduler alias (e.g. "hyperband") is replaced by its canonical name, so `to_dict`
-        always gives the canonical one. `data` itself is not modified.
+        A scheduler alias (e.g. "hyperband", and the tutorial's "hyperband" with
+        ``[scheduler_options] type = "stopping" | "promotion"``) is replaced by its canonical
+        name (`tuned.core.factory.resolve_scheduler`), so `to_dict` always gives the canonical
+        one. `data` itself is not modified.
         """
         problems: list[str] = []
         known = {f for f in cls.__dataclass_fields__}
@@ -95,8 +102,13 @@ class ExperimentSpec:
             problems.append(f"{key}: unknown key")
         space = _space(data.get("space", {}), problems)
         values = {k: v for k, v in data.items() if k in known and k != "space"}
-        if isinstance(values.get("scheduler"), str):
-            values["scheduler"] = SCHEDULER_ALIASES.get(values["scheduler"], values["scheduler"])
+        if isinstance(values.get("scheduler"), str) and \
+                isinstance(values.get("scheduler_options", {}), dict):
+            try:
+                values["scheduler"], values["scheduler_options"] = resolve_scheduler(
+                    values["scheduler"], values.get("scheduler_options", {}))
+            except ValueError as exc:
+                problems.append(str(exc))
         _check_values(values, problems)
         _check_launch(values, problems)
         if problems:
