@@ -78,6 +78,8 @@ after b epochs is the best value among the trials, each at its last epoch report
 Methods are named entries of `METHODS` (``tuned:<searcher>+<scheduler>`` or
 ``optuna:<sampler>+<pruner>``); those whose searcher or scheduler tuned does not have yet
 (bayesopt, Hyperband promotion, PBT) are listed as not available until they exist.
+``--methods seed-grid`` runs the original tutorial's settings (`SEED_GRID`: grace period 1
+or 3 x Hyperband stopping or promotion x random or bayesopt) beside Optuna's two methods.
 """
 
 from __future__ import annotations
@@ -314,6 +316,18 @@ METHODS: dict[str, Method] = {
                                      scheduler_options={"min_resource": 3}),
     "optuna:random+sha": Method("optuna", "random", "sha"),
 }
+#: The original tutorial's settings, as a new user writes them (issue 19): a first rung at
+#: epoch 1 or 3 (`grace_period`), `reduction_factor = 3`, one bracket, Hyperband stopping or
+#: promotion, random search or bayesopt with its defaults; named with the grace period.
+SEED_GRID = {
+    f"tuned:{searcher}+hyperband_{kind}@g{grace}": Method(
+        "tuned", searcher, f"hyperband_{kind}",
+        scheduler_options={"grace_period": grace, "reduction_factor": 3})
+    for grace in (1, 3) for kind in ("stopping", "promotion")
+    for searcher in ("random", "bayesopt")}
+METHODS.update(SEED_GRID)
+#: ``--methods seed-grid``: that grid, and Optuna's two methods beside it.
+GROUPS = {"seed-grid": [*SEED_GRID, "optuna:tpe+hyperband", "optuna:tpe+sha"]}
 BASELINE = "tuned:random+fifo"
 OPTUNA_BASELINES = ("optuna:tpe+hyperband", "optuna:tpe+sha", "optuna:tpe+hyperband@3",
                     "optuna:random+sha")
@@ -685,7 +699,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="the first seed (to add seeds to saved runs, with --from)")
     p.add_argument("--workers", type=int, default=4, help="trials in flight at once")
     p.add_argument("--methods", default="all",
-                   help=f"comma-separated names, or all (the available ones): {list(METHODS)}")
+                   help=f"comma-separated names or groups ({list(GROUPS)}), or all (the "
+                        f"available ones): {list(METHODS)}")
     p.add_argument("--rs-trials", type=int, default=100,
                    help="random-FIFO's trials; the full budget B is these x the epochs")
     p.add_argument("--fraction", type=float, default=0.25, help="the smaller budget, of B")
@@ -708,7 +723,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def choose_methods(spec: str) -> list[str]:
     """The methods to run: the named ones, or all available; prints what is left out."""
-    names = list(METHODS) if spec == "all" else [m.strip() for m in spec.split(",") if m]
+    names = list(METHODS) if spec == "all" else [
+        n for m in spec.split(",") if m.strip() for n in GROUPS.get(m.strip(), [m.strip()])]
     unknown = [m for m in names if m not in METHODS]
     if unknown:
         raise SystemExit(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
