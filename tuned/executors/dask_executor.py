@@ -55,14 +55,13 @@ from tuned.protocol.channel import (
     DAEMON_ADDRESS_ENV,
     EXIT_REFUSED,
     EXIT_UNREACHABLE,
-    MAX_LINE,
     RUN_ENV,
     RUN_TOKEN_ENV,
     Exited,
     Message,
     answer_line,
     compact_json,
-    parse_line,
+    split_lines,
 )
 from tuned.protocol.tcp import NOT_NOW, TlsFiles, buffered
 from tuned.trial.checkpoints import TrialCheckpoints
@@ -882,16 +881,7 @@ class DaskExecutor:
 
     @staticmethod
     def _split(r: _Run, events: list[Message | Exited]) -> None:
-        while True:
-            end = r.buffer.find(b"\n")
-            if end < 0:
-                if len(r.buffer) > MAX_LINE:
-                    events.append(Message(r.trial_id, None, f"report line over {MAX_LINE} bytes"))
-                    r.buffer.clear()
-                return
-            line = bytes(r.buffer[:end])
-            del r.buffer[:end + 1]
-            events.append(parse_line(r.trial_id, line))
+        events += split_lines(r.trial_id, r.buffer)
 
     def _close_channel(self, r: _Run) -> None:
         if r.connected and r.sock is not None:

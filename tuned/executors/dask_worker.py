@@ -51,8 +51,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from tuned.executors.gpus import make_provider
 from tuned.protocol.channel import TLS_CA_ENV, TLS_CERT_ENV, TLS_KEY_ENV, hello_line
-from tuned.protocol.tcp import TlsFiles, client_context
-from tuned.protocol.tcp import connect as _connect
+from tuned.protocol.tcp import TlsFiles, client_context, connect
 from tuned.trial.identity import process_start_time
 
 PLUGIN_NAME = "tuned"
@@ -227,14 +226,6 @@ def _plugin() -> TunedWorkerPlugin:
 
 
 # -- the task -------------------------------------------------------------------------------
-
-
-def connect(address: str, patience: float,
-            context: ssl.SSLContext | None = None) -> socket.socket:
-    """A connection to the daemon's report listener at ``HOST:PORT``, tried for `patience`
-    seconds (backing off from 50 ms to 1 s); with `context` (an `ssl.SSLContext`), over TLS
-    (`tuned.protocol.tcp.connect`). OSError when none could be made."""
-    return _connect(address, patience, context)
 
 
 def tls_files() -> TlsFiles:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tuned.engine.executor import RunRef, TrialOrder
-from tuned.protocol.channel import MAX_LINE, Exited, Message, answer_line, parse_line
+from tuned.protocol.channel import Exited, Message, answer_line, split_lines
 from tuned.trial.checkpoints import TrialCheckpoints
 from tuned.trial.child import spare_main
 from tuned.trial.identity import process_start_time
@@ -400,18 +400,9 @@ class LocalExecutor:
             if len(chunk) < _READ_SIZE:
                 break
 
-    def _split(self, child: _Child, events: list[Message | Exited]) -> None:
-        while True:
-            end = child.buffer.find(b"\n")
-            if end < 0:
-                if len(child.buffer) > MAX_LINE:
-                    events.append(Message(child.trial_id, None,
-                                          f"report line over {MAX_LINE} bytes"))
-                    child.buffer.clear()
-                return
-            line = bytes(child.buffer[:end])
-            del child.buffer[:end + 1]
-            events.append(parse_line(child.trial_id, line))
+    @staticmethod
+    def _split(child: _Child, events: list[Message | Exited]) -> None:
+        events += split_lines(child.trial_id, child.buffer)
 
     def _close_channel(self, child: _Child) -> None:
         if child.sock_open and child.sock is not None:

@@ -170,6 +170,23 @@ def decode_line(line: bytes) -> Any:
     return value
 
 
+def split_lines(trial_id: int, buffer: bytearray) -> list[Message]:
+    """The Messages of the complete lines in `buffer` (a channel's bytes read so far), taken
+    out of it; what follows the last newline stays. A partial line over `MAX_LINE` bytes is
+    dropped, and said to be, as one Message without a body."""
+    messages = []
+    while True:
+        end = buffer.find(b"\n")
+        if end < 0:
+            if len(buffer) > MAX_LINE:
+                messages.append(Message(trial_id, None, f"report line over {MAX_LINE} bytes"))
+                buffer.clear()
+            return messages
+        line = bytes(buffer[:end])
+        del buffer[:end + 1]
+        messages.append(parse_line(trial_id, line))
+
+
 def parse_line(trial_id: int, line: bytes) -> Message:
     """The event for one line a trial sent: its JSON object, or None with why it is not one."""
     try:
